@@ -1,0 +1,1 @@
+"""Bundled example images (see SOURCES.md)."""

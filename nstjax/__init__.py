@@ -1,0 +1,1 @@
+"""nstjax: neural style transfer (Gatys et al.) in JAX."""

@@ -1,0 +1,228 @@
+"""VGG19 (Simonyan & Zisserman 2014) as a frozen Flax feature extractor.
+
+The 16 convolutions of VGG19 (blocks of 2, 2, 4, 4, 4 3×3 convolutions, zero
+'SAME' padding, each followed by a ReLU; a 2×2 stride-2 pooling after each
+block), NHWC. A call returns the named activations asked for and stops after
+the deepest one:
+
+    conv{b}_{i}  convolution output, before the ReLU
+    relu{b}_{i}  after the ReLU
+    pool{b}      after the pooling of block b
+
+The input is RGB in [0, 1]; the channel order, scale, mean and std that the
+weights expect (their :class:`Preprocessing`) are applied by the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Iterable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+BLOCK_SIZES = (2, 2, 4, 4, 4)
+BLOCK_CHANNELS = (64, 128, 256, 512, 512)
+
+CONV_LAYERS: tuple[str, ...] = tuple(
+    f"conv{b}_{i}" for b, n in enumerate(BLOCK_SIZES, 1) for i in range(1, n + 1)
+)
+
+
+def _layer_names() -> tuple[str, ...]:
+    names = []
+    for b, n in enumerate(BLOCK_SIZES, 1):
+        for i in range(1, n + 1):
+            names += [f"conv{b}_{i}", f"relu{b}_{i}"]
+        names.append(f"pool{b}")
+    return tuple(names)
+
+
+LAYER_NAMES: tuple[str, ...] = _layer_names()
+"""Every activation the model can return, in forward order."""
+
+
+def conv_shapes() -> dict[str, tuple[tuple[int, int, int, int], tuple[int]]]:
+    """Kernel (HWIO) and bias shape of each convolution of VGG19."""
+    shapes, c_in = {}, 3
+    for b, (n, c_out) in enumerate(zip(BLOCK_SIZES, BLOCK_CHANNELS), 1):
+        for i in range(1, n + 1):
+            shapes[f"conv{b}_{i}"] = ((3, 3, c_in, c_out), (c_out,))
+            c_in = c_out
+    return shapes
+
+
+class UnknownLayerError(ValueError):
+    """A layer name that VGG19 does not have."""
+
+
+def check_layers(layers: Iterable[str]) -> tuple[str, ...]:
+    """Return ``layers`` as a tuple, or raise naming the valid layer names."""
+    layers = tuple(layers)
+    unknown = [name for name in layers if name not in LAYER_NAMES]
+    if unknown:
+        raise UnknownLayerError(
+            f"unknown VGG19 layer {', '.join(map(repr, unknown))}; valid names: "
+            + ", ".join(LAYER_NAMES)
+        )
+    return layers
+
+
+def layer_channels(name: str) -> int:
+    """Number of channels N of a named activation."""
+    return BLOCK_CHANNELS[int(name[4]) - 1]
+
+
+def layer_stride(name: str) -> int:
+    """Downsampling factor of a named activation relative to the input."""
+    block = int(name[4])
+    return 2 ** (block if name.startswith("pool") else block - 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+    """How the weights expect their input: ``(flip(x) * scale - mean) / std``.
+
+    ``channel_order`` is 'RGB' or 'BGR'; ``mean`` and ``std`` are given in that
+    channel order and in the scaled units (Caffe: BGR, 0-255, mean pixel
+    [103.939, 116.779, 123.68], std 1; torchvision: RGB, [0, 1], ImageNet
+    mean and std).
+    """
+
+    channel_order: str = "RGB"
+    scale: float = 1.0
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+
+    def __post_init__(self):
+        if self.channel_order not in ("RGB", "BGR"):
+            raise ValueError(f"channel_order must be 'RGB' or 'BGR', not {self.channel_order!r}")
+        object.__setattr__(self, "scale", float(self.scale))
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ValueError("mean and std must have 3 values")
+
+    def __call__(self, rgb: jax.Array) -> jax.Array:
+        x = rgb[..., ::-1] if self.channel_order == "BGR" else rgb
+        mean = jnp.asarray(self.mean, x.dtype)
+        std = jnp.asarray(self.std, x.dtype)
+        return (x * self.scale - mean) / std
+
+    def mean_rgb(self) -> tuple[float, float, float]:
+        """The mean pixel as RGB in [0, 1] (the image the network sees as zero)."""
+        mean = tuple(m / self.scale for m in self.mean)
+        return mean[::-1] if self.channel_order == "BGR" else mean
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+CAFFE = Preprocessing("BGR", 255.0, (103.939, 116.779, 123.68), (1.0, 1.0, 1.0))
+TORCHVISION = Preprocessing("RGB", 1.0, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+_PRECISIONS = {
+    "float32": (jnp.float32, jax.lax.Precision.HIGHEST),
+    "tf32": (jnp.float32, jax.lax.Precision.DEFAULT),
+    "bfloat16": (jnp.bfloat16, jax.lax.Precision.DEFAULT),
+}
+PRECISIONS = tuple(_PRECISIONS)
+
+
+def _pool(x: jax.Array, kind: str) -> jax.Array:
+    """2×2 stride-2 pooling (floor mode, as torch's MaxPool2d/AvgPool2d).
+
+    Written as a reshape and a reduction: the same values as
+    ``reduce_window``, with a cheaper gradient on XLA's CPU backend.
+    """
+    n, h, w, c = x.shape
+    x = x[:, : h // 2 * 2, : w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2, c)
+    return x.max(axis=(2, 4)) if kind == "max" else x.mean(axis=(2, 4))
+
+
+def _conv3x3(x, kernel, bias, precision: str):
+    """3×3 convolution, zero 'SAME' padding (= torch ``padding=1``), HWIO kernel."""
+    dtype, lax_precision = _PRECISIONS[precision]
+    y = jax.lax.conv_general_dilated(
+        x.astype(dtype), kernel.astype(dtype), (1, 1), "SAME",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=lax_precision,
+        preferred_element_type=jnp.float32,
+    )
+    return y + bias
+
+
+def _run_block(x, convs, block: int, names: tuple[str, ...], stop: str, pooling: str,
+               precision: str):
+    """Run block ``block`` up to activation ``stop``; return (x, {names: activations})."""
+    acts = {}
+    for i, (kernel, bias) in enumerate(convs, 1):
+        x = _conv3x3(x, kernel, bias, precision)
+        acts[f"conv{block}_{i}"] = x
+        x = jax.nn.relu(x)
+        acts[f"relu{block}_{i}"] = x
+        if stop in (f"conv{block}_{i}", f"relu{block}_{i}"):
+            return x, {n: acts[n] for n in names}
+    x = _pool(x, pooling)
+    acts[f"pool{block}"] = x
+    return x, {n: acts[n] for n in names}
+
+
+def _block_of(name: str) -> int:
+    return int(name[4])
+
+
+class _ConvParams(nn.Module):
+    """Holds one convolution's ``kernel`` (HWIO) and ``bias``."""
+
+    shape: tuple[int, int, int, int]
+
+    @nn.compact
+    def __call__(self):
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), self.shape)
+        bias = self.param("bias", nn.initializers.zeros, self.shape[-1:])
+        return kernel, bias
+
+
+class VGG19(nn.Module):
+    """VGG19's convolutional part returning named activations.
+
+    Params are ``{conv1_1: {kernel (3, 3, in, out), bias (out,)}, ...}``.
+
+    Attributes:
+      preprocessing: what the weights expect of their input.
+      pooling: 'max' (as trained) or 'avg' (Gatys et al. 2016 for synthesis).
+      precision: 'float32'; 'tf32' (TF32 convolutions on GPUs) or 'bfloat16'
+        (bfloat16 convolution inputs, float32 accumulation and outputs).
+      remat: recompute each block's activations in the backward pass
+        (``jax.checkpoint`` per block) to fit large images.
+    """
+
+    preprocessing: Preprocessing = CAFFE
+    pooling: str = "max"
+    precision: str = "float32"
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, rgb: jax.Array, layers: Sequence[str]) -> dict[str, jax.Array]:
+        layers = check_layers(layers)
+        if self.pooling not in ("max", "avg"):
+            raise ValueError(f"pooling must be 'max' or 'avg', not {self.pooling!r}")
+        if self.precision not in _PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, not {self.precision!r}")
+        shapes = conv_shapes()
+        params = {name: _ConvParams(shapes[name][0], name=name)() for name in CONV_LAYERS}
+        deepest = max(layers, key=LAYER_NAMES.index)
+        x = self.preprocessing(rgb.astype(jnp.float32))
+        out: dict[str, jax.Array] = {}
+        for b in range(1, _block_of(deepest) + 1):
+            block = functools.partial(
+                _run_block, block=b, names=tuple(n for n in layers if _block_of(n) == b),
+                stop=deepest if b == _block_of(deepest) else f"pool{b}",
+                pooling=self.pooling, precision=self.precision,
+            )
+            convs = [params[f"conv{b}_{i}"] for i in range(1, BLOCK_SIZES[b - 1] + 1)]
+            x, acts = (jax.checkpoint(block) if self.remat else block)(x, convs)
+            out.update(acts)
+        return {name: out[name] for name in layers}

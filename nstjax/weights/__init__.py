@@ -1,0 +1,1 @@
+"""VGG19 weights."""
