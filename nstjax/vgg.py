@@ -76,7 +76,7 @@ def layer_channels(name: str) -> int:
 
 
 def layer_stride(name: str) -> int:
-    """Downsampling factor of a named activation relative to the input."""
+    """Downsampling factor of a named activation: its input must be at least this wide."""
     block = int(name[4])
     return 2 ** (block if name.startswith("pool") else block - 1)
 

@@ -1,0 +1,1 @@
+"""Hydra config tree of nstjax (config.yaml, its groups, experiment presets)."""

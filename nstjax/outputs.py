@@ -1,0 +1,77 @@
+"""What a run leaves in its directory: history.csv, metrics.json, the loss curve.
+
+Every file is written atomically (temporary file, then rename).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import platform
+from importlib import metadata
+from pathlib import Path
+from typing import Sequence
+
+from nstjax.atomic import atomic_path, write_text
+
+HISTORY_COLUMNS = ("step", "total", "content", "style", "tv")
+
+
+def write_history(path: Path, rows: Sequence[Sequence[float]]) -> None:
+    """history.csv: one row per step, step 0 first; losses weighted as in the objective."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(HISTORY_COLUMNS)
+    for step, *losses in rows:
+        writer.writerow([int(step)] + [repr(float(v)) for v in losses])
+    write_text(path, buf.getvalue())
+
+
+def read_history(path: Path) -> list[list[float]]:
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader)
+        if tuple(header) != HISTORY_COLUMNS:
+            raise ValueError(f"{path}: unexpected columns {header}")
+        return [[int(r[0])] + [float(v) for v in r[1:]] for r in reader]
+
+
+def write_json(path: Path, data: dict) -> None:
+    write_text(path, json.dumps(data, indent=2, sort_keys=True, allow_nan=True) + "\n")
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and the libraries that decide the numbers."""
+    out = {"python": platform.python_version()}
+    for name in ("nstjax", "jax", "jaxlib", "flax", "optax", "numpy"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "unknown"
+    return out
+
+
+def plot_history(path: Path, rows: Sequence[Sequence[float]], title: str = "") -> None:
+    """loss_curve.png: the weighted terms against the step, log scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r[0] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for i, name in enumerate(HISTORY_COLUMNS[1:], 1):
+        values = [r[i] for r in rows]
+        if any(v > 0 for v in values):
+            ax.plot(steps, values, label=name)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (weighted)")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)

@@ -1,0 +1,299 @@
+"""One style-transfer run from a config to the files in its run directory.
+
+config ─► weights, images ─► targets (once) ─► optax loop in chunks ─► outputs.
+Between chunks: progress bar, history, snapshots, checkpoints, and SIGINT /
+SIGTERM (which write the current image and a checkpoint, then stop).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from nstjax import checkpoint, images, outputs
+from nstjax.errors import UserError
+from nstjax.losses import HParams, LossSpec, compute_targets, make_objective
+from nstjax.optimize import RUNNING, STATUS_REASONS, Loop, OptimSpec, history_row
+from nstjax.vgg import VGG19, Preprocessing, UnknownLayerError, layer_stride
+from nstjax.weights import load_weights
+
+DEFAULT_CONTENT = "tubingen.jpg"
+DEFAULT_STYLE = "starry_night.jpg"
+EXIT_DIVERGED = 3
+EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+@dataclass
+class RunResult:
+    status: str  # finished | diverged | interrupted
+    exit_code: int
+    metrics: dict = field(default_factory=dict)
+
+
+def example_image(name: str) -> Path:
+    """Path of a bundled example image (examples/, shipped as nstjax.examples)."""
+    return Path(str(resources.files("nstjax.examples").joinpath(name)))
+
+
+def _enum_value(v):
+    return getattr(v, "value", v)
+
+
+def loss_spec(cfg: DictConfig) -> LossSpec:
+    c = cfg.loss
+    try:
+        return LossSpec(
+            content_layers=tuple(c.content_layers), style_layers=tuple(c.style_layers),
+            gram_norm=_enum_value(c.gram_norm), style_reduction=_enum_value(c.style_reduction),
+            content_reduction=_enum_value(c.content_reduction), tv_norm=_enum_value(c.tv_norm),
+        )
+    except UnknownLayerError as e:
+        raise UserError(f"loss.content_layers / loss.style_layers: {e}") from e
+
+
+def hparams(cfg: DictConfig, spec: LossSpec) -> HParams:
+    """α, β, layer weights and TV weight as arrays; each must be finite and ≥ 0."""
+    c = cfg.loss
+    for key in ("alpha", "beta", "tv_weight", "content_layer_weights", "style_layer_weights"):
+        values = c[key]
+        values = [] if values is None else (list(values) if not isinstance(values, (int, float)) else [values])
+        for v in values:
+            if not math.isfinite(v) or v < 0:
+                raise UserError(f"loss.{key} = {v} is not allowed: loss weights must be finite and ≥ 0")
+    try:
+        return HParams.create(spec, c.alpha, c.beta, c.content_layer_weights,
+                              c.style_layer_weights, c.tv_weight)
+    except ValueError as e:
+        raise UserError(str(e)) from e
+
+
+def optim_spec(cfg: DictConfig) -> OptimSpec:
+    o = cfg.optim
+    if o.name == "adam":
+        return OptimSpec("adam", b1=o.b1, b2=o.b2, eps=o.eps, epsilon_hat=o.epsilon_hat)
+    if o.name == "lbfgs":
+        return OptimSpec("lbfgs", memory_size=o.memory_size, linesearch=_enum_value(o.linesearch),
+                         max_linesearch_steps=o.max_linesearch_steps)
+    raise UserError(f"optim.name {o.name!r} is unknown: use optim=adam or optim=lbfgs")
+
+
+def _check_numbers(cfg: DictConfig) -> None:
+    o = cfg.optim
+    if math.isnan(o.lr) or o.lr <= 0:
+        raise UserError(f"optim.lr = {o.lr} must be a positive number")
+    for key, value, least in (("optim.steps", o.steps, 0), ("image.size", cfg.image.size, 1),
+                              ("chunk_steps", cfg.chunk_steps, 1), ("save_every", cfg.save_every, 0),
+                              ("checkpoint_every", cfg.checkpoint_every, 0)):
+        if value < least:
+            raise UserError(f"{key} = {value} must be ≥ {least}")
+    if not (cfg.image.style_scale > 0 and math.isfinite(cfg.image.style_scale)):
+        raise UserError(f"image.style_scale = {cfg.image.style_scale} must be a positive number")
+
+
+def _preprocessing_override(cfg: DictConfig) -> Preprocessing | None:
+    p = cfg.model.preprocessing
+    if p is None:
+        return None
+    return Preprocessing(_enum_value(p.channel_order), p.scale, tuple(p.mean), tuple(p.std))
+
+
+def input_paths(cfg: DictConfig) -> tuple[str, str]:
+    """The content and style files: as given, or the bundled examples."""
+    return (str(cfg.content or example_image(DEFAULT_CONTENT)),
+            str(cfg.style or example_image(DEFAULT_STYLE)))
+
+
+def load_inputs(cfg: DictConfig, spec: LossSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Content resized to longest side image.size; style to size × style_scale.
+
+    An input file, or a resized image, smaller than the deepest layer needs is refused.
+    """
+    limit = cfg.image.max_pixels
+    deepest = max(spec.layers, key=layer_stride)
+    least = layer_stride(deepest)
+    sizes = {"content": cfg.image.size, "style": max(1, round(cfg.image.size * cfg.image.style_scale))}
+    keys = {"content": "image.size", "style": "image.style_scale"}
+    loaded = []
+    for what, path in zip(("content", "style"), input_paths(cfg)):
+        img = images.load_image(path, limit)
+        if min(img.shape[:2]) < least:
+            raise UserError(
+                f"the {what} image {path} is {img.shape[1]}×{img.shape[0]} px, too small for layer "
+                f"{deepest}, which needs at least {least} px on each side: use a larger image"
+            )
+        img = images.resize_longest(img, sizes[what])
+        if min(img.shape[:2]) < least:
+            raise UserError(
+                f"the {what} image is {img.shape[1]}×{img.shape[0]} px after resizing, too small for "
+                f"layer {deepest}, which needs at least {least} px on each side: raise {keys[what]} "
+                "or use shallower layers"
+            )
+        loaded.append(img)
+    return loaded[0], loaded[1]
+
+
+def initial_image(cfg: DictConfig, content: np.ndarray, style: np.ndarray,
+                  preprocessing: Preprocessing, key: jax.Array) -> np.ndarray:
+    """init: content (Gatys et al.), noise (mean pixel + seeded Gaussian), style, or a file."""
+    h, w = content.shape[:2]
+    if cfg.init == "content":
+        return content
+    if cfg.init == "noise":
+        mean = np.asarray(preprocessing.mean_rgb(), np.float32)
+        noise = np.asarray(jax.random.normal(key, content.shape, jnp.float32))
+        return np.clip(mean + cfg.init_noise_std * noise, 0.0, 1.0).astype(np.float32)
+    if cfg.init == "style":
+        return images.resize_to(style, h, w)
+    return images.resize_to(images.load_image(cfg.init, cfg.image.max_pixels), h, w)
+
+
+def _use_remat(cfg: DictConfig, shape) -> bool:
+    mode = _enum_value(cfg.model.remat)
+    return mode == "on" or (mode == "auto" and shape[0] * shape[1] >= cfg.model.remat_pixels)
+
+
+class _StopSignals:
+    """Turns SIGINT/SIGTERM into a flag read between chunks."""
+
+    def __init__(self):
+        self.received: int | None = None
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    @contextlib.contextmanager
+    def installed(self):
+        previous = {s: signal.signal(s, self._handle) for s in EXIT_SIGNAL}
+        try:
+            yield self
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
+
+
+def stylize(cfg: DictConfig, run_dir: Path, log=print) -> RunResult:
+    """Run style transfer as ``cfg`` says, writing everything into ``run_dir``."""
+    run_dir = Path(run_dir)
+    result_path = run_dir / "result.png"
+    resuming = cfg.resume is not None
+    if result_path.exists() and not resuming:
+        raise UserError(f"{result_path} exists: every run needs its own directory")
+    _check_numbers(cfg)
+    spec = loss_spec(cfg)
+    hp = hparams(cfg, spec)
+    ospec = optim_spec(cfg)
+    weights = load_weights(cfg.model.weights, preprocessing=_preprocessing_override(cfg))
+    content, style = load_inputs(cfg, spec)
+    init_key = jax.random.key(cfg.seed)
+    x0 = initial_image(cfg, content, style, weights.preprocessing, init_key)
+
+    model = VGG19(weights.preprocessing, _enum_value(cfg.model.pooling),
+                  _enum_value(cfg.model.precision), _use_remat(cfg, content.shape))
+    objective = make_objective(model, spec)
+    loop = Loop(objective, ospec, cfg.chunk_steps)
+    lr = jnp.float32(cfg.optim.lr)
+    params = jax.tree.map(jnp.asarray, weights.params)
+    content_j, style_j, x0_j = (jnp.asarray(a) for a in (content, style, x0))
+    max_evals = jnp.int32(min(cfg.optim.max_evaluations or 2**31 - 1, 2**31 - 1))
+
+    t0 = time.perf_counter()
+    targets_jit = jax.jit(functools.partial(compute_targets, model, spec=spec))
+    targets_fn = targets_jit.lower(params, content_j, style_j).compile()
+    targets_shape = jax.eval_shape(targets_jit, params, content_j, style_j)
+    init_fn, chunk_fn = loop.compile(x0_j, params, targets_shape, hp, lr, max_evals)
+    compile_seconds = time.perf_counter() - t0
+
+    t_run = time.perf_counter()
+    targets = targets_fn(params, content_j, style_j)
+    state = init_fn(x0_j, params, targets, hp, lr)
+    history = [history_row(state)]
+    rng_key = init_key
+    if resuming:
+        state, rng_key, meta = checkpoint.load(Path(cfg.resume), state)
+        history = meta["history"]
+        run_seconds_before = meta.get("run_seconds", 0.0)
+        log(f"resuming {cfg.resume} at step {int(state.step)}")
+    else:
+        run_seconds_before = 0.0
+
+    steps = cfg.optim.steps
+    events = [e for e in (cfg.save_every, cfg.checkpoint_every) if e > 0]
+    stopper = _StopSignals()
+    last_image = np.asarray(state.pixels)
+    ckpt_extra = {"config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)}
+    with stopper.installed(), _progress(steps, int(state.step), cfg.progress) as bar:
+        while int(state.step) < steps and int(state.status) == RUNNING and stopper.received is None:
+            step = int(state.step)
+            if int(state.evaluations) >= int(max_evals):
+                break
+            n = min(cfg.chunk_steps, steps - step,
+                    *[e - step % e for e in events])
+            state, rows, valid = chunk_fn(state, params, targets, hp, lr, jnp.int32(n), max_evals)
+            rows, valid = np.asarray(rows), np.asarray(valid)
+            new_rows = [[int(r[0]), *map(float, r[1:5])] for r, v in zip(rows, valid) if v]
+            history += new_rows
+            bar.update(int(state.step) - step)
+            t = state.terms
+            bar.set_postfix(total=f"{float(t.total):.4g}", content=f"{float(t.content):.3g}",
+                            style=f"{float(t.style):.3g}", tv=f"{float(t.tv):.3g}", refresh=False)
+            last_image = np.asarray(state.pixels)
+            step = int(state.step)
+            if cfg.save_every and step % cfg.save_every == 0 and new_rows:
+                images.save_image(run_dir / "snapshots" / f"step_{step:06d}.png", last_image)
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and new_rows:
+                checkpoint.save(run_dir, state, rng_key, history, {
+                    **ckpt_extra, "run_seconds": run_seconds_before + time.perf_counter() - t_run})
+    run_seconds = run_seconds_before + time.perf_counter() - t_run
+
+    status, exit_code, reason = "finished", 0, None
+    if int(state.status) != RUNNING:
+        status, exit_code = "diverged", EXIT_DIVERGED
+        reason = STATUS_REASONS[int(state.status)]
+    elif stopper.received is not None and int(state.step) < steps:
+        status, exit_code = "interrupted", EXIT_SIGNAL[stopper.received]
+        reason = f"stopped by {signal.Signals(stopper.received).name}"
+        checkpoint.save(run_dir, state, rng_key, history, {**ckpt_extra, "run_seconds": run_seconds})
+
+    images.save_image(result_path, last_image)
+    outputs.write_history(run_dir / "history.csv", history)
+    metrics = {
+        **dict(zip(("total", "content", "style", "tv"), history[-1][1:])),
+        "status": status,
+        "reason": reason,
+        "steps": int(state.step),
+        "loss_evaluations": int(state.evaluations),
+        "compile_seconds": compile_seconds,
+        "run_seconds": run_seconds,
+        "image_size": [int(content.shape[0]), int(content.shape[1])],
+        "style_size": [int(style.shape[0]), int(style.shape[1])],
+        "optimizer": cfg.optim.name,
+        **dict(zip(("content_image", "style_image"), input_paths(cfg))),
+        "weights": cfg.model.weights,
+        "weights_sha256": weights.sha256,
+        "device": str(jax.devices()[0].device_kind),
+        "platform": jax.default_backend(),
+        "seed": cfg.seed,
+        "versions": outputs.versions(),
+    }
+    if status == "diverged":
+        metrics["diverged_step"] = int(state.step) + 1
+    outputs.write_json(run_dir / "metrics.json", metrics)
+    outputs.plot_history(run_dir / "loss_curve.png", history, title=str(cfg.model.weights))
+    return RunResult(status, exit_code, metrics)

@@ -1,0 +1,38 @@
+"""Running ``python -m nstjax.run`` as a subprocess in tests."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+
+
+def env(cache: Path) -> dict:
+    e = dict(os.environ)
+    e.update(NSTJAX_CACHE=str(cache), PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu")
+    return e
+
+
+def small_run_args(weights: Path, run_dir: Path, *extra: str) -> list[str]:
+    """A fast run: synthetic weights, 32 px, a few L-BFGS steps, a fixed run dir."""
+    return [
+        f"model.weights={weights}", f"content={EXAMPLES / 'tubingen.jpg'}",
+        f"style={EXAMPLES / 'starry_night.jpg'}", "image.size=32", "optim.steps=4",
+        "optim.linesearch=none", "progress=false", f"hydra.run.dir={run_dir}", *extra,
+    ]
+
+
+def run_cli(args, cache: Path, timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "nstjax.run", *args], cwd=cwd or ROOT, env=env(cache),
+        capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def start_cli(args, cache: Path, cwd: Path | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "nstjax.run", *args], cwd=cwd or ROOT, env=env(cache),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )

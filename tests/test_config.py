@@ -1,0 +1,79 @@
+"""Hydra composition: presets, typed keys, errors that name the key."""
+
+import pytest
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigAttributeError, ValidationError
+
+from nstjax import config
+from nstjax.losses import HParams
+from nstjax.transfer import hparams, loss_spec, optim_spec
+
+config.register()
+PRESETS = ["gatys2016", "pytorch_tutorial", "tf_tutorial", "neural_style", "preview"]
+
+
+def composed(*overrides):
+    with initialize_config_module("nstjax.configs", version_base=None):
+        return compose("config", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_composes_and_builds_the_objective(preset):
+    cfg = composed(f"+experiment={preset}")
+    spec = loss_spec(cfg)
+    hp = hparams(cfg, spec)
+    ospec = optim_spec(cfg)
+    assert isinstance(hp, HParams)
+    assert ospec.name == cfg.optim.name
+    for key in ("content", "style", "init", "seed", "save_every"):
+        assert key in cfg
+    for key in ("image.size", "image.style_scale", "model.weights", "model.pooling",
+                "loss.content_layers", "loss.style_layers", "loss.style_layer_weights",
+                "loss.alpha", "loss.beta", "loss.tv_weight", "optim.steps", "optim.lr"):
+        assert OmegaConf.select(cfg, key) is not None or key == "loss.style_layer_weights", key
+
+
+def test_gatys2016_is_the_seed():
+    cfg = composed("+experiment=gatys2016")
+    assert cfg.model.weights == "vgg19" and cfg.model.pooling.value == "avg"
+    assert list(cfg.loss.content_layers) == ["relu4_2"]
+    assert list(cfg.loss.style_layers) == ["relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"]
+    assert list(cfg.loss.style_layer_weights) == [0.2] * 5
+    assert (cfg.loss.alpha, cfg.loss.beta) == (1.0, 1e4)
+    assert cfg.loss.style_reduction.value == "gatys" and cfg.loss.gram_norm.value == "none"
+    assert cfg.loss.content_reduction.value == "half_sum"
+    assert cfg.optim.name == "lbfgs" and cfg.init == "content"
+
+
+def test_presets_reproduce_their_sources():
+    torch_tut = composed("+experiment=pytorch_tutorial")
+    assert torch_tut.model.weights == "vgg19-torchvision"
+    assert (torch_tut.loss.beta, torch_tut.optim.max_evaluations) == (1e6, 300)
+    assert torch_tut.optim.linesearch.value == "none"
+    tf_tut = composed("+experiment=tf_tutorial")
+    assert tf_tut.optim.name == "adam" and tf_tut.optim.epsilon_hat
+    assert (tf_tut.optim.lr, tf_tut.optim.b1, tf_tut.optim.eps, tf_tut.optim.steps) == (0.02, 0.99, 0.1, 1000)
+    assert (tf_tut.loss.alpha, tf_tut.loss.beta) == (1e4, 1e-2)
+    ns = composed("+experiment=neural_style")
+    assert (ns.loss.alpha, ns.loss.beta, ns.init, ns.model.pooling.value) == (5.0, 100.0, "noise", "max")
+
+
+def test_optimiser_is_a_group():
+    assert composed("optim=adam").optim.name == "adam"
+    cfg = composed("optim=lbfgs", "optim.memory_size=7", "optim.linesearch=none")
+    assert cfg.optim.memory_size == 7 and optim_spec(cfg).linesearch == "none"
+
+
+def test_unknown_key_and_wrong_type_name_the_key():
+    with pytest.raises(Exception) as info:
+        composed("loss.bta=1")
+    assert isinstance(info.value.__cause__, ConfigAttributeError)
+    assert "loss.bta" in str(info.value.__cause__)
+    with pytest.raises(Exception) as info:
+        composed("model.pooling=median")
+    assert isinstance(info.value.__cause__, ValidationError)
+    assert "model.pooling" in str(info.value.__cause__)
+    with pytest.raises(Exception) as info:
+        composed("optim=adam", "optim.memory_size=3")  # an L-BFGS key under Adam
+    assert "memory_size" in str(info.value.__cause__)

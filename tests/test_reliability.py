@@ -1,0 +1,184 @@
+"""Reliability through the real CLI: bad input, divergence, interrupt and resume, determinism."""
+
+import json
+import signal
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cli import EXAMPLES, run_cli, small_run_args, start_cli
+
+RESULT_FILES = ("result.png", "metrics.json", "history.csv")
+
+
+def _png(path, size=(40, 30), color=(200, 30, 30)):
+    Image.new("RGB", size, color).save(path)
+    return path
+
+
+def _cut(src, dst, fraction=0.5):
+    data = src.read_bytes()
+    dst.write_bytes(data[: int(len(data) * fraction)])
+    return dst
+
+
+def bad_inputs(tmp):
+    """(name, overrides, words the message must contain) for each kind of bad input."""
+    text = tmp / "notes.png"
+    text.write_text("these are not pixels\n")
+    empty = tmp / "empty.jpg"
+    empty.write_bytes(b"")
+    one = _png(tmp / "one.png", (1, 1))
+    big = _png(tmp / "big.png", (64, 64))
+    wrong_weights = tmp / "weights.txt"
+    wrong_weights.write_text("not weights")
+    return [
+        ("missing file", [f"content={tmp / 'nope.jpg'}"], ["nope.jpg", "not found"]),
+        ("directory", [f"style={tmp}"], [str(tmp), "directory"]),
+        ("not an image", [f"content={text}"], ["notes.png", "not an image"]),
+        ("truncated png", [f"content={_cut(_png(tmp / 'full.png', (64, 64)), tmp / 'cut.png')}"],
+         ["cut.png", "truncated or corrupt"]),
+        ("truncated jpeg", [f"style={_cut(EXAMPLES / 'the_scream.jpg', tmp / 'cut.jpg')}"],
+         ["cut.jpg", "truncated or corrupt"]),
+        ("zero-byte file", [f"content={empty}"], ["empty.jpg", "empty"]),
+        ("over the pixel limit", [f"content={big}", "image.max_pixels=1000"],
+         ["big.png", "image.max_pixels"]),
+        ("1x1 image", [f"content={one}"], ["one.png", "too small"]),
+        ("too small after resizing", ["image.size=8"], ["too small", "image.size"]),
+        ("unknown layer", ["loss.content_layers=[relu9_9]"], ["relu9_9", "relu4_2", "valid names"]),
+        ("negative weight", ["loss.beta=-1"], ["loss.beta", "≥ 0"]),
+        ("nan weight", ["loss.alpha=nan"], ["loss.alpha", "finite"]),
+        ("unknown optimiser", ["optim=sgd"], ["optim/sgd", "adam", "lbfgs"]),
+        ("unknown preset", ["+experiment=gatys2099"], ["experiment/gatys2099", "gatys2016"]),
+        ("unknown weights name", ["model.weights=vgg99"], ["vgg99", "vgg19"]),
+        ("malformed override", ["loss.style_layers=[relu1_1"], ["loss.style_layers"]),
+        ("unknown key", ["loss.bta=1"], ["loss.bta"]),
+        ("wrong type", ["image.size=big"], ["image.size"]),
+        ("weights of the wrong format", [f"model.weights={wrong_weights}"], ["weights.txt"]),
+    ]
+
+
+def _case_names():
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        return [c[0] for c in bad_inputs(Path(d))]
+
+
+@pytest.mark.parametrize("case", _case_names())
+def test_bad_input_is_one_line_exit_2_and_no_result(case, tmp_path, synthetic_weights_file,
+                                                   nstjax_cache):
+    name, overrides, words = next(c for c in bad_inputs(tmp_path) if c[0] == case)
+    run_dir = tmp_path / "run"
+    args = small_run_args(synthetic_weights_file, run_dir)
+    keys = {o.split("=")[0].lstrip("+") for o in overrides}
+    args = [a for a in args if a.split("=")[0] not in keys] + overrides
+    proc = run_cli(args, nstjax_cache)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert "Traceback" not in proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    for name in RESULT_FILES:
+        assert not (run_dir / name).exists()
+
+
+def test_divergence_keeps_the_last_finite_image(tmp_path, synthetic_weights_file, nstjax_cache):
+    """A learning rate that overflows float32 makes the first step NaN: stop, keep step 0's image."""
+    run_dir = tmp_path / "run"
+    args = [a for a in small_run_args(synthetic_weights_file, run_dir) if "linesearch" not in a]
+    proc = run_cli(args + ["optim=adam", "optim.lr=1e39"], nstjax_cache)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "diverged at step 1" in proc.stderr and "Traceback" not in proc.stderr
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "diverged" and metrics["diverged_step"] == 1
+    assert "NaN" in metrics["reason"]
+    assert np.isfinite(metrics["total"])
+    kept = np.asarray(Image.open(run_dir / "result.png"), np.float32) / 255
+    assert kept.std() > 0.05  # the content image, not a black or constant one
+    rows = (run_dir / "history.csv").read_text().splitlines()
+    assert len(rows) == 2  # header and step 0
+
+
+def _wait_for(path, proc, timeout=240):
+    end = time.time() + timeout
+    while time.time() < end:
+        if path.exists() and any(path.iterdir()):
+            return
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        time.sleep(0.05)
+    raise AssertionError(f"{path} never appeared")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_then_resume_reaches_the_uninterrupted_result(
+        signum, tmp_path, synthetic_weights_file, nstjax_cache):
+    common = ["optim.steps=60", "chunk_steps=1", "save_every=1", "checkpoint_every=0",
+              "init=noise", "seed=3"]
+    reference = tmp_path / "reference"
+    proc = run_cli(small_run_args(synthetic_weights_file, reference, *common), nstjax_cache)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+    run_dir = tmp_path / "run"
+    running = start_cli(small_run_args(synthetic_weights_file, run_dir, *common), nstjax_cache)
+    _wait_for(run_dir / "snapshots", running)
+    running.send_signal(signum)
+    _, stderr = running.communicate(timeout=120)
+    assert running.returncode == {signal.SIGINT: 130, signal.SIGTERM: 143}[signum], stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert f"resume=" in stderr and str(run_dir) in stderr
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "interrupted" and 0 < metrics["steps"] < 60
+    assert (run_dir / "checkpoint" / "checkpoint.json").is_file()
+    assert (run_dir / "result.png").is_file()
+
+    resumed = run_cli(["progress=false", f"resume={run_dir}", f"hydra.run.dir={tmp_path / 'r2'}"],
+                      nstjax_cache)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    done = json.loads((run_dir / "metrics.json").read_text())
+    want = json.loads((reference / "metrics.json").read_text())
+    assert done["status"] == "finished" and done["steps"] == 60
+    assert done["total"] == want["total"]  # bitwise: the same float
+    assert (run_dir / "history.csv").read_text() == (reference / "history.csv").read_text()
+    np.testing.assert_array_equal(np.asarray(Image.open(run_dir / "result.png")),
+                                  np.asarray(Image.open(reference / "result.png")))
+
+
+def test_same_config_and_seed_give_an_identical_result(tmp_path, synthetic_weights_file,
+                                                       nstjax_cache):
+    runs = []
+    for name in ("a", "b"):
+        run_dir = tmp_path / name
+        proc = run_cli(small_run_args(synthetic_weights_file, run_dir, "init=noise", "seed=11"),
+                       nstjax_cache)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        runs.append(run_dir)
+    a, b = ((d / "result.png").read_bytes() for d in runs)
+    assert a == b
+    metrics = json.loads((runs[0] / "metrics.json").read_text())
+    assert metrics["seed"] == 11 and len(metrics["weights_sha256"]) == 64
+    for lib in ("jax", "flax", "optax"):
+        assert metrics["versions"][lib]
+
+
+def test_an_existing_result_is_never_overwritten(tmp_path, synthetic_weights_file, nstjax_cache):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "result.png").write_bytes(b"last night's result")
+    proc = run_cli(small_run_args(synthetic_weights_file, run_dir), nstjax_cache)
+    assert proc.returncode == 2 and "exists" in proc.stderr
+    assert (run_dir / "result.png").read_bytes() == b"last night's result"
+
+
+def test_outputs_leave_no_temporary_files(tmp_path, synthetic_weights_file, nstjax_cache):
+    run_dir = tmp_path / "run"
+    proc = run_cli(small_run_args(synthetic_weights_file, run_dir, "checkpoint_every=2"),
+                   nstjax_cache)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    leftovers = [p for p in run_dir.rglob("*") if ".tmp" in p.name]
+    assert leftovers == []
+    assert len(list((run_dir / "checkpoint").glob("state-*.safetensors"))) == 1

@@ -1,0 +1,141 @@
+"""The Flax VGG19 against an independent PyTorch reference, layer by layer, and its contract."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import weights_fixtures as wf
+from nstjax.vgg import CAFFE, LAYER_NAMES, TORCHVISION, VGG19, UnknownLayerError
+
+
+@pytest.fixture(scope="module")
+def params():
+    return wf.synthetic_params(0)
+
+
+def torch_reference(params, rgb: np.ndarray, preprocessing, pooling: str) -> dict:
+    """VGG19 in float64 PyTorch (NCHW, OIHW), every named activation as NHWC numpy."""
+    x = torch.from_numpy(rgb.astype(np.float64)).permute(0, 3, 1, 2)
+    if preprocessing.channel_order == "BGR":
+        x = x.flip(1)
+    mean = torch.tensor(preprocessing.mean, dtype=torch.float64).view(1, 3, 1, 1)
+    std = torch.tensor(preprocessing.std, dtype=torch.float64).view(1, 3, 1, 1)
+    x = (x * preprocessing.scale - mean) / std
+    pool = F.max_pool2d if pooling == "max" else F.avg_pool2d
+    out = {}
+    for block, n in enumerate((2, 2, 4, 4, 4), 1):
+        for i in range(1, n + 1):
+            p = params[f"conv{block}_{i}"]
+            weight = torch.from_numpy(p["kernel"].transpose(3, 2, 0, 1).astype(np.float64))
+            x = F.conv2d(x, weight, torch.from_numpy(p["bias"].astype(np.float64)), padding=1)
+            out[f"conv{block}_{i}"] = x
+            x = F.relu(x)
+            out[f"relu{block}_{i}"] = x
+        x = pool(x, 2, 2)
+        out[f"pool{block}"] = x
+    return {k: v.permute(0, 2, 3, 1).numpy() for k, v in out.items()}
+
+
+@pytest.mark.parametrize("preprocessing, pooling, size", [
+    (CAFFE, "max", (40, 56)), (CAFFE, "avg", (37, 53)),
+    (TORCHVISION, "max", (37, 53)), (TORCHVISION, "avg", (40, 56)),
+], ids=["caffe-max-even", "caffe-avg-odd", "torchvision-max-odd", "torchvision-avg-even"])
+def test_matches_torch_reference_layer_by_layer(params, preprocessing, pooling, size):
+    """Every activation, both conventions, both poolings, even and odd (floor-mode) sizes."""
+    rgb = np.random.default_rng(1).uniform(0, 1, (2, *size, 3)).astype(np.float32)
+    model = VGG19(preprocessing, pooling)
+    got = model.apply({"params": params}, jnp.asarray(rgb), LAYER_NAMES)
+    want = torch_reference(params, rgb, preprocessing, pooling)
+    assert list(got) == list(LAYER_NAMES)
+    for name in LAYER_NAMES:
+        assert got[name].shape == want[name].shape, name
+        scale = np.abs(want[name]).max()
+        assert scale > 0, name
+        np.testing.assert_allclose(np.asarray(got[name]), want[name], rtol=1e-5, atol=1e-5 * scale,
+                                   err_msg=name)
+
+
+def test_pooling_floors_odd_sizes(params):
+    out = VGG19().apply({"params": params}, jnp.zeros((1, 37, 53, 3)), ["pool1", "pool2", "pool5"])
+    assert out["pool1"].shape == (1, 18, 26, 64)
+    assert out["pool2"].shape == (1, 9, 13, 128)
+    assert out["pool5"].shape == (1, 1, 1, 512)
+
+
+def test_unknown_layer_lists_valid_names(params):
+    with pytest.raises(UnknownLayerError) as e:
+        VGG19().apply({"params": params}, jnp.zeros((1, 16, 16, 3)), ["relu1_1", "relu6_1"])
+    message = str(e.value)
+    assert "'relu6_1'" in message and "valid names" in message
+    assert all(name in message for name in ("conv1_1", "relu5_4", "pool5"))
+
+
+def test_returns_only_the_requested_layers_in_order(params):
+    layers = ["relu4_1", "conv1_1", "pool2"]
+    out = VGG19().apply({"params": params}, jnp.zeros((1, 32, 32, 3)), layers)
+    assert list(out) == layers
+    assert out["conv1_1"].shape == (1, 32, 32, 64)
+    assert out["pool2"].shape == (1, 8, 8, 128)
+    assert out["relu4_1"].shape == (1, 4, 4, 512)
+
+
+def _convolutions(params, layers, remat=False) -> list[int]:
+    """Output channels of each convolution in the traced program."""
+    jaxpr = jax.make_jaxpr(lambda p, x: VGG19(remat=remat).apply({"params": p}, x, layers))(
+        params, jnp.zeros((1, 32, 32, 3)))
+    channels = []
+
+    def visit(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "conv_general_dilated":
+                channels.append(eqn.outvars[0].aval.shape[-1])
+            for value in eqn.params.values():
+                for item in value if isinstance(value, (tuple, list)) else (value,):
+                    sub = getattr(item, "jaxpr", item)  # a ClosedJaxpr or a Jaxpr
+                    if hasattr(sub, "eqns"):
+                        visit(sub)
+
+    visit(jaxpr.jaxpr)
+    return channels
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_nothing_computed_past_the_deepest_layer(params, remat):
+    assert _convolutions(params, ["relu1_1"], remat) == [64]
+    assert _convolutions(params, ["pool1"], remat) == [64, 64]
+    assert _convolutions(params, ["conv1_2", "relu3_1"], remat) == [64, 64, 128, 128, 256]
+    assert len(_convolutions(params, ["relu5_4"], remat)) == 16
+
+
+def test_remat_gives_the_same_activations_and_gradients(params):
+    layers = ["relu1_2", "pool2", "relu3_1", "relu4_2"]
+    x = jnp.asarray(np.random.default_rng(2).uniform(0, 1, (1, 24, 40, 3)), jnp.float32)
+
+    def run(remat):
+        model = VGG19(remat=remat)
+
+        def loss(x):
+            out = model.apply({"params": params}, x, layers)
+            return sum(jnp.mean(v ** 2) for v in out.values()), out
+
+        (value, out), grad = jax.jit(jax.value_and_grad(loss, has_aux=True))(x)
+        return value, out, grad
+
+    plain, remat = run(False), run(True)
+    np.testing.assert_allclose(plain[0], remat[0], rtol=1e-6)
+    for name in layers:
+        np.testing.assert_allclose(plain[1][name], remat[1][name], rtol=1e-6, atol=1e-6)
+    scale = float(jnp.abs(plain[2]).max())
+    assert scale > 0
+    np.testing.assert_allclose(plain[2], remat[2], rtol=1e-5, atol=1e-6 * scale)
+
+
+def test_synthetic_params_have_the_module_structure(params):
+    abstract = jax.eval_shape(lambda key, x: VGG19().init(key, x, ["relu1_1"]),
+                              jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
+    want = jax.tree.map(lambda a: (a.shape, a.dtype), abstract["params"])
+    got = jax.tree.map(lambda a: (a.shape, a.dtype), params)
+    assert got == want

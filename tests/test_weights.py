@@ -1,0 +1,471 @@
+"""nstjax.weights: formats, canonical files, the download path (against a loopback server), CLI."""
+
+import dataclasses
+import functools
+import hashlib
+import http.server
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import safetensors
+import safetensors.numpy
+import torch
+
+import weights_fixtures as wf
+from nstjax.errors import UserError
+from nstjax.vgg import CAFFE, CONV_LAYERS, TORCHVISION, Preprocessing
+from nstjax.weights import (DEFAULT, SOURCES, VGGWeights, WeightsError, cache_dir, fetch_source,
+                            load_weights, save_canonical)
+from nstjax.weights import __main__ as weights_main
+from nstjax.weights.formats import save_npz
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+KERAS_NAME = "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5"
+
+
+@pytest.fixture(scope="module")
+def params():
+    return wf.synthetic_params(0)
+
+
+@pytest.fixture(scope="module")
+def files(params, tmp_path_factory):
+    """One file per layout, all with the same synthetic params."""
+    d = tmp_path_factory.mktemp("weights")
+    paths = {"h5": d / "keras.h5", "safetensors": d / "tv.safetensors", "npz": d / "canonical.npz",
+             "npz-meta": d / "canonical-meta.npz", "pth": d / "tv.pth"}
+    wf.write_keras_h5(paths["h5"], params)
+    wf.write_torchvision_safetensors(paths["safetensors"], params)
+    wf.write_npz(paths["npz"], params)
+    wf.write_npz(paths["npz-meta"], params, TORCHVISION)
+    wf.write_pth(paths["pth"], params)
+    return paths
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    path = tmp_path / "cache"
+    monkeypatch.setenv("NSTJAX_CACHE", str(path))
+    return path
+
+
+def assert_same_params(got, want):
+    assert list(got) == list(CONV_LAYERS)
+    for name in CONV_LAYERS:
+        assert set(got[name]) == {"kernel", "bias"}
+        for part in ("kernel", "bias"):
+            assert got[name][part].dtype == np.float32
+            np.testing.assert_array_equal(got[name][part], want[name][part], err_msg=f"{name} {part}")
+
+
+def sha256(path) -> str:
+    return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
+
+
+def error(fn, *args, **kwargs) -> str:
+    """The one-line message of the WeightsError that ``fn`` raises."""
+    with pytest.raises(WeightsError) as e:
+        fn(*args, **kwargs)
+    message = str(e.value)
+    assert "\n" not in message and message
+    assert isinstance(e.value, UserError) and e.value.exit_code == 2
+    return message
+
+
+# --- the registry -------------------------------------------------------------------------------
+
+def test_registry_sources():
+    assert DEFAULT == "vgg19" and list(SOURCES) == ["vgg19", "vgg19-torchvision"]
+    keras = SOURCES["vgg19"]
+    assert keras.url == ("https://storage.googleapis.com/tensorflow/keras-applications/vgg19/"
+                         "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5")
+    assert keras.filename == KERAS_NAME and keras.size == 80_134_624
+    assert keras.known_hash == "md5:253f8cb515780f3b799900260a226db6"
+    assert keras.preprocessing == CAFFE and keras.licence == "CC BY 4.0"
+    tv = SOURCES["vgg19-torchvision"]
+    assert tv.url == "https://huggingface.co/timm/vgg19.tv_in1k/resolve/main/model.safetensors"
+    assert tv.known_hash == ("sha256:11aea017b543ff59233749d8f1cf544cda749378f5790d2fedab841fb86b7669")
+    assert tv.preprocessing == TORCHVISION and tv.licence == "BSD-3-Clause"
+
+
+# --- reading each format ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind, preprocessing", [
+    ("h5", CAFFE), ("safetensors", TORCHVISION), ("npz-meta", TORCHVISION), ("pth", TORCHVISION),
+])
+def test_every_format_loads_the_same_params(files, params, kind, preprocessing):
+    w = load_weights(files[kind])
+    assert_same_params(w.params, params)
+    assert w.preprocessing == preprocessing
+    assert w.source == str(files[kind])
+    assert w.sha256 == sha256(files[kind])
+
+
+def test_npz_without_metadata_needs_the_preprocessing(files, params):
+    assert "preprocessing" in error(load_weights, files["npz"])
+    w = load_weights(files["npz"], preprocessing=CAFFE)
+    assert_same_params(w.params, params)
+    assert w.preprocessing == CAFFE
+
+
+def test_npz_layout_decides_the_preprocessing(params, tmp_path):
+    for layout, state, want in (
+        ("keras", {f"{g}/{g}_{p}_1:0": params[n]["kernel" if p == "W" else "bias"]
+                   for n in CONV_LAYERS for g in [wf.keras_group(n)] for p in "Wb"}, CAFFE),
+        ("torchvision", wf.torchvision_state(params), TORCHVISION),
+    ):
+        path = tmp_path / f"{layout}.npz"
+        np.savez(path, **state)
+        w = load_weights(path)
+        assert w.preprocessing == want, layout
+        assert_same_params(w.params, params)
+
+
+def test_preprocessing_override(files):
+    custom = Preprocessing("RGB", 255.0, (120.0, 115.0, 100.0), (60.0, 60.0, 60.0))
+    assert load_weights(files["h5"], preprocessing=custom).preprocessing == custom
+    assert load_weights(files["safetensors"], preprocessing=CAFFE).preprocessing == CAFFE
+
+
+def test_pth_without_torch_says_how_to_install_it(files, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)
+    assert "pip install 'nstjax[torch]'" in error(load_weights, files["pth"])
+
+
+class _Payload:
+    """Runs code when unpickled: must never be unpickled."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return pathlib.Path.touch, (self.marker,)
+
+
+def test_pth_never_unpickles_anything_but_tensors(tmp_path):
+    marker = tmp_path / "unpickled"
+    path = tmp_path / "payload.pth"
+    torch.save({"features.0.weight": _Payload(marker)}, path)
+    assert "state dict" in error(load_weights, path)
+    assert not marker.exists()
+    with open(tmp_path / "pickled.npz", "wb") as f:
+        np.savez(f, obj=np.array([_Payload(marker)], dtype=object))
+    error(load_weights, tmp_path / "pickled.npz")
+    assert not marker.exists()
+
+
+# --- the canonical file -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("preprocessing", [CAFFE, TORCHVISION], ids=["caffe", "torchvision"])
+def test_canonical_file_round_trip(files, params, tmp_path, preprocessing):
+    src = load_weights(files["safetensors"], preprocessing=preprocessing)
+    path = tmp_path / "canonical.safetensors"
+    save_canonical(path, src)
+    with safetensors.safe_open(str(path), framework="numpy") as f:
+        keys, metadata = set(f.keys()), f.metadata()
+        assert all(f.get_tensor(k).dtype == np.float32 for k in keys)
+        assert f.get_tensor("conv1_1/kernel").shape == (3, 3, 3, 64)
+    assert keys == {f"{n}/{p}" for n in CONV_LAYERS for p in ("kernel", "bias")}  # no classifier
+    assert Preprocessing(**json.loads(metadata["preprocessing"])) == preprocessing
+    assert metadata["source"] == str(files["safetensors"])
+    assert metadata["origin_sha256"] == sha256(files["safetensors"])
+    w = load_weights(path)
+    assert_same_params(w.params, params)
+    assert w.preprocessing == preprocessing and w.sha256 == sha256(path)
+
+
+def test_npz_written_by_nstjax_keeps_the_preprocessing(files, params, tmp_path):
+    save_npz(tmp_path / "w.npz", load_weights(files["h5"]))
+    w = load_weights(tmp_path / "w.npz")
+    assert w.preprocessing == CAFFE
+    assert_same_params(w.params, params)
+
+
+def test_save_canonical_accepts_jax_arrays_and_checks_shapes(params, tmp_path):
+    import jax.numpy as jnp
+
+    w = VGGWeights({n: {k: jnp.asarray(v) for k, v in p.items()} for n, p in params.items()},
+                   CAFFE, "synthetic", "")
+    save_canonical(tmp_path / "a.safetensors", w)
+    assert_same_params(load_weights(tmp_path / "a.safetensors").params, params)
+    bad = dict(params, conv2_1={"kernel": np.zeros((3, 3, 64, 64), np.float32),
+                                "bias": np.zeros(64, np.float32)})
+    message = error(save_canonical, tmp_path / "b.safetensors", dataclasses.replace(w, params=bad))
+    assert "conv2_1" in message and "(3, 3, 64, 128)" in message
+    assert not (tmp_path / "b.safetensors").exists()
+
+
+# --- errors -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["h5", "safetensors", "npz", "pth"])
+def test_truncated_and_corrupt_files(files, tmp_path, kind):
+    data = files[kind].read_bytes()
+    path = tmp_path / files[kind].name
+    path.write_bytes(data[: len(data) // 2])
+    message = error(load_weights, path)
+    assert str(path) in message and "corrupt or truncated" in message
+    path.write_bytes(b"garbage " * 64)
+    assert "corrupt or truncated" in error(load_weights, path)
+
+
+def test_wrong_shape(params, tmp_path):
+    bad = dict(params, conv3_1={"kernel": np.zeros((3, 3, 128, 128), np.float32),
+                                "bias": np.zeros(128, np.float32)})
+    wf.write_keras_h5(tmp_path / "bad.h5", bad)
+    message = error(load_weights, tmp_path / "bad.h5")
+    assert "conv3_1 kernel" in message and "(3, 3, 128, 128)" in message
+    assert "(3, 3, 128, 256)" in message and "not VGG19" in message
+
+
+def test_missing_layer(params, tmp_path):
+    state = wf.torchvision_state(params)
+    del state["features.34.weight"]
+    safetensors.numpy.save_file(state, str(tmp_path / "vgg.safetensors"))
+    message = error(load_weights, tmp_path / "vgg.safetensors")
+    assert "conv5_4" in message and "features.34.weight" in message and "complete VGG19" in message
+
+
+def test_not_a_vgg_file(tmp_path):
+    path = tmp_path / "x.safetensors"
+    safetensors.numpy.save_file({"encoder.weight": np.zeros(3, np.float32)}, str(path))
+    message = error(load_weights, path)
+    assert "no VGG19 conv weights" in message and "encoder.weight" in message
+
+
+def test_non_finite_values(params, tmp_path):
+    bad = dict(params, conv1_2=dict(params["conv1_2"], kernel=params["conv1_2"]["kernel"].copy()))
+    bad["conv1_2"]["kernel"][0, 0, 0, 0] = np.nan
+    wf.write_npz(tmp_path / "nan.npz", bad, CAFFE)
+    assert "conv1_2 kernel has NaN" in error(load_weights, tmp_path / "nan.npz")
+
+
+def test_unknown_extension_name_and_missing_file(tmp_path):
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    message = error(load_weights, tmp_path / "weights.bin")
+    assert "'.bin'" in message and all(s in message for s in (".h5", ".safetensors", ".npz", ".pth"))
+    message = error(load_weights, "vgg16")
+    assert "'vgg16'" in message and "vgg19, vgg19-torchvision" in message and "path" in message
+    message = error(load_weights, tmp_path / "missing.h5")
+    assert "no such weights file" in message and "missing.h5" in message
+
+
+def test_bad_timeout_variable(cache, monkeypatch):
+    monkeypatch.setenv("NSTJAX_DOWNLOAD_TIMEOUT", "soon")
+    source = dataclasses.replace(SOURCES["vgg19"], url="http://127.0.0.1:1/x.h5")
+    monkeypatch.setitem(SOURCES, "vgg19", source)
+    assert "NSTJAX_DOWNLOAD_TIMEOUT='soon'" in error(load_weights, "vgg19")
+
+
+# --- the download path, for real, against a loopback server ---------------------------------------
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    requests: list
+
+    def do_GET(self):
+        self.requests.append(self.path)
+        super().do_GET()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server(tmp_path):
+    """Serves tmp_path/www on 127.0.0.1; yields (folder, base URL, requests seen)."""
+    root = tmp_path / "www"
+    root.mkdir()
+    seen = []
+    handler = functools.partial(type("H", (_Handler,), {"requests": seen}), directory=str(root))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{httpd.server_address[1]}", seen
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def keras_file(files):
+    return files["h5"]
+
+
+def keras_source(path, url, algorithm="md5", digest=None):
+    """The real vgg19 entry with a test URL, size and checksum."""
+    digest = digest or hashlib.new(algorithm, path.read_bytes()).hexdigest()
+    return dataclasses.replace(SOURCES["vgg19"], url=url, size=path.stat().st_size,
+                               known_hash=f"{algorithm}:{digest}")
+
+
+def test_download_converts_and_caches(server, keras_file, params, cache, monkeypatch):
+    root, base, seen = server
+    (root / KERAS_NAME).write_bytes(keras_file.read_bytes())
+    monkeypatch.setitem(SOURCES, "vgg19", keras_source(keras_file, f"{base}/{KERAS_NAME}"))
+    w = load_weights("vgg19")
+    assert seen == [f"/{KERAS_NAME}"]
+    assert cache_dir() == cache
+    assert sorted(p.name for p in cache.iterdir()) == ["vgg19.safetensors"]  # raw file removed
+    assert w.source == "vgg19" and w.preprocessing == CAFFE
+    assert w.sha256 == sha256(cache / "vgg19.safetensors")
+    assert_same_params(w.params, params)
+    with safetensors.safe_open(str(cache / "vgg19.safetensors"), framework="numpy") as f:
+        assert f.metadata()["origin_sha256"] == sha256(keras_file)
+        assert f.metadata()["source"] == "vgg19"
+    (root / KERAS_NAME).unlink()
+    again = load_weights("vgg19")  # no file on the server: read from the cache
+    assert seen == [f"/{KERAS_NAME}"]
+    assert_same_params(again.params, params)
+
+
+def test_wrong_checksum_removes_the_file(server, keras_file, cache, monkeypatch):
+    root, base, _ = server
+    (root / KERAS_NAME).write_bytes(keras_file.read_bytes())
+    url = f"{base}/{KERAS_NAME}"
+    monkeypatch.setitem(SOURCES, "vgg19", keras_source(keras_file, url, digest="0" * 32))
+    message = error(load_weights, "vgg19")
+    assert "does not match its checksum md5:" + "0" * 32 in message and url in message
+    assert hashlib.md5(keras_file.read_bytes()).hexdigest() in message
+    assert not cache.exists() or list(cache.iterdir()) == []
+
+
+def test_http_error(server, keras_file, cache):
+    _, base, _ = server
+    message = error(fetch_source, keras_source(keras_file, f"{base}/missing.h5"))
+    assert "HTTP 404" in message and f"{base}/missing.h5" in message
+
+
+def test_unreachable_host_is_one_clear_line(keras_file, cache):
+    source = keras_source(keras_file, "http://127.0.0.1:1/vgg19.h5")
+    start = time.monotonic()
+    message = error(fetch_source, source)
+    assert time.monotonic() - start < 10
+    assert "http://127.0.0.1:1/vgg19.h5" in message and "Connection refused" in message
+    assert KERAS_NAME in message and f"{source.size:,} bytes" in message
+    assert source.known_hash.split(":")[1] in message and str(cache) in message
+
+
+def test_silent_server_times_out(keras_file, cache, monkeypatch):
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)  # accepts connections, never answers
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/vgg19.h5"
+        monkeypatch.setenv("NSTJAX_DOWNLOAD_TIMEOUT", "0.5")
+        start = time.monotonic()
+        message = error(fetch_source, keras_source(keras_file, url))
+    assert time.monotonic() - start < 10
+    assert "no answer within 0.5 s" in message and url in message
+
+
+def test_url_variable_overrides_the_url(server, keras_file, params, cache, monkeypatch):
+    root, base, seen = server
+    (root / "mirror.h5").write_bytes(keras_file.read_bytes())
+    source = keras_source(keras_file, "http://127.0.0.1:1/unused.h5")
+    monkeypatch.setenv("NSTJAX_WEIGHTS_URL_VGG19", f"{base}/mirror.h5")
+    assert_same_params(load_weights(fetch_source(source)).params, params)
+    assert seen == ["/mirror.h5"]
+
+
+def test_raw_file_placed_by_hand_is_picked_up(keras_file, params, cache):
+    cache.mkdir()
+    (cache / KERAS_NAME).write_bytes(keras_file.read_bytes())
+    path = fetch_source(keras_source(keras_file, "http://127.0.0.1:1/unreachable.h5", "sha256"))
+    assert path == cache / "vgg19.safetensors"
+    assert not (cache / KERAS_NAME).exists()
+    w = load_weights(path)
+    assert w.preprocessing == CAFFE
+    assert_same_params(w.params, params)
+
+
+def test_wrong_raw_file_placed_by_hand(keras_file, cache):
+    cache.mkdir()
+    data = keras_file.read_bytes()
+    raw = cache / KERAS_NAME
+    raw.write_bytes(data[:-10])
+    source = keras_source(keras_file, "http://127.0.0.1:1/unreachable.h5")
+    message = error(fetch_source, source)
+    assert str(raw) in message and "incomplete download" in message
+    raw.write_bytes(data[:-10] + b"0123456789")
+    message = error(fetch_source, source)
+    assert str(raw) in message and "does not match its checksum" in message and "delete it" in message
+
+
+# --- the CLI ------------------------------------------------------------------------------------
+
+def cli(*args, cache, **env) -> subprocess.CompletedProcess:
+    """``python -m nstjax.weights ARGS`` as a subprocess."""
+    e = dict(os.environ, NSTJAX_CACHE=str(cache), JAX_PLATFORMS="cpu", **env)
+    return subprocess.run([sys.executable, "-m", "nstjax.weights", *map(str, args)], cwd=ROOT, env=e,
+                          capture_output=True, text=True, timeout=120)
+
+
+def main(*args, capsys) -> tuple[int, str, str]:
+    """The same in this process (for the cheap cases)."""
+    code = weights_main.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_fails(code, err, *fragments):
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert all(f in lines[0] for f in fragments), lines[0]
+
+
+def test_cli_list_and_fetch(files, cache, capsys):
+    result = cli("list", cache=cache)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "vgg19 (default)" in out and "vgg19-torchvision" in out and "80.1 MB" in out
+    assert "CC BY 4.0" in out and "BSD-3-Clause" in out and str(cache) in out
+    assert out.count(" no ") == 2
+    save_canonical(cache / "vgg19.safetensors", load_weights(files["h5"]))
+    code, out, _ = main("fetch", "vgg19", capsys=capsys)
+    assert code == 0 and out.strip() == str(cache / "vgg19.safetensors")
+    code, out, _ = main("list", capsys=capsys)
+    assert code == 0 and out.count(" yes ") == 1 and out.count(" no ") == 1
+    assert_fails(*main("fetch", "vgg16", capsys=capsys)[::2], "unknown weights 'vgg16'",
+                 "vgg19-torchvision")
+
+
+def test_cli_fetch_offline_is_one_line(cache):
+    result = cli("fetch", "vgg19-torchvision", cache=cache,
+                 NSTJAX_WEIGHTS_URL_VGG19_TORCHVISION="http://127.0.0.1:1/model.safetensors")
+    assert_fails(result.returncode, result.stderr, "http://127.0.0.1:1/model.safetensors",
+                 "model.safetensors", SOURCES["vgg19-torchvision"].known_hash.split(":")[1], str(cache))
+
+
+def test_cli_convert_and_info(files, params, tmp_path, cache, capsys):
+    dst = tmp_path / "out.safetensors"
+    result = cli("convert", files["pth"], dst, cache=cache)
+    assert result.returncode == 0, result.stderr
+    assert f"wrote {dst}" in result.stdout
+    w = load_weights(dst)
+    assert w.preprocessing == TORCHVISION and w.source == str(dst)
+    assert_same_params(w.params, params)
+
+    result = cli("info", dst, cache=cache)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert f"sha256: {sha256(dst)}" in out and "layout: canonical" in out
+    assert "torchvision: RGB" in out and f"source: {files['pth']}" in out
+    assert "conv1_1  kernel (3, 3, 3, 64)  bias (64,)" in out
+    assert "conv5_4  kernel (3, 3, 512, 512)  bias (512,)" in out
+
+    code, out, _ = main("convert", files["npz"], tmp_path / "out.npz", "--preprocessing", "caffe",
+                        capsys=capsys)
+    assert code == 0
+    assert load_weights(tmp_path / "out.npz").preprocessing == CAFFE
+    code, out, _ = main("info", files["npz"], capsys=capsys)
+    assert code == 0 and "preprocessing: unknown" in out
+    assert_fails(*main("convert", files["npz"], tmp_path / "x.safetensors", capsys=capsys)[::2],
+                 "preprocessing")
+    assert_fails(*main("convert", files["h5"], tmp_path / "x.pt", capsys=capsys)[::2], "x.pt", ".npz")
+    assert_fails(*main("info", tmp_path / "missing.h5", capsys=capsys)[::2], "no such weights file")
