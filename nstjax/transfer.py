@@ -188,12 +188,23 @@ def _progress(total: int, initial: int, enabled: bool):
     return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
 
 
+@dataclass
+class _Compiled:
+    """What the loop needs: compiled functions and their array arguments."""
+
+    chunk: object
+    params: dict
+    targets: object
+    hp: HParams
+    lr: jax.Array
+    max_evaluations: jax.Array
+
+
 def stylize(cfg: DictConfig, run_dir: Path, log=print) -> RunResult:
     """Run style transfer as ``cfg`` says, writing everything into ``run_dir``."""
     run_dir = Path(run_dir)
     result_path = run_dir / "result.png"
-    resuming = cfg.resume is not None
-    if result_path.exists() and not resuming:
+    if result_path.exists() and cfg.resume is None:
         raise UserError(f"{result_path} exists: every run needs its own directory")
     _check_numbers(cfg)
     spec = loss_spec(cfg)
@@ -206,8 +217,7 @@ def stylize(cfg: DictConfig, run_dir: Path, log=print) -> RunResult:
 
     model = VGG19(weights.preprocessing, _enum_value(cfg.model.pooling),
                   _enum_value(cfg.model.precision), _use_remat(cfg, content.shape))
-    objective = make_objective(model, spec)
-    loop = Loop(objective, ospec, cfg.chunk_steps)
+    loop = Loop(make_objective(model, spec), ospec, cfg.chunk_steps)
     lr = jnp.float32(cfg.optim.lr)
     params = jax.tree.map(jnp.asarray, weights.params)
     content_j, style_j, x0_j = (jnp.asarray(a) for a in (content, style, x0))
@@ -223,55 +233,31 @@ def stylize(cfg: DictConfig, run_dir: Path, log=print) -> RunResult:
     t_run = time.perf_counter()
     targets = targets_fn(params, content_j, style_j)
     state = init_fn(x0_j, params, targets, hp, lr)
-    history = [history_row(state)]
-    rng_key = init_key
-    if resuming:
+    history, rng_key, seconds_before = [history_row(state)], init_key, 0.0
+    if cfg.resume is not None:
         state, rng_key, meta = checkpoint.load(Path(cfg.resume), state)
-        history = meta["history"]
-        run_seconds_before = meta.get("run_seconds", 0.0)
+        history, seconds_before = meta["history"], meta.get("run_seconds", 0.0)
         log(f"resuming {cfg.resume} at step {int(state.step)}")
-    else:
-        run_seconds_before = 0.0
 
-    steps = cfg.optim.steps
-    events = [e for e in (cfg.save_every, cfg.checkpoint_every) if e > 0]
-    stopper = _StopSignals()
-    last_image = np.asarray(state.pixels)
-    ckpt_extra = {"config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)}
-    with stopper.installed(), _progress(steps, int(state.step), cfg.progress) as bar:
-        while int(state.step) < steps and int(state.status) == RUNNING and stopper.received is None:
-            step = int(state.step)
-            if int(state.evaluations) >= int(max_evals):
-                break
-            n = min(cfg.chunk_steps, steps - step,
-                    *[e - step % e for e in events])
-            state, rows, valid = chunk_fn(state, params, targets, hp, lr, jnp.int32(n), max_evals)
-            rows, valid = np.asarray(rows), np.asarray(valid)
-            new_rows = [[int(r[0]), *map(float, r[1:5])] for r, v in zip(rows, valid) if v]
-            history += new_rows
-            bar.update(int(state.step) - step)
-            t = state.terms
-            bar.set_postfix(total=f"{float(t.total):.4g}", content=f"{float(t.content):.3g}",
-                            style=f"{float(t.style):.3g}", tv=f"{float(t.tv):.3g}", refresh=False)
-            last_image = np.asarray(state.pixels)
-            step = int(state.step)
-            if cfg.save_every and step % cfg.save_every == 0 and new_rows:
-                images.save_image(run_dir / "snapshots" / f"step_{step:06d}.png", last_image)
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and new_rows:
-                checkpoint.save(run_dir, state, rng_key, history, {
-                    **ckpt_extra, "run_seconds": run_seconds_before + time.perf_counter() - t_run})
-    run_seconds = run_seconds_before + time.perf_counter() - t_run
+    def save_checkpoint(state):
+        checkpoint.save(run_dir, state, rng_key, history, {
+            "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+            "run_seconds": seconds_before + time.perf_counter() - t_run})
+
+    compiled = _Compiled(chunk_fn, params, targets, hp, lr, max_evals)
+    state, signum = _optimise(cfg, compiled, state, history, run_dir, save_checkpoint)
+    run_seconds = seconds_before + time.perf_counter() - t_run
 
     status, exit_code, reason = "finished", 0, None
     if int(state.status) != RUNNING:
         status, exit_code = "diverged", EXIT_DIVERGED
         reason = STATUS_REASONS[int(state.status)]
-    elif stopper.received is not None and int(state.step) < steps:
-        status, exit_code = "interrupted", EXIT_SIGNAL[stopper.received]
-        reason = f"stopped by {signal.Signals(stopper.received).name}"
-        checkpoint.save(run_dir, state, rng_key, history, {**ckpt_extra, "run_seconds": run_seconds})
+    elif signum is not None and int(state.step) < cfg.optim.steps:
+        status, exit_code = "interrupted", EXIT_SIGNAL[signum]
+        reason = f"stopped by {signal.Signals(signum).name}"
+        save_checkpoint(state)
 
-    images.save_image(result_path, last_image)
+    images.save_image(result_path, np.asarray(state.pixels))
     outputs.write_history(run_dir / "history.csv", history)
     metrics = {
         **dict(zip(("total", "content", "style", "tv"), history[-1][1:])),
@@ -297,3 +283,37 @@ def stylize(cfg: DictConfig, run_dir: Path, log=print) -> RunResult:
     outputs.write_json(run_dir / "metrics.json", metrics)
     outputs.plot_history(run_dir / "loss_curve.png", history, title=str(cfg.model.weights))
     return RunResult(status, exit_code, metrics)
+
+
+def _optimise(cfg: DictConfig, c: _Compiled, state, history: list, run_dir: Path,
+              save_checkpoint) -> tuple[object, int | None]:
+    """Run chunks until the steps or evaluations are spent, the run diverges or a
+    signal arrives; between chunks: progress, history, snapshots, checkpoints.
+
+    Chunks end on multiples of ``save_every`` and ``checkpoint_every``. Returns
+    the last state and the signal received, if any.
+    """
+    steps = cfg.optim.steps
+    events = [e for e in (cfg.save_every, cfg.checkpoint_every) if e > 0]
+    stopper = _StopSignals()
+    with stopper.installed(), _progress(steps, int(state.step), cfg.progress) as bar:
+        while (int(state.step) < steps and int(state.status) == RUNNING
+               and int(state.evaluations) < int(c.max_evaluations) and stopper.received is None):
+            step = int(state.step)
+            n = min(cfg.chunk_steps, steps - step, *[e - step % e for e in events])
+            state, rows, valid = c.chunk(state, c.params, c.targets, c.hp, c.lr, jnp.int32(n),
+                                         c.max_evaluations)
+            new_rows = [[int(r[0]), *map(float, r[1:5])]
+                        for r, v in zip(np.asarray(rows), np.asarray(valid)) if v]
+            history += new_rows
+            bar.update(int(state.step) - step)
+            t = state.terms
+            bar.set_postfix(total=f"{float(t.total):.4g}", content=f"{float(t.content):.3g}",
+                            style=f"{float(t.style):.3g}", tv=f"{float(t.tv):.3g}", refresh=False)
+            step = int(state.step)
+            if new_rows and cfg.save_every and step % cfg.save_every == 0:
+                images.save_image(run_dir / "snapshots" / f"step_{step:06d}.png",
+                                  np.asarray(state.pixels))
+            if new_rows and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                save_checkpoint(state)
+    return state, stopper.received

@@ -130,7 +130,7 @@ def test_interrupt_then_resume_reaches_the_uninterrupted_result(
     _, stderr = running.communicate(timeout=120)
     assert running.returncode == {signal.SIGINT: 130, signal.SIGTERM: 143}[signum], stderr[-2000:]
     assert "Traceback" not in stderr
-    assert f"resume=" in stderr and str(run_dir) in stderr
+    assert "resume=" in stderr and str(run_dir) in stderr
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["status"] == "interrupted" and 0 < metrics["steps"] < 60
     assert (run_dir / "checkpoint" / "checkpoint.json").is_file()
