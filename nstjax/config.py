@@ -93,7 +93,7 @@ class ModelConfig:
     pooling: Pooling = Pooling.avg
     precision: Precision = Precision.float32
     remat: Remat = Remat.auto
-    remat_pixels: int = 2048 * 2048  # with remat=auto: recompute from this many pixels on
+    remat_pixels: int = 2048 * 2048  # with remat=auto: recompute above this many pixels
     preprocessing: Optional[PreprocessingConfig] = None  # override for a local weights file
 
 

@@ -160,7 +160,7 @@ def initial_image(cfg: DictConfig, content: np.ndarray, style: np.ndarray,
 
 def _use_remat(cfg: DictConfig, shape) -> bool:
     mode = _enum_value(cfg.model.remat)
-    return mode == "on" or (mode == "auto" and shape[0] * shape[1] >= cfg.model.remat_pixels)
+    return mode == "on" or (mode == "auto" and shape[0] * shape[1] > cfg.model.remat_pixels)
 
 
 class _StopSignals:
