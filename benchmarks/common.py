@@ -1,0 +1,207 @@
+"""Shared pieces of the benchmarks: weights, images, the two objectives, FLOP counts, CPU peak."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import resource
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# The VGG19 convolutions: name -> (Cin, Cout, downsampling factor of its input).
+BLOCK_SIZES = (2, 2, 4, 4, 4)
+BLOCK_CHANNELS = (64, 128, 256, 512, 512)
+
+
+def conv_table():
+    rows, c_in = [], 3
+    for b, (n, c_out) in enumerate(zip(BLOCK_SIZES, BLOCK_CHANNELS), 1):
+        for i in range(1, n + 1):
+            rows.append((f"conv{b}_{i}", c_in, c_out, 2 ** (b - 1)))
+            c_in = c_out
+    return rows
+
+
+CONVS = conv_table()
+CONV_NAMES = [r[0] for r in CONVS]
+
+
+# --------------------------------------------------------------------------- objectives
+
+def gatys_setup():
+    """(a): relu1_1…relu5_1 style, relu4_2 content (the network runs to relu5_1), Caffe preprocessing,
+    max pooling; the seed's normalisations (Gram unnormalised, Σ/(4N²M²), ½Σ)."""
+    from nstjax.losses import HParams, LossSpec
+    from nstjax.vgg import CAFFE
+
+    spec = LossSpec()
+    return dict(spec=spec, prep=CAFFE, pooling="max",
+                hp=dict(alpha=1.0, beta=1e3, content_layer_weights=[1.0], style_layer_weights=[0.2] * 5),
+                make_hp=lambda: HParams.create(spec, alpha=1.0, beta=1e3, content_layer_weights=[1.0],
+                                               style_layer_weights=[0.2] * 5))
+
+
+def tutorial_setup():
+    """(b): the PyTorch tutorial's objective (torchvision preprocessing, max pooling, conv2_2 content,
+    conv1_1…conv3_1 style before the ReLUs, Gram/(N·M), mse means, α = 1, β = 1e6, layer weights 1)."""
+    from nstjax.losses import HParams, LossSpec
+    from nstjax.vgg import TORCHVISION
+
+    spec = LossSpec(content_layers=("conv2_2",),
+                    style_layers=("conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1"),
+                    gram_norm="NM", style_reduction="mean", content_reduction="mean")
+    return dict(spec=spec, prep=TORCHVISION, pooling="max",
+                hp=dict(alpha=1.0, beta=1e6, content_layer_weights=[1.0], style_layer_weights=[1.0] * 5),
+                make_hp=lambda: HParams.create(spec, alpha=1.0, beta=1e6, content_layer_weights=[1.0],
+                                               style_layer_weights=[1.0] * 5))
+
+
+SETUPS = {"gatys": gatys_setup, "tutorial": tutorial_setup}
+
+
+# --------------------------------------------------------------------------- weights and images
+
+def random_params(seed: int = 0) -> dict:
+    """VGG19 params with He-normal kernels (std √(2/(9·Cin)), so activations keep their scale through
+    the ReLUs) and small random biases, float32 numpy, HWIO. The cost of an evaluation does not depend
+    on the values."""
+    rng = np.random.default_rng(seed)
+    params = {}
+    for name, c_in, c_out, _ in CONVS:
+        params[name] = {
+            "kernel": (rng.standard_normal((3, 3, c_in, c_out)) * np.sqrt(2.0 / (9 * c_in))).astype(np.float32),
+            "bias": (rng.standard_normal(c_out) * 0.01).astype(np.float32),
+        }
+    return params
+
+
+def load_params(weights: str | None, seed: int = 0) -> tuple[dict, str]:
+    """Random params, or a torchvision VGG19 state dict (.pth: features.N.weight/bias) if given."""
+    if not weights:
+        return random_params(seed), f"random He-normal (seed {seed})"
+    import torch
+
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    convs = sorted({int(k.split(".")[1]) for k in state if k.startswith("features.") and k.endswith(".weight")})
+    params = {}
+    for (name, *_), idx in zip(CONVS, convs):
+        w = state[f"features.{idx}.weight"].numpy()
+        params[name] = {"kernel": np.ascontiguousarray(np.transpose(w, (2, 3, 1, 0))).astype(np.float32),
+                        "bias": state[f"features.{idx}.bias"].numpy().astype(np.float32)}
+    return params, f"torchvision state dict {weights}"
+
+
+def load_image(path: Path, longest: int) -> np.ndarray:
+    """An (H, W, 3) float32 RGB image in [0, 1], longest side ``longest``: nstjax.images if present, else PIL."""
+    try:
+        from nstjax.images import load_image as _load, resize_longest
+        return resize_longest(_load(path), longest)
+    except ImportError:
+        from PIL import Image
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            w, h = im.size
+            s = longest / max(w, h)
+            im = im.resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.LANCZOS)
+            return np.asarray(im, np.float32) / 255
+
+
+def bench_images(size: int, seed: int = 0):
+    """(content, style, x) for the per-evaluation benchmark at size×size: the bundled pair resized to a
+    square (as the PyTorch tutorial does) and a noisy start image."""
+    from PIL import Image
+
+    def square(path):
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB").resize((size, size), Image.Resampling.BILINEAR), np.float32) / 255
+
+    content, style = square(EXAMPLES / "tubingen.jpg"), square(EXAMPLES / "starry_night.jpg")
+    rng = np.random.default_rng(seed)
+    x = np.clip(content + 0.1 * rng.standard_normal(content.shape).astype(np.float32), 0, 1)
+    return content, style, x
+
+
+# --------------------------------------------------------------------------- FLOPs and the machine
+
+def deepest_conv(layers) -> str:
+    """The last convolution a loss reading ``layers`` runs (the network stops after the deepest layer)."""
+    from nstjax.vgg import LAYER_NAMES
+
+    deepest = max(layers, key=LAYER_NAMES.index)
+    if deepest.startswith("pool"):
+        b = int(deepest[4])
+        return f"conv{b}_{BLOCK_SIZES[b - 1]}"
+    return "conv" + deepest[4:]
+
+
+def conv_flops(height: int, width: int, last_conv: str) -> dict:
+    """Forward FLOPs per convolution up to ``last_conv``: 2·H·W·Cin·Cout·9 at that layer's resolution
+    (floor-halved per pooling)."""
+    out = {}
+    for name, c_in, c_out, down in CONVS:
+        h, w = height, width
+        for _ in range(int(np.log2(down))):
+            h, w = h // 2, w // 2
+        out[name] = 2 * h * w * c_in * c_out * 9
+        if name == last_conv:
+            break
+    return out
+
+
+def flop_counts(height: int, width: int, last_conv: str) -> dict:
+    """Forward FLOPs, and per evaluation (loss + gradient): 'nominal' = 3× forward (backward ≈ 2×
+    forward, the usual training count) and 'executed' = forward + input gradient only (the weights
+    are frozen so no weight gradient is computed; conv1_1's input gradient is counted too)."""
+    per = conv_flops(height, width, last_conv)
+    fwd = sum(per.values())
+    return {"forward": fwd, "nominal_eval": 3 * fwd, "executed_eval": 2 * fwd, "per_conv_forward": per}
+
+
+def cpu_info() -> dict:
+    """Model name, cores, clock and estimated fp32 peak from /proc/cpuinfo.
+
+    peak = cores × GHz × FLOPs/cycle/core, FLOPs/cycle = 64 with AVX-512F (2 FMA units × 16 lanes × 2),
+    32 with AVX2+FMA (2 × 8 × 2: Zen 2/3/4, Haswell onwards), 16 with AVX only. The clock is the
+    'cpu MHz' line (the nominal/base clock a VM reports; turbo may be higher, so the fraction of peak is
+    an estimate). Cores = the CPUs this process may run on (os.sched_getaffinity).
+    """
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = re.search(r"^model name\s*:\s*(.*)$", text, re.M)
+    flags = re.search(r"^flags\s*:\s*(.*)$", text, re.M)
+    mhz = [float(m) for m in re.findall(r"^cpu MHz\s*:\s*([\d.]+)$", text, re.M)]
+    flags = set(flags.group(1).split()) if flags else set()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if "avx512f" in flags:
+        per_cycle, isa = 64, "AVX-512F"
+    elif "avx2" in flags and "fma" in flags:
+        per_cycle, isa = 32, "AVX2+FMA"
+    elif "avx" in flags:
+        per_cycle, isa = 16, "AVX"
+    else:
+        per_cycle, isa = 8, "SSE"
+    ghz = (max(mhz) / 1000) if mhz else None
+    return {
+        "model_name": model.group(1).strip() if model else platform.processor(),
+        "cores": cores, "ghz": ghz, "isa": isa, "flops_per_cycle_per_core": per_cycle,
+        "peak_gflops_fp32": cores * ghz * per_cycle if ghz else None,
+        "how": f"{cores} cores × {ghz} GHz ('cpu MHz' in /proc/cpuinfo) × {per_cycle} fp32 FLOPs/cycle ({isa})",
+    }
+
+
+def max_rss_bytes() -> int:
+    """Peak resident set size of this process (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def write_json(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=float))
+    tmp.replace(path)

@@ -1,0 +1,423 @@
+"""The measurements, each run in its own process by benchmarks.run (so peak RSS is per measurement):
+
+    python -m benchmarks.workers TASK ARGS_JSON OUT_JSON
+
+TASK is one of the functions in ``TASKS``; it writes its result as JSON to OUT_JSON. Exit status 3
+means the loss disagreed with the one it was told to expect.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import (EXAMPLES, SETUPS, bench_images, cpu_info, load_image, load_params, max_rss_bytes,
+                               write_json)
+
+AGREEMENT_RTOL = 1e-4
+
+
+class Disagreement(Exception):
+    pass
+
+
+def _cpu():
+    """This process's CPU time (user + system), all threads: steadier than wall time on a busy machine."""
+    r = __import__("resource").getrusage(__import__("resource").RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _rel(a, b):
+    return abs(a - b) / max(abs(b), 1e-30)
+
+
+# --------------------------------------------------------------------------- JAX helpers
+
+def _jax_problem(setup, params_np, content, style, precision="float32", remat=False, variant="nstjax"):
+    """(model, objective, params, targets, hp) for nstjax, with a conv variant patched in while tracing."""
+    import jax
+    import jax.numpy as jnp
+
+    from nstjax.losses import compute_targets, make_objective
+    from nstjax.vgg import VGG19
+
+    model = VGG19(setup["prep"], setup["pooling"], precision=precision, remat=remat)
+    params = jax.tree.map(jnp.asarray, params_np)
+    with _variant(variant):
+        targets = compute_targets(model, params, jnp.asarray(content), jnp.asarray(style), setup["spec"])
+        targets = jax.block_until_ready(targets)
+    return model, make_objective(model, setup["spec"]), params, targets, setup["make_hp"]()
+
+
+MEMSCHED = "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"
+
+
+def _variant(variant):
+    """What to patch into nstjax while tracing, from a variant name: 'nstjax' (as is), a convolution of
+    benchmarks.conv_variants, and '+leanpool' (max pooling with a lean backward); '+memsched' (XLA's
+    memory-optimised CPU scheduler) is applied by :func:`main` through XLA_FLAGS before jax starts."""
+    import contextlib
+
+    parts = (variant or "nstjax").split("+")
+    stack = contextlib.ExitStack()
+    if parts[0] not in ("nstjax", ""):
+        from benchmarks.conv_variants import patched
+        stack.enter_context(patched(parts[0]))
+    if "leanpool" in parts[1:]:
+        from benchmarks.conv_variants import patched_pool
+        stack.enter_context(patched_pool())
+    return stack
+
+
+def _device_info():
+    import jax
+
+    d = jax.devices()[0]
+    return {"platform": d.platform, "device_kind": d.device_kind, "jax": jax.__version__}
+
+
+# --------------------------------------------------------------------------- tasks
+
+def agree(args):
+    """Loss (and at ``grad`` sizes the gradient) of both sides on the same inputs, before any timing."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    from benchmarks import torch_gatys as tg
+
+    setup = SETUPS[args["objective"]]()
+    params, _ = load_params(args.get("weights"))
+    content, style, x = bench_images(args["size"])
+    _, obj, jp, targets, hp = _jax_problem(setup, params, content, style)
+    h = setup["hp"]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tobj = tg.GatysObjective(tg.params_to_torch(params, device), setup["spec"], setup["prep"], setup["pooling"],
+                             content, style, h["alpha"], h["beta"], h["content_layer_weights"],
+                             h["style_layer_weights"])
+    out = {"size": args["size"], "objective": args["objective"]}
+    if args.get("grad"):
+        lj, gj = jax.jit(jax.value_and_grad(lambda x: obj(x, jp, targets, hp).total))(jnp.asarray(x))
+        lt, gt = tg.loss_and_grad(tobj, x)
+        gj = np.asarray(gj)
+        out["grad_rel_l2"] = float(np.linalg.norm(gj - gt) / max(np.linalg.norm(gt), 1e-30))
+    else:
+        lj = jax.jit(lambda x: obj(x, jp, targets, hp).total)(jnp.asarray(x))
+        lt = tg.loss_only(tobj, x)
+    out.update(loss_jax=float(lj), loss_torch=float(lt), rel_diff=_rel(float(lj), float(lt)))
+    out["agree"] = bool(out["rel_diff"] <= AGREEMENT_RTOL)
+    return out
+
+
+def eval_jax(args):
+    """Compile time, then per-evaluation time (loss + gradient, jitted) and peak RSS; optionally the
+    per-evaluation time inside nstjax's optimisation loop (Loop.chunk, Adam)."""
+    import jax
+    import jax.numpy as jnp
+
+    from nstjax.optimize import Loop, OptimSpec
+
+    size, reps = args["size"], args.get("reps", 3)
+    setup = SETUPS[args["objective"]]()
+    params, _ = load_params(args.get("weights"))
+    content, style, x = bench_images(size)
+    variant = args.get("variant", "nstjax")
+    model, obj, jp, targets, hp = _jax_problem(setup, params, content, style, args.get("precision", "float32"),
+                                               args.get("remat", False), variant)
+    xs = jnp.asarray(x)
+    out = {"size": size, "variant": variant, "precision": args.get("precision", "float32"),
+           "remat": args.get("remat", False), **_device_info()}
+    vg = jax.jit(jax.value_and_grad(lambda x, p, t, h: obj(x, p, t, h).total))
+    t0 = time.perf_counter()
+    with _variant(variant):
+        compiled = vg.lower(xs, jp, targets, hp).compile()
+    out["compile_s"] = time.perf_counter() - t0
+    try:
+        ma = compiled.memory_analysis()
+        out["xla_temp_bytes"] = int(ma.temp_size_in_bytes)
+        out["xla_argument_bytes"] = int(ma.argument_size_in_bytes)
+    except Exception:  # noqa: BLE001 - not every backend reports it
+        ma = None
+    limit = args.get("refuse_over_available")
+    if limit and ma is not None:
+        import psutil
+
+        need = ma.temp_size_in_bytes + max_rss_bytes()
+        avail = psutil.virtual_memory().available + max_rss_bytes()
+        out["predicted_peak_bytes"] = int(need)
+        if need > limit * avail:
+            out["skipped"] = (f"not run: XLA needs {ma.temp_size_in_bytes / 2**30:.1f} GiB of temporaries, "
+                              f"predicted peak {need / 2**30:.1f} GiB > {limit:.0%} of the "
+                              f"{avail / 2**30:.1f} GiB this process could have")
+            out["peak_rss_bytes"] = max_rss_bytes()
+            return out
+    t0 = time.perf_counter()
+    loss, g = compiled(xs, jp, targets, hp)
+    jax.block_until_ready(g)
+    out["first_call_s"] = time.perf_counter() - t0
+    out["loss"] = float(loss)
+    expect = args.get("expect_loss")
+    if expect is not None and _rel(out["loss"], expect) > AGREEMENT_RTOL:
+        raise Disagreement(f"JAX loss {out['loss']} vs expected {expect} at {size}px ({variant})")
+    times, cpus = [], []
+    for _ in range(reps):
+        t0, c0 = time.perf_counter(), _cpu()
+        loss, g = compiled(xs, jp, targets, hp)
+        jax.block_until_ready(g)
+        times.append(time.perf_counter() - t0)
+        cpus.append(_cpu() - c0)
+    out["times_s"], out["cpu_times_s"] = times, cpus
+    out["eval_s"] = min(times) if times else out["first_call_s"]
+    out["eval_median_s"] = float(np.median(times)) if times else out["first_call_s"]
+    out["rss_after_eval_bytes"] = max_rss_bytes()
+    k = args.get("loop_steps", 0)
+    if k:
+        loop = Loop(obj, OptimSpec("adam"), chunk_steps=k)
+        lr, big = jnp.float32(1e-3), jnp.int32(10**9)
+        t0 = time.perf_counter()
+        with _variant(variant):
+            init, chunk = loop.compile(xs, jp, targets, hp, lr, big)
+        out["loop_compile_s"] = time.perf_counter() - t0
+        state = jax.block_until_ready(init(xs, jp, targets, hp, lr))
+        t0, c0 = time.perf_counter(), _cpu()
+        state, rows, valid = chunk(state, jp, targets, hp, lr, jnp.int32(k), big)
+        jax.block_until_ready(rows)
+        out["loop_eval_s"] = (time.perf_counter() - t0) / k
+        out["loop_eval_cpu_s"] = (_cpu() - c0) / k
+        out["loop_steps"] = k
+    out["peak_rss_bytes"] = max_rss_bytes()
+    return out
+
+
+def eval_torch(args):
+    """Per-evaluation time (loss + gradient, eager) and peak RSS of the PyTorch side."""
+    import torch
+
+    from benchmarks import torch_gatys as tg
+
+    size, reps = args["size"], args.get("reps", 3)
+    setup = SETUPS[args["objective"]]()
+    params, _ = load_params(args.get("weights"))
+    content, style, x = bench_images(size)
+    device = args.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    h = setup["hp"]
+    obj = tg.GatysObjective(tg.params_to_torch(params, device), setup["spec"], setup["prep"], setup["pooling"],
+                            content, style, h["alpha"], h["beta"], h["content_layer_weights"],
+                            h["style_layer_weights"])
+    out = {"size": size, "device": device, "threads": torch.get_num_threads(), "torch": torch.__version__}
+    t0 = time.perf_counter()
+    loss, _ = tg.loss_and_grad(obj, x)
+    out["first_call_s"] = time.perf_counter() - t0
+    out["loss"] = loss
+    expect = args.get("expect_loss")
+    if expect is not None and _rel(loss, expect) > AGREEMENT_RTOL:
+        raise Disagreement(f"PyTorch loss {loss} vs expected {expect} at {size}px")
+    times, cpus = [], []
+    for _ in range(reps):
+        t0, c0 = time.perf_counter(), _cpu()
+        tg.loss_and_grad(obj, x)
+        times.append(time.perf_counter() - t0)
+        cpus.append(_cpu() - c0)
+    out["times_s"], out["cpu_times_s"] = times, cpus
+    out["eval_s"] = min(times) if times else out["first_call_s"]
+    out["eval_median_s"] = float(np.median(times)) if times else out["first_call_s"]
+    out["peak_rss_bytes"] = max_rss_bytes()
+    return out
+
+
+def _ttq_images(size):
+    return load_image(EXAMPLES / "tubingen.jpg", size), load_image(EXAMPLES / "starry_night.jpg", size)
+
+
+def ttq_torch(args):
+    """The PyTorch tutorial's loop on the bundled pair: loss and wall time after each closure call."""
+    import torch
+
+    from benchmarks import torch_gatys as tg
+
+    setup = SETUPS["tutorial"]()
+    params, _ = load_params(args.get("weights"))
+    content, style = _ttq_images(args["size"])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    h = setup["hp"]
+    obj = tg.GatysObjective(tg.params_to_torch(params, device), setup["spec"], setup["prep"], setup["pooling"],
+                            content, style, h["alpha"], h["beta"], h["content_layer_weights"],
+                            h["style_layer_weights"])
+    times, cpus = [], []
+    t0, c0 = time.perf_counter(), _cpu()
+    _, losses = tg.tutorial_loop(obj, content, args["evaluations"],
+                                 on_eval=lambda i, loss: (times.append(time.perf_counter() - t0),
+                                                          cpus.append(_cpu() - c0)))
+    total, total_cpu = time.perf_counter() - t0, _cpu() - c0
+    best = int(np.argmin(losses))
+    return {"size": args["size"], "shape": list(content.shape), "evaluations": len(losses), "losses": losses,
+            "times_s": times, "cpu_times_s": cpus, "run_s": total, "run_cpu_s": total_cpu,
+            "final_loss": losses[-1], "best_loss": losses[best],
+            "best_evaluation": best + 1, "best_time_s": times[best], "device": device,
+            "threads": torch.get_num_threads(), "peak_rss_bytes": max_rss_bytes()}
+
+
+def ttq_jax(args):
+    """nstjax's Loop with one optimiser setting from the content image until the loss reaches
+    ``target`` (or ``max_evaluations`` / ``time_cap_s``); optionally coarse-to-fine: ``coarse``
+    = {size, evaluations} first optimises at that size, then upsamples and continues at full size.
+    Compile time (all stages) is measured apart and excluded from the run time."""
+    import jax
+    import jax.numpy as jnp
+
+    from nstjax.optimize import RUNNING, Loop, OptimSpec
+
+    setup = SETUPS["tutorial"]()
+    params, _ = load_params(args.get("weights"))
+    variant = args.get("variant", "nstjax")
+    opt = OptimSpec(**args["optim"])
+    lr = jnp.float32(args.get("lr", 1.0))
+    chunk_steps = args.get("chunk_steps", 5)
+    target, cap = args["target"], args.get("time_cap_s", float("inf"))
+    max_evals = args.get("max_evaluations", 300)
+
+    stages = []
+    coarse = args.get("coarse")
+    if coarse:
+        stages.append(dict(size=coarse["size"], evaluations=coarse["evaluations"], final=False,
+                           optim=OptimSpec(**coarse.get("optim", args["optim"])),
+                           lr=jnp.float32(coarse.get("lr", args.get("lr", 1.0)))))
+    stages.append(dict(size=args["size"], evaluations=max_evals, final=True, optim=opt, lr=lr))
+
+    compile_s = 0.0
+    for st in stages:  # build and compile every stage before the clock starts
+        content, style = _ttq_images(st["size"])
+        _, obj, jp, targets, hp = _jax_problem(setup, params, content, style, variant=variant)
+        loop = Loop(obj, st["optim"], chunk_steps=chunk_steps)
+        t0 = time.perf_counter()
+        with _variant(variant):
+            st["init"], st["chunk"] = loop.compile(jnp.asarray(content), jp, targets, hp, st["lr"],
+                                                   jnp.int32(st["evaluations"]))
+        compile_s += time.perf_counter() - t0
+        st.update(content=jnp.asarray(content), params=jp, targets=targets, hp=hp)
+
+    trajectory, reached, x = [], None, None
+    t_start, c_start = time.perf_counter(), _cpu()
+    evals_before, coarse_evals = 0, 0
+    for st in stages:
+        x0 = st["content"] if x is None else jnp.clip(
+            jax.image.resize(x, st["content"].shape, "bilinear"), 0.0, 1.0)
+        state = st["init"](x0, st["params"], st["targets"], st["hp"], st["lr"])
+        if st["final"]:
+            now = time.perf_counter() - t_start
+            trajectory.append((evals_before + 1, float(state.terms.total), now))
+            if float(state.terms.total) <= target:
+                reached = {"evaluations": evals_before + 1, "time_s": now, "cpu_s": _cpu() - c_start,
+                           "loss": float(state.terms.total)}
+                break
+        while int(state.evaluations) < st["evaluations"] and int(state.status) == RUNNING:
+            state, rows, valid = st["chunk"](state, st["params"], st["targets"], st["hp"], st["lr"],
+                                             jnp.int32(chunk_steps), jnp.int32(st["evaluations"]))
+            rows, valid = np.asarray(rows), np.asarray(valid)  # waits for the chunk
+            now = time.perf_counter() - t_start
+            if st["final"]:
+                for r, v in zip(rows, valid):
+                    if v:
+                        trajectory.append((evals_before + int(r[5]), float(r[1]), now))
+                        if reached is None and r[1] <= target:
+                            reached = {"evaluations": evals_before + int(r[5]), "time_s": now,
+                                       "cpu_s": _cpu() - c_start, "loss": float(r[1])}
+            if reached is not None or now > cap:
+                break
+        x = state.pixels
+        if not st["final"]:
+            coarse_evals = int(state.evaluations)
+            evals_before += coarse_evals
+        if reached is not None or time.perf_counter() - t_start > cap:
+            break
+    run_s, run_cpu_s = time.perf_counter() - t_start, _cpu() - c_start
+    losses = [t[1] for t in trajectory]
+    return {"name": args["name"], "variant": variant, "optim": args["optim"], "lr": float(lr),
+            "coarse": coarse, "target": target, "reached": reached, "compile_s": compile_s,
+            "run_s": run_s, "run_cpu_s": run_cpu_s,
+            "evaluations": trajectory[-1][0] if trajectory else evals_before, "coarse_evaluations": coarse_evals,
+            "best_loss": min(losses) if losses else None, "trajectory": trajectory,
+            "peak_rss_bytes": max_rss_bytes(), **_device_info()}
+
+
+def memory_jax(args):
+    """Compile and one evaluation at a large size (optionally rematerialised): time and peak RSS.
+    Refuses to run (reporting XLA's predicted need) when the compiled program's temporaries would not
+    fit in the memory available, rather than being killed by the kernel's OOM killer."""
+    args = dict(args, reps=args.get("reps", 0), refuse_over_available=args.get("refuse_over_available", 0.9))
+    return eval_jax(args)
+
+
+def machine(args):
+    """CPU model and estimated peak, and a measured fp32 matmul rate (jnp.dot, n×n) as a practical ceiling."""
+    import jax
+    import jax.numpy as jnp
+
+    n = args.get("n", 2048)
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), np.float32))
+    f = jax.jit(lambda a: jnp.dot(a, a, precision="highest"))
+    jax.block_until_ready(f(a))
+    best = float("inf")
+    for _ in range(args.get("reps", 5)):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(a))
+        best = min(best, time.perf_counter() - t0)
+    info = cpu_info()
+    info["gemm_n"] = n
+    info["gemm_gflops_measured"] = 2 * n**3 / best / 1e9
+    info["loadavg"] = os.getloadavg()
+    info.update(_device_info())
+    try:
+        info["gpus"] = [str(d) for d in jax.devices("gpu")]
+    except RuntimeError:
+        info["gpus"] = []
+    return info
+
+
+def gpu_fit(args):
+    """One compile + evaluation at ``size`` on the default (GPU) device: does it fit?"""
+    return eval_jax(dict(args, reps=0))
+
+
+def profile(args):
+    """Per-layer convolution profile (benchmarks.profile_layers) in its own process."""
+    from benchmarks.profile_layers import profile as run_profile
+
+    return {"size": args["size"], "profile": run_profile(args["size"], args["variants"], log=lambda *a: None),
+            "loadavg": os.getloadavg()}
+
+
+TASKS = {f.__name__: f for f in (agree, eval_jax, eval_torch, ttq_torch, ttq_jax, memory_jax, machine, gpu_fit,
+                                 profile)}
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    task, args, out = argv[0], json.loads(argv[1]), Path(argv[2])
+    if "memsched" in str(args.get("variant", "")).split("+")[1:]:
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + MEMSCHED).strip()
+    load_start = os.getloadavg()
+    try:
+        result = TASKS[task](args)
+    except Disagreement as e:
+        write_json(out, {"error": str(e), "disagreement": True})
+        print(f"benchmarks: {e}", file=sys.stderr)
+        return 3
+    except Exception as e:  # noqa: BLE001 - reported to the orchestrator
+        write_json(out, {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()})
+        print(traceback.format_exc(), file=sys.stderr)
+        return 1
+    result["peak_rss_bytes"] = max_rss_bytes()
+    result["loadavg_start"], result["loadavg_end"] = load_start, os.getloadavg()
+    write_json(out, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
