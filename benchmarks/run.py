@@ -85,10 +85,10 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, help="timed evaluations per size and side (default 3; quick: 1)")
     p.add_argument("--loop-sizes", help="sizes at which to time an evaluation inside nstjax's Loop "
                                         "(default 256,512; quick: 64)")
-    p.add_argument("--variants", default="explicit_bwd,explicit_bwd+memsched",
+    p.add_argument("--variants", default="",
                    help="prototype fixes to measure beside nstjax as is (comma-separated; '' for none): a "
                         "benchmarks.conv_variants convolution, '+memsched' (XLA's memory-optimised CPU "
-                        "scheduler), '+leanpool' (max pooling with a lean backward); the first is also used "
+                        "scheduler); the first is also used "
                         "for the time-to-quality grid, the last for the large-size memory runs")
     p.add_argument("--ttq-size", type=int, help="time-to-quality image size (default 256; quick: 64)")
     p.add_argument("--ttq-evaluations", type=int, help="the tutorial loop's evaluations (default 300; quick: 40)")
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
     p.add_argument("--ttq-cap", type=float, default=1.0,
                    help="stop an nstjax setting after this fraction of the tutorial loop's time (default 1.0)")
     p.add_argument("--memory", help="size[:remat] list for the one-evaluation memory runs "
-                                    "(default 2048,4096:remat; quick: 256,512:remat)")
+                                    "(default 2048,2048:remat,4096:remat; quick: 256,512:remat)")
     p.add_argument("--profile-size", type=int, help="per-layer profile size (default 512; quick: 64)")
     p.add_argument("--profile-variants", help="convolutions to profile (default lax_nhwc,winograd2)")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: eval,ttq,memory,profile,gpu")
@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     variants = [v for v in a.variants.split(",") if v]
     ttq_size = a.ttq_size or (64 if quick else 256)
     ttq_evals = a.ttq_evaluations or (20 if quick else 300)
-    memory = [m for m in (a.memory or ("256:remat" if quick else "2048,4096:remat")).split(",") if m]
+    memory = [m for m in (a.memory or ("256:remat" if quick else "2048,2048:remat,4096:remat")).split(",") if m]
     skip = set(a.skip.split(",")) - {""}
     common = {"weights": a.weights} if a.weights else {}
     t_begin = time.time()

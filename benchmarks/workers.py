@@ -59,9 +59,9 @@ MEMSCHED = "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"
 
 
 def _variant(variant):
-    """What to patch into nstjax while tracing, from a variant name: 'nstjax' (as is), a convolution of
-    benchmarks.conv_variants, and '+leanpool' (max pooling with a lean backward); '+memsched' (XLA's
-    memory-optimised CPU scheduler) is applied by :func:`main` through XLA_FLAGS before jax starts."""
+    """What to patch into nstjax while tracing, from a variant name: 'nstjax' (as is) or a convolution of
+    benchmarks.conv_variants; '+memsched' (XLA's memory-optimised CPU scheduler) is applied by
+    :func:`main` through XLA_FLAGS before jax starts."""
     import contextlib
 
     parts = (variant or "nstjax").split("+")
@@ -69,9 +69,6 @@ def _variant(variant):
     if parts[0] not in ("nstjax", ""):
         from benchmarks.conv_variants import patched
         stack.enter_context(patched(parts[0]))
-    if "leanpool" in parts[1:]:
-        from benchmarks.conv_variants import patched_pool
-        stack.enter_context(patched_pool())
     return stack
 
 

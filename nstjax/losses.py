@@ -24,7 +24,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from nstjax.vgg import VGG19, check_layers
+from nstjax.vgg import VGG19, check_layers, gram_matrix, layer_channels, layer_stride
 
 GRAM_NORMS = ("none", "M", "NM")
 STYLE_REDUCTIONS = ("gatys", "sum", "mean")
@@ -108,13 +108,9 @@ class Terms(NamedTuple):
     tv: jax.Array
 
 
-def gram(features: jax.Array, norm: str = "none") -> jax.Array:
-    """G = Fᵀ F / g for features (H, W, N), in float32; g = 1, M or N·M."""
-    h, w, n = features.shape
-    f = features.reshape(h * w, n).astype(jnp.float32)
-    g = jnp.einsum("mi,mj->ij", f, f, precision=jax.lax.Precision.HIGHEST)
-    divisor = {"none": 1.0, "M": float(h * w), "NM": float(n * h * w)}[norm]
-    return g / divisor
+def gram_divisor(n: int, m: int, norm: str) -> float:
+    """g of G = Fᵀ F / g: 1, M or N·M."""
+    return {"none": 1.0, "M": float(m), "NM": float(n * m)}[norm]
 
 
 def content_loss(features: jax.Array, target: jax.Array, reduction: str = "half_sum") -> jax.Array:
@@ -145,12 +141,20 @@ def total_variation(x: jax.Array, norm: str = "squared") -> jax.Array:
 def compute_targets(model: VGG19, params, content: jax.Array, style: jax.Array,
                     spec: LossSpec) -> Targets:
     """P = features of the content image, A = Gram matrices of the style image."""
-    content_feats = model.apply({"params": params}, content[None], spec.content_layers)
-    style_feats = model.apply({"params": params}, style[None], spec.style_layers)
+    content_acts = model.apply({"params": params}, content[None], spec.content_layers)
+    style_grams = model.apply({"params": params}, style[None], grams=spec.style_layers,
+                              method=VGG19.features).grams
     return Targets(
-        content={name: content_feats[name][0] for name in spec.content_layers},
-        style={name: gram(style_feats[name][0], spec.gram_norm) for name in spec.style_layers},
+        content={name: content_acts[name][0] for name in spec.content_layers},
+        style={name: style_grams[name][0] / gram_divisor(*_layer_size(name, style.shape), spec.gram_norm)
+               for name in spec.style_layers},
     )
+
+
+def _layer_size(name: str, image_shape) -> tuple[int, int]:
+    """(N, M) of a layer for an (H, W, 3) image: channels and positions."""
+    stride = layer_stride(name)
+    return layer_channels(name), (image_shape[0] // stride) * (image_shape[1] // stride)
 
 
 def make_objective(model: VGG19, spec: LossSpec) -> Callable[..., Terms]:
@@ -162,18 +166,18 @@ def make_objective(model: VGG19, spec: LossSpec) -> Callable[..., Terms]:
     """
 
     def objective(pixels, params, targets: Targets, hp: HParams) -> Terms:
-        feats = model.apply({"params": params}, pixels[None], spec.layers)
+        feats = model.apply({"params": params}, pixels[None], spec.content_layers, spec.style_layers,
+                            method=VGG19.features)
         l_content = sum(
-            hp.content_layer_weights[i] * content_loss(feats[name][0], targets.content[name],
+            hp.content_layer_weights[i] * content_loss(feats.acts[name][0], targets.content[name],
                                                        spec.content_reduction)
             for i, name in enumerate(spec.content_layers)
         )
         l_style = 0.0
         for i, name in enumerate(spec.style_layers):
-            f = feats[name][0]
-            h, w, n = f.shape
-            e = style_layer_loss(gram(f, spec.gram_norm), targets.style[name], n, h * w,
-                                 spec.style_reduction)
+            n, m = _layer_size(name, pixels.shape)
+            g = feats.grams[name][0] / gram_divisor(n, m, spec.gram_norm)
+            e = style_layer_loss(g, targets.style[name], n, m, spec.style_reduction)
             l_style = l_style + hp.style_layer_weights[i] * e
         content = hp.alpha * l_content
         style = hp.beta * l_style

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Iterable, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -137,9 +137,46 @@ def _pool(x: jax.Array, kind: str) -> jax.Array:
     Written as a reshape and a reduction: the same values as
     ``reduce_window``, with a cheaper gradient on XLA's CPU backend.
     """
+    return _max_pool(x) if kind == "max" else _windows(x).mean(axis=(2, 4))
+
+
+def _windows(x: jax.Array) -> jax.Array:
+    """(n, H, W, C) → (n, H//2, 2, W//2, 2, C): the 2×2 windows (odd last row/column dropped)."""
     n, h, w, c = x.shape
-    x = x[:, : h // 2 * 2, : w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2, c)
-    return x.max(axis=(2, 4)) if kind == "max" else x.mean(axis=(2, 4))
+    return x[:, : h // 2 * 2, : w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2, c)
+
+
+@jax.custom_vjp
+def _max_pool(x: jax.Array) -> jax.Array:
+    """2×2 max pooling whose gradient goes to the first maximum of each window (as torch's).
+
+    Autodiff's rule for a max reduction divides by the number of elements
+    equal to the maximum; compiled by XLA:CPU that count came out 0 for some
+    shapes (NaN gradients), so the window's winner is chosen explicitly.
+    """
+    return _windows(x).max(axis=(2, 4))
+
+
+def _max_pool_fwd(x):
+    y = _max_pool(x)
+    return y, (x, y)
+
+
+def _max_pool_bwd(residuals, dy):
+    x, y = residuals
+    w = _windows(x)
+    taken = jnp.zeros(y.shape, bool)
+    grads = []
+    for i, j in ((0, 0), (0, 1), (1, 0), (1, 1)):
+        wins = ~taken if (i, j) == (1, 1) else ~taken & (w[:, :, i, :, j] == y)
+        grads.append(jnp.where(wins, dy, 0.0))
+        taken = taken | wins
+    rows = [jnp.stack(grads[2 * i: 2 * i + 2], axis=-2) for i in (0, 1)]  # (n, h/2, w/2, 2, C)
+    dx = jnp.stack(rows, axis=2).reshape(x.shape[0], 2 * y.shape[1], 2 * y.shape[2], x.shape[3])
+    return (jnp.pad(dx, ((0, 0), (0, x.shape[1] - dx.shape[1]), (0, x.shape[2] - dx.shape[2]), (0, 0))),)
+
+
+_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 def _lax_conv(x, kernel, precision: str):
@@ -184,20 +221,115 @@ def _conv3x3(x, kernel, bias, precision: str):
     return _conv(x, kernel, precision) + bias
 
 
-def _run_block(x, convs, block: int, names: tuple[str, ...], stop: str, pooling: str,
-               precision: str):
-    """Run block ``block`` up to activation ``stop``; return (x, {names: activations})."""
+def gram_matrix(features: jax.Array) -> jax.Array:
+    """G = Fᵀ F per image for features (n, H, W, N) as F (H·W × N): (n, N, N), float32."""
+    n, h, w, c = features.shape
+    f = features.reshape(n, h * w, c).astype(jnp.float32)
+    return jnp.einsum("nmi,nmj->nij", f, f, precision=jax.lax.Precision.HIGHEST)
+
+
+class Features(NamedTuple):
+    """What :meth:`VGG19.features` returns: activations and Gram matrices by layer name."""
+
+    acts: dict[str, jax.Array]
+    grams: dict[str, jax.Array]
+
+
+def _run_convs(x, convs, block: int, stop: str, precision: str, keep=None):
+    """The convolutions of block ``block`` up to ``stop``; return (x, activations, stopped).
+
+    ``keep`` (if given) is applied to each ReLU output before the next convolution.
+    """
     acts = {}
     for i, (kernel, bias) in enumerate(convs, 1):
         x = _conv3x3(x, kernel, bias, precision)
         acts[f"conv{block}_{i}"] = x
         x = jax.nn.relu(x)
+        if keep is not None:
+            x = keep(x)
         acts[f"relu{block}_{i}"] = x
         if stop in (f"conv{block}_{i}", f"relu{block}_{i}"):
-            return x, {n: acts[n] for n in names}
-    x = _pool(x, pooling)
-    acts[f"pool{block}"] = x
-    return x, {n: acts[n] for n in names}
+            return x, acts, True
+    return x, acts, False
+
+
+def _run_block(x, convs, block: int, names: tuple[str, ...], grams: tuple[str, ...], stop: str,
+               pooling: str, precision: str):
+    """Run block ``block`` up to activation ``stop``; return (x, Features of names and grams)."""
+    x, acts, stopped = _run_convs(x, convs, block, stop, precision)
+    if not stopped:
+        x = _pool(x, pooling)
+        acts[f"pool{block}"] = x
+    return x, Features({n: acts[n] for n in names}, {n: gram_matrix(acts[n]) for n in grams})
+
+
+def _convs_run(block: int, stop: str) -> int:
+    """How many convolutions of block ``block`` run before ``stop``."""
+    if _block_of(stop) != block:
+        return BLOCK_SIZES[block - 1]
+    return int(stop.split("_")[1]) if "_" in stop else BLOCK_SIZES[block - 1]
+
+
+def _band_rows(height: int, width: int, channels: int, band_elements: int) -> int:
+    """Rows per band: even, about ``band_elements`` values per activation, bands of near-equal height."""
+    rows = max(2, band_elements // (width * channels))
+    bands = -(-height // rows)
+    rows = -(-height // bands)
+    return rows + rows % 2
+
+
+def _run_block_banded(x, convs, block: int, names: tuple[str, ...], grams: tuple[str, ...], stop: str,
+                      pooling: str, precision: str, band_elements: int):
+    """:func:`_run_block` computed in horizontal bands, each rematerialised.
+
+    A block of k 3×3 convolutions sees k rows beyond each band, so band i is
+    computed from input rows [iR − k, iR + R + k) and its central R rows are
+    exact (rows outside the image are zeroed after every ReLU, as the 'SAME'
+    padding of the whole image would). The bands run one after another
+    (``lax.map``) under ``jax.checkpoint``: the backward pass keeps only the
+    input bands and recomputes one band at a time. Gram matrices are summed
+    over the bands (G = Σ_bands F_bᵀ F_b), so a layer used only for its Gram
+    matrix is never held whole: a block needs the memory of one band, not of
+    the image.
+    """
+    n, height, width, _ = x.shape
+    k = _convs_run(block, stop)
+    rows = _band_rows(height, width, BLOCK_CHANNELS[block - 1], band_elements)
+    count = -(-height // rows)
+    x_pad = jnp.pad(x, ((0, 0), (k, count * rows - height + k), (0, 0), (0, 0)))
+    bands = jnp.stack([x_pad[:, i * rows: i * rows + rows + 2 * k] for i in range(count)])
+    pooled_name = f"pool{block}"
+
+    def band(args):
+        index, xb = args
+        row = index * rows - k + jnp.arange(rows + 2 * k)
+        inside = ((row >= 0) & (row < height)).astype(xb.dtype)[None, :, None, None]
+        y, acts, stopped = _run_convs(xb, convs, block, stop, precision, keep=lambda a: a * inside)
+        acts = {name: a[:, k: k + rows] for name, a in acts.items()}
+        y = y[:, k: k + rows]
+        valid = {name: inside[:, k: k + rows] for name in acts}
+        if not stopped:
+            y = _pool(y, pooling)
+            acts[pooled_name] = y
+            valid[pooled_name] = (index * (rows // 2) + jnp.arange(rows // 2) < height // 2).astype(
+                y.dtype)[None, :, None, None]
+        return y, Features({name: acts[name] for name in names},
+                           {name: gram_matrix(acts[name] * valid[name]) for name in grams})
+
+    y, feats = jax.lax.map(jax.checkpoint(band), (jnp.arange(count), bands))
+
+    def unband(a, full_rows):  # (bands, n, rows, W, C) -> (n, full_rows, W, C)
+        a = a if n == 1 else jnp.moveaxis(a, 0, 1)  # with one image, a reshape and no copy
+        return a.reshape(n, -1, *a.shape[3:])[:, :full_rows]
+
+    def rows_of(name):
+        return height // 2 if name.startswith("pool") else height
+
+    stopped = _block_of(stop) == block and not stop.startswith("pool")
+    return unband(y, height if stopped else height // 2), Features(
+        {name: unband(a, rows_of(name)) for name, a in feats.acts.items()},
+        {name: g.sum(axis=0) for name, g in feats.grams.items()},
+    )
 
 
 def _block_of(name: str) -> int:
@@ -227,33 +359,49 @@ class VGG19(nn.Module):
       precision: 'float32'; 'tf32' (TF32 convolutions on GPUs) or 'bfloat16'
         (bfloat16 convolution inputs, float32 accumulation and outputs).
       remat: recompute each block's activations in the backward pass
-        (``jax.checkpoint`` per block) to fit large images.
+        (``jax.checkpoint`` per block, in horizontal bands of about
+        ``band_elements`` values per activation) to fit large images.
     """
 
     preprocessing: Preprocessing = CAFFE
     pooling: str = "max"
     precision: str = "float32"
     remat: bool = False
+    band_elements: int = 1 << 26
+
+    def __call__(self, rgb: jax.Array, layers: Sequence[str]) -> dict[str, jax.Array]:
+        """The activations named in ``layers`` for a batch of RGB images (n, H, W, 3) in [0, 1]."""
+        return self.features(rgb, layers).acts
 
     @nn.compact
-    def __call__(self, rgb: jax.Array, layers: Sequence[str]) -> dict[str, jax.Array]:
-        layers = check_layers(layers)
+    def features(self, rgb: jax.Array, layers: Sequence[str] = (), grams: Sequence[str] = ()) -> Features:
+        """Activations of ``layers`` and Gram matrices Fᵀ F (n, N, N) of ``grams``, in one pass.
+
+        With ``remat`` a layer asked for only as a Gram matrix is never held
+        whole in memory.
+        """
+        layers, grams = check_layers(layers), check_layers(grams)
+        if not layers + grams:
+            raise ValueError("no layers asked for")
         if self.pooling not in ("max", "avg"):
             raise ValueError(f"pooling must be 'max' or 'avg', not {self.pooling!r}")
         if self.precision not in _PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, not {self.precision!r}")
         shapes = conv_shapes()
         params = {name: _ConvParams(shapes[name][0], name=name)() for name in CONV_LAYERS}
-        deepest = max(layers, key=LAYER_NAMES.index)
+        deepest = max(layers + grams, key=LAYER_NAMES.index)
         x = self.preprocessing(rgb.astype(jnp.float32))
-        out: dict[str, jax.Array] = {}
+        out = Features({}, {})
         for b in range(1, _block_of(deepest) + 1):
+            run = functools.partial(_run_block_banded, band_elements=self.band_elements) if self.remat else _run_block
             block = functools.partial(
-                _run_block, block=b, names=tuple(n for n in layers if _block_of(n) == b),
+                run, block=b, names=tuple(n for n in layers if _block_of(n) == b),
+                grams=tuple(n for n in grams if _block_of(n) == b),
                 stop=deepest if b == _block_of(deepest) else f"pool{b}",
                 pooling=self.pooling, precision=self.precision,
             )
             convs = [params[f"conv{b}_{i}"] for i in range(1, BLOCK_SIZES[b - 1] + 1)]
-            x, acts = (jax.checkpoint(block) if self.remat else block)(x, convs)
-            out.update(acts)
-        return {name: out[name] for name in layers}
+            x, feats = block(x, convs)
+            out.acts.update(feats.acts)
+            out.grams.update(feats.grams)
+        return Features({name: out.acts[name] for name in layers}, {name: out.grams[name] for name in grams})

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from nstjax.losses import (CONTENT_REDUCTIONS, GRAM_NORMS, STYLE_REDUCTIONS, HParams, LossSpec,
-                           content_loss, gram, make_objective, style_layer_loss, total_variation)
-from nstjax.vgg import CAFFE, VGG19
+                           content_loss, gram_divisor, make_objective, style_layer_loss, total_variation)
+from nstjax.vgg import CAFFE, VGG19, gram_matrix
 
 RNG = np.random.default_rng(7)
 F = RNG.standard_normal((3, 5, 4)).astype(np.float32)  # H=3, W=5, N=4: M=15
@@ -21,6 +21,11 @@ def np_gram(f, norm):
     mat = f.reshape(-1, f.shape[-1]).T.astype(np.float64)  # N×M as in the paper
     g = mat @ mat.T
     return g / {"none": 1.0, "M": M, "NM": N * M}[norm]
+
+
+def gram(f, norm):
+    h, w, n = f.shape
+    return gram_matrix(f[None])[0] / gram_divisor(n, h * w, norm)
 
 
 @pytest.mark.parametrize("norm", GRAM_NORMS)
