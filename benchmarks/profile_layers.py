@@ -11,7 +11,6 @@ of :mod:`benchmarks.conv_variants`.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
@@ -53,9 +52,9 @@ def profile(size: int, variants=("lax_nhwc",), last: str = "conv5_1", reps: int 
             k = jnp.asarray(params[name]["kernel"])
             b = jnp.asarray(params[name]["bias"])
             ct = jnp.ones((1, s, s, c_out), jnp.float32)
-            fwd = jax.jit(lambda x, k, b: conv(x, k, b, precision))
+            fwd = jax.jit(lambda x, k, b, conv=conv: conv(x, k, b, precision))
 
-            def fb(x, k, b, ct):
+            def fb(x, k, b, ct, conv=conv):
                 y, vjp = jax.vjp(lambda x: conv(x, k, b, precision), x)
                 return y, vjp(ct)[0]
 

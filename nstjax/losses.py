@@ -24,7 +24,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from nstjax.vgg import VGG19, check_layers, gram_matrix, layer_channels, layer_stride
+from nstjax.vgg import VGG19, check_layers, layer_channels, layer_stride
 
 GRAM_NORMS = ("none", "M", "NM")
 STYLE_REDUCTIONS = ("gatys", "sum", "mean")
