@@ -30,7 +30,7 @@ class Precision(enum.Enum):
 
 
 class Remat(enum.Enum):
-    """Recompute activations in the backward pass: never, always, or past ``model.remat_pixels``."""
+    """Recompute activations in the backward pass: never, always, or from ``model.remat_pixels`` up."""
 
     off = "off"
     on = "on"
@@ -93,7 +93,7 @@ class ModelConfig:
     pooling: Pooling = Pooling.avg
     precision: Precision = Precision.float32
     remat: Remat = Remat.auto
-    remat_pixels: int = 2048 * 2048  # with remat=auto: recompute above this many pixels
+    remat_pixels: int = 2048 * 2048  # with remat=auto: recompute from this many pixels up
     preprocessing: Optional[PreprocessingConfig] = None  # override for a local weights file
 
 
@@ -155,6 +155,7 @@ class Config:
     chunk_steps: int = 10  # steps per compiled chunk; Python runs between chunks
     resume: Optional[str] = None  # a run directory to continue
     progress: bool = True  # progress bar on the terminal
+    memory_check: bool = True  # refuse a run whose compiled programs need more memory than is free
     image: ImageConfig = field(default_factory=ImageConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)

@@ -161,9 +161,12 @@ class Loop:
         ).astype(jnp.int32)
         new = LoopState(pixels, opt_state, terms, grad, state.step + 1,
                         state.evaluations + 1 + jnp.int32(linesearch_evals), status)
-        # A non-finite step is not taken: keep the last finite state, record why.
-        kept = jax.tree.map(lambda a, b: jnp.where(status == RUNNING, a, b), new, state)
-        return kept._replace(status=status, evaluations=new.evaluations)
+        # A non-finite step is not taken: keep the last finite image, losses and step, record why.
+        # The optimiser state is not kept (the run stops there, and a second copy of an L-BFGS
+        # history would double the memory of the step).
+        kept = jax.tree.map(lambda a, b: jnp.where(status == RUNNING, a, b),
+                            new._replace(opt_state=None), state._replace(opt_state=None))
+        return kept._replace(opt_state=opt_state, status=status, evaluations=new.evaluations)
 
     def compile(self, pixels, params, targets, hp, lr, max_evaluations):
         """Compile init and chunk ahead of time for these shapes; return both."""

@@ -19,6 +19,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import psutil
 from omegaconf import DictConfig, OmegaConf
 
 from nstjax import checkpoint, images, outputs
@@ -160,7 +161,7 @@ def initial_image(cfg: DictConfig, content: np.ndarray, style: np.ndarray,
 
 def _use_remat(cfg: DictConfig, shape) -> bool:
     mode = _enum_value(cfg.model.remat)
-    return mode == "on" or (mode == "auto" and shape[0] * shape[1] > cfg.model.remat_pixels)
+    return mode == "on" or (mode == "auto" and shape[0] * shape[1] >= cfg.model.remat_pixels)
 
 
 class _StopSignals:
@@ -200,6 +201,42 @@ class _Compiled:
     max_evaluations: jax.Array
 
 
+def program_bytes(compiled) -> int:
+    """Memory a compiled program needs while it runs: arguments, temporaries and
+    outputs not aliased to (donated) arguments, as XLA plans them."""
+    ma = compiled.memory_analysis()
+    if ma is None:
+        return 0
+    return (ma.argument_size_in_bytes + ma.temp_size_in_bytes + ma.output_size_in_bytes
+            - ma.alias_size_in_bytes)
+
+
+def free_memory_bytes() -> int | None:
+    """Memory free for this run on the default device: available RAM on a CPU,
+    the allocator's limit less what is in use on an accelerator."""
+    device = jax.devices()[0]
+    if device.platform == "cpu":
+        return psutil.virtual_memory().available
+    stats = device.memory_stats()
+    return stats["bytes_limit"] - stats["bytes_in_use"] if stats and "bytes_limit" in stats else None
+
+
+def check_memory(programs, optimizer_state_bytes: int, remat: bool, free: int | None = None) -> None:
+    """Refuse, before it starts, a run that needs more memory than is free."""
+    need = max(program_bytes(p) for p in programs)
+    free = free_memory_bytes() if free is None else free
+    if free is None or need <= free:
+        return
+    gib = 2.0**30
+    remedies = "lower image.size, " + ("" if remat else "set model.remat=on, ")
+    raise UserError(
+        f"this run needs about {need / gib:.1f} GiB ({optimizer_state_bytes / gib:.1f} GiB of it "
+        f"optimiser state) but {free / gib:.1f} GiB is free: {remedies}use a smaller "
+        "optim.memory_size (L-BFGS keeps 2·memory_size images) or optim=adam; "
+        "memory_check=false runs it anyway"
+    )
+
+
 def stylize(cfg: DictConfig, run_dir: Path, log=print) -> RunResult:
     """Run style transfer as ``cfg`` says, writing everything into ``run_dir``."""
     run_dir = Path(run_dir)
@@ -229,6 +266,10 @@ def stylize(cfg: DictConfig, run_dir: Path, log=print) -> RunResult:
     targets_shape = jax.eval_shape(targets_jit, params, content_j, style_j)
     init_fn, chunk_fn = loop.compile(x0_j, params, targets_shape, hp, lr, max_evals)
     compile_seconds = time.perf_counter() - t0
+    if cfg.memory_check:
+        opt_state = jax.eval_shape(ospec.transformation(lr).init, x0_j)
+        check_memory((targets_fn, init_fn, chunk_fn),
+                     sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(opt_state)), model.remat)
 
     t_run = time.perf_counter()
     targets = targets_fn(params, content_j, style_j)
@@ -314,6 +355,7 @@ def _optimise(cfg: DictConfig, c: _Compiled, state, history: list, run_dir: Path
             if new_rows and cfg.save_every and step % cfg.save_every == 0:
                 images.save_image(run_dir / "snapshots" / f"step_{step:06d}.png",
                                   np.asarray(state.pixels))
-            if new_rows and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+            if (new_rows and cfg.checkpoint_every and step % cfg.checkpoint_every == 0
+                    and int(state.status) == RUNNING):
                 save_checkpoint(state)
     return state, stopper.received

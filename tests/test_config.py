@@ -77,3 +77,12 @@ def test_unknown_key_and_wrong_type_name_the_key():
     with pytest.raises(Exception) as info:
         composed("optim=adam", "optim.memory_size=3")  # an L-BFGS key under Adam
     assert "memory_size" in str(info.value.__cause__)
+
+
+@pytest.mark.parametrize("mode,pixels,expected", [
+    ("auto", 2048 * 2048 - 1, False), ("auto", 2048 * 2048, True), ("on", 16, True), ("off", 10**8, False)])
+def test_remat_mode_and_threshold(mode, pixels, expected):
+    from nstjax.transfer import _use_remat
+
+    cfg = composed(f"model.remat={mode}")
+    assert _use_remat(cfg, (pixels, 1, 3)) is expected

@@ -57,6 +57,8 @@ def bad_inputs(tmp):
         ("unknown key", ["loss.bta=1"], ["loss.bta"]),
         ("wrong type", ["image.size=big"], ["image.size"]),
         ("weights of the wrong format", [f"model.weights={wrong_weights}"], ["weights.txt"]),
+        ("more memory than is free", ["optim=lbfgs", "optim.memory_size=100000000"],
+         ["GiB is free", "optim.memory_size", "memory_check=false"]),
     ]
 
 
@@ -182,3 +184,22 @@ def test_outputs_leave_no_temporary_files(tmp_path, synthetic_weights_file, nstj
     leftovers = [p for p in run_dir.rglob("*") if ".tmp" in p.name]
     assert leftovers == []
     assert len(list((run_dir / "checkpoint").glob("state-*.safetensors"))) == 1
+
+
+def test_memory_check_compares_xla_plan_with_free_memory():
+    import jax
+    import jax.numpy as jnp
+
+    from nstjax.errors import UserError
+    from nstjax.transfer import check_memory, program_bytes
+
+    compiled = jax.jit(lambda x: jnp.sin(x) @ x).lower(jnp.zeros((256, 256))).compile()
+    need = program_bytes(compiled)
+    assert need >= 2 * 256 * 256 * 4  # at least the argument and the result
+    check_memory([compiled], 0, remat=False, free=need)
+    with pytest.raises(UserError, match=r"needs about 0\.0 GiB \(0\.0 GiB of it optimiser state\)") as e:
+        check_memory([compiled], 0, remat=False, free=need - 1)
+    assert "model.remat=on" in str(e.value)
+    with pytest.raises(UserError) as e:
+        check_memory([compiled], 0, remat=True, free=need - 1)
+    assert "model.remat" not in str(e.value)
