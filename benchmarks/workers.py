@@ -33,6 +33,20 @@ def _cpu():
     return r.ru_utime + r.ru_stime
 
 
+def _timed(call, reps: int, first_call_s: float) -> dict:
+    """Wall and CPU time of ``reps`` calls: the lists, the best and the median (the first call's
+    time when there are no repetitions)."""
+    times, cpus = [], []
+    for _ in range(reps):
+        t0, c0 = time.perf_counter(), _cpu()
+        call()
+        times.append(time.perf_counter() - t0)
+        cpus.append(_cpu() - c0)
+    return {"times_s": times, "cpu_times_s": cpus,
+            "eval_s": min(times) if times else first_call_s,
+            "eval_median_s": float(np.median(times)) if times else first_call_s}
+
+
 def _rel(a, b):
     return abs(a - b) / max(abs(b), 1e-30)
 
@@ -162,16 +176,8 @@ def eval_jax(args):
     expect = args.get("expect_loss")
     if expect is not None and _rel(out["loss"], expect) > AGREEMENT_RTOL:
         raise Disagreement(f"JAX loss {out['loss']} vs expected {expect} at {size}px ({variant})")
-    times, cpus = [], []
-    for _ in range(reps):
-        t0, c0 = time.perf_counter(), _cpu()
-        loss, g = compiled(xs, jp, targets, hp)
-        jax.block_until_ready(g)
-        times.append(time.perf_counter() - t0)
-        cpus.append(_cpu() - c0)
-    out["times_s"], out["cpu_times_s"] = times, cpus
-    out["eval_s"] = min(times) if times else out["first_call_s"]
-    out["eval_median_s"] = float(np.median(times)) if times else out["first_call_s"]
+    out.update(_timed(lambda: jax.block_until_ready(compiled(xs, jp, targets, hp)), reps,
+                      out["first_call_s"]))
     out["rss_after_eval_bytes"] = max_rss_bytes()
     k = args.get("loop_steps", 0)
     if k:
@@ -215,15 +221,7 @@ def eval_torch(args):
     expect = args.get("expect_loss")
     if expect is not None and _rel(loss, expect) > AGREEMENT_RTOL:
         raise Disagreement(f"PyTorch loss {loss} vs expected {expect} at {size}px")
-    times, cpus = [], []
-    for _ in range(reps):
-        t0, c0 = time.perf_counter(), _cpu()
-        tg.loss_and_grad(obj, x)
-        times.append(time.perf_counter() - t0)
-        cpus.append(_cpu() - c0)
-    out["times_s"], out["cpu_times_s"] = times, cpus
-    out["eval_s"] = min(times) if times else out["first_call_s"]
-    out["eval_median_s"] = float(np.median(times)) if times else out["first_call_s"]
+    out.update(_timed(lambda: tg.loss_and_grad(obj, x), reps, out["first_call_s"]))
     out["peak_rss_bytes"] = max_rss_bytes()
     return out
 

@@ -265,9 +265,9 @@ def _run_block(x, convs, block: int, names: tuple[str, ...], grams: tuple[str, .
 
 def _convs_run(block: int, stop: str) -> int:
     """How many convolutions of block ``block`` run before ``stop``."""
-    if _block_of(stop) != block:
-        return BLOCK_SIZES[block - 1]
-    return int(stop.split("_")[1]) if "_" in stop else BLOCK_SIZES[block - 1]
+    if _block_of(stop) == block and "_" in stop:
+        return int(stop.split("_")[1])
+    return BLOCK_SIZES[block - 1]
 
 
 def _band_rows(height: int, width: int, channels: int, band_elements: int) -> int:
@@ -307,29 +307,28 @@ def _run_block_banded(x, convs, block: int, names: tuple[str, ...], grams: tuple
         y, acts, stopped = _run_convs(xb, convs, block, stop, precision, keep=lambda a: a * inside)
         acts = {name: a[:, k: k + rows] for name, a in acts.items()}
         y = y[:, k: k + rows]
-        valid = {name: inside[:, k: k + rows] for name in acts}
+        inside_pooled = None
         if not stopped:
             y = _pool(y, pooling)
             acts[pooled_name] = y
-            valid[pooled_name] = (index * (rows // 2) + jnp.arange(rows // 2) < height // 2).astype(
+            inside_pooled = (index * (rows // 2) + jnp.arange(rows // 2) < height // 2).astype(
                 y.dtype)[None, :, None, None]
+
+        def inside_only(name):  # rows past the image's end would add to the Gram matrix
+            return acts[name] * (inside_pooled if name == pooled_name else inside[:, k: k + rows])
+
         return y, Features({name: acts[name] for name in names},
-                           {name: gram_matrix(acts[name] * valid[name]) for name in grams})
+                           {name: gram_matrix(inside_only(name)) for name in grams})
 
     y, feats = jax.lax.map(jax.checkpoint(band), (jnp.arange(count), bands))
 
-    def unband(a, full_rows):  # (bands, n, rows, W, C) -> (n, full_rows, W, C)
+    def unband(a):  # (bands, n, rows or rows/2, W, C) -> (n, height or height//2, W, C)
+        full_rows = height if a.shape[2] == rows else height // 2
         a = a if n == 1 else jnp.moveaxis(a, 0, 1)  # with one image, a reshape and no copy
         return a.reshape(n, -1, *a.shape[3:])[:, :full_rows]
 
-    def rows_of(name):
-        return height // 2 if name.startswith("pool") else height
-
-    stopped = _block_of(stop) == block and not stop.startswith("pool")
-    return unband(y, height if stopped else height // 2), Features(
-        {name: unband(a, rows_of(name)) for name, a in feats.acts.items()},
-        {name: g.sum(axis=0) for name, g in feats.grams.items()},
-    )
+    return unband(y), Features({name: unband(a) for name, a in feats.acts.items()},
+                               {name: g.sum(axis=0) for name, g in feats.grams.items()})
 
 
 def _block_of(name: str) -> int:
