@@ -1,11 +1,12 @@
 """Per-layer profile of one evaluation on the JAX side: each VGG19 convolution's forward and
 forward + input gradient (what one loss + gradient evaluation runs), timed alone, and the GFLOP/s.
 
-    python -m benchmarks.profile_layers --size 512 [--variants lax_nhwc,winograd4] [--last conv5_1]
+    python -m benchmarks.profile_layers --size 512 [--variants direct,winograd] [--last conv5_1]
 
 Each layer is jitted on its own ((1, H, W, Cin) input at that layer's resolution, the VGG19 kernel
-shape, a ones cotangent); the minimum of ``--reps`` runs is reported. Variants are the convolutions
-of :mod:`benchmarks.conv_variants`.
+shape, a ones cotangent); the minimum of ``--reps`` runs is reported. Variants are 'winograd'
+(nstjax.winograd at every layer, its kernels transformed beforehand as nstjax does) and the
+convolutions of :mod:`benchmarks.conv_variants` ('direct' is nstjax's direct convolution).
 """
 
 from __future__ import annotations
@@ -29,20 +30,24 @@ def _time(f, *args, reps=3):
     return best
 
 
-def profile(size: int, variants=("lax_nhwc",), last: str = "conv5_1", reps: int = 3, precision="float32",
+def profile(size: int, variants=("direct",), last: str = "conv5_1", reps: int = 3, precision="float32",
             log=print) -> dict:
     import jax
     import jax.numpy as jnp
 
     from benchmarks.common import CONVS, conv_flops, random_params
     from benchmarks.conv_variants import VARIANTS
+    from nstjax import winograd
 
     params = random_params(0)
     flops = conv_flops(size, size, last)
     rng = np.random.default_rng(0)
     out = {}
+    def winograd_conv(x, k, b, precision, transformed):
+        return winograd.conv3x3(x, k, transformed) + b
+
     for variant in variants:
-        conv = VARIANTS[variant]
+        conv = winograd_conv if variant == "winograd" else VARIANTS[variant]
         rows, total = [], 0.0
         for name, c_in, c_out, down in CONVS:
             if name not in flops:
@@ -52,14 +57,15 @@ def profile(size: int, variants=("lax_nhwc",), last: str = "conv5_1", reps: int 
             k = jnp.asarray(params[name]["kernel"])
             b = jnp.asarray(params[name]["bias"])
             ct = jnp.ones((1, s, s, c_out), jnp.float32)
-            fwd = jax.jit(lambda x, k, b, conv=conv: conv(x, k, b, precision))
+            extra = (tuple(winograd.prepare(k).values()),) if variant == "winograd" else ()
+            fwd = jax.jit(lambda x, k, b, *e, conv=conv: conv(x, k, b, precision, *e))
 
-            def fb(x, k, b, ct, conv=conv):
-                y, vjp = jax.vjp(lambda x: conv(x, k, b, precision), x)
+            def fb(x, k, b, ct, *e, conv=conv):
+                y, vjp = jax.vjp(lambda x: conv(x, k, b, precision, *e), x)
                 return y, vjp(ct)[0]
 
-            t_f = _time(fwd, x, k, b, reps=reps)
-            t_fb = _time(jax.jit(fb), x, k, b, ct, reps=reps)
+            t_f = _time(fwd, x, k, b, *extra, reps=reps)
+            t_fb = _time(jax.jit(fb), x, k, b, ct, *extra, reps=reps)
             total += t_fb
             row = {"layer": name, "hw": s, "cin": c_in, "cout": c_out, "fwd_ms": 1e3 * t_f,
                    "fwd_bwd_ms": 1e3 * t_fb, "fwd_gflops": flops[name] / t_f / 1e9,
@@ -76,7 +82,7 @@ def profile(size: int, variants=("lax_nhwc",), last: str = "conv5_1", reps: int 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", type=int, default=512)
-    p.add_argument("--variants", default="lax_nhwc")
+    p.add_argument("--variants", default="direct,winograd")
     p.add_argument("--last", default="conv5_1")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--precision", default="float32")

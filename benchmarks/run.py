@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     p.add_argument("--memory", help="size[:remat] list for the one-evaluation memory runs "
                                     "(default 2048,2048:remat,4096:remat; quick: 256,512:remat)")
     p.add_argument("--profile-size", type=int, help="per-layer profile size (default 512; quick: 64)")
-    p.add_argument("--profile-variants", help="convolutions to profile (default lax_nhwc,winograd2)")
+    p.add_argument("--profile-variants", help="convolutions to profile (default direct,winograd)")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: eval,ttq,memory,profile,gpu")
     p.add_argument("--weights", help="a torchvision VGG19 state dict (.pth) instead of random weights")
     p.add_argument("--out", help="JSON path (default benchmarks/results/cpu.json, quick: quick.json, "
@@ -162,7 +162,9 @@ def main(argv=None) -> int:
             row["torch"] = worker("eval_torch", {"size": s, "objective": "gatys", "reps": reps,
                                                  "expect_loss": ag["loss_torch"], **common})
             row["jax"] = {}
-            for v in ["nstjax"] + (variants if s in loop_sizes else []):
+            # nstjax as the CLI runs it, and on a CPU (where that is Winograd) with model.conv=direct
+            for v in dict.fromkeys(["nstjax"] + ([] if on_gpu else ["direct"])
+                                   + (variants if s in loop_sizes else [])):
                 row["jax"][v] = worker("eval_jax", {"size": s, "objective": "gatys", "reps": reps, "variant": v,
                                                     "loop_steps": 3 if s in loop_sizes else 0,
                                                     "expect_loss": ag["loss_jax"], **common})
@@ -262,7 +264,7 @@ def main(argv=None) -> int:
     # ---------------------------------------------------------------- per-layer profile (JAX side)
     if "profile" not in skip:
         psize = a.profile_size or (64 if quick else 512)
-        pvars = (a.profile_variants or ("lax_nhwc" if quick else "lax_nhwc,winograd2")).split(",")
+        pvars = (a.profile_variants or "direct,winograd").split(",")
         log(f"\n== per-layer profile at {psize}px: each convolution alone, forward and forward + input gradient")
         r = worker("profile", {"size": psize, "variants": pvars}, timeout=1800)
         report["profile"] = r

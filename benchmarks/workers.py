@@ -54,15 +54,18 @@ def _rel(a, b):
 # --------------------------------------------------------------------------- JAX helpers
 
 def _jax_problem(setup, params_np, content, style, precision="float32", remat=False, variant="nstjax"):
-    """(model, objective, params, targets, hp) for nstjax, with a conv variant patched in while tracing."""
+    """(model, objective, params, targets, hp) for nstjax as its CLI sets it up (model.conv=auto:
+    Winograd on CPUs), or with ``variant`` 'direct' (model.conv=direct) or a conv variant patched in
+    while tracing."""
     import jax
     import jax.numpy as jnp
 
     from nstjax.losses import compute_targets, make_objective
-    from nstjax.vgg import VGG19
+    from nstjax.vgg import VGG19, default_conv, prepare_params
 
-    model = VGG19(setup["prep"], setup["pooling"], precision=precision, remat=remat)
-    params = jax.tree.map(jnp.asarray, params_np)
+    conv = default_conv(precision) if (variant or "nstjax").split("+")[0] == "nstjax" else "direct"
+    model = VGG19(setup["prep"], setup["pooling"], precision=precision, remat=remat, conv=conv)
+    params = prepare_params(jax.tree.map(jnp.asarray, params_np), conv, setup["spec"].layers)
     with _variant(variant):
         targets = compute_targets(model, params, jnp.asarray(content), jnp.asarray(style), setup["spec"])
         targets = jax.block_until_ready(targets)
@@ -73,14 +76,15 @@ MEMSCHED = "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"
 
 
 def _variant(variant):
-    """What to patch into nstjax while tracing, from a variant name: 'nstjax' (as is) or a convolution of
-    benchmarks.conv_variants; '+memsched' (XLA's memory-optimised CPU scheduler) is applied by
-    :func:`main` through XLA_FLAGS before jax starts."""
+    """What to patch into nstjax while tracing, from a variant name: 'nstjax' (as is), 'direct' (nothing:
+    model.conv=direct) or a convolution of benchmarks.conv_variants (patched into the direct path);
+    '+memsched' (XLA's memory-optimised CPU scheduler) is applied by :func:`main` through XLA_FLAGS
+    before jax starts."""
     import contextlib
 
     parts = (variant or "nstjax").split("+")
     stack = contextlib.ExitStack()
-    if parts[0] not in ("nstjax", ""):
+    if parts[0] not in ("nstjax", "direct", ""):
         from benchmarks.conv_variants import patched
         stack.enter_context(patched(parts[0]))
     return stack

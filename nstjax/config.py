@@ -37,6 +37,14 @@ class Remat(enum.Enum):
     auto = "auto"
 
 
+class ConvAlgorithm(enum.Enum):
+    """How 3×3 convolutions are computed: by Winograd F(4×4, 3×3) on CPUs in float32 (auto), or as chosen."""
+
+    auto = "auto"
+    direct = "direct"
+    winograd = "winograd"
+
+
 class GramNorm(enum.Enum):
     none = "none"
     M = "M"
@@ -92,6 +100,7 @@ class ModelConfig:
     weights: str = "vgg19"  # a registry name (python -m nstjax.weights list) or a file path
     pooling: Pooling = Pooling.avg
     precision: Precision = Precision.float32
+    conv: ConvAlgorithm = ConvAlgorithm.auto
     remat: Remat = Remat.auto
     remat_pixels: int = 2048 * 2048  # with remat=auto: recompute from this many pixels up
     preprocessing: Optional[PreprocessingConfig] = None  # override for a local weights file

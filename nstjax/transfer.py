@@ -26,7 +26,7 @@ from nstjax import checkpoint, images, outputs
 from nstjax.errors import UserError
 from nstjax.losses import HParams, LossSpec, compute_targets, make_objective
 from nstjax.optimize import RUNNING, STATUS_REASONS, Loop, OptimSpec, history_row
-from nstjax.vgg import VGG19, Preprocessing, UnknownLayerError, layer_stride
+from nstjax.vgg import VGG19, Preprocessing, UnknownLayerError, default_conv, layer_stride, prepare_params
 from nstjax.weights import load_weights
 
 DEFAULT_CONTENT = "tubingen.jpg"
@@ -164,6 +164,17 @@ def _use_remat(cfg: DictConfig, shape) -> bool:
     return mode == "on" or (mode == "auto" and shape[0] * shape[1] >= cfg.model.remat_pixels)
 
 
+def conv_algorithm(cfg: DictConfig) -> str:
+    """model.conv with 'auto' resolved for this backend; Winograd needs float32."""
+    conv, precision = _enum_value(cfg.model.conv), _enum_value(cfg.model.precision)
+    if conv == "auto":
+        return default_conv(precision)
+    if conv == "winograd" and precision != "float32":
+        raise UserError(f"model.conv=winograd computes in float32: use model.precision=float32 or "
+                        f"model.conv=direct (model.precision is {precision})")
+    return conv
+
+
 class _StopSignals:
     """Turns SIGINT/SIGTERM into a flag read between chunks."""
 
@@ -252,11 +263,11 @@ def stylize(cfg: DictConfig, run_dir: Path, log=print) -> RunResult:
     init_key = jax.random.key(cfg.seed)
     x0 = initial_image(cfg, content, style, weights.preprocessing, init_key)
 
-    model = VGG19(weights.preprocessing, _enum_value(cfg.model.pooling),
-                  _enum_value(cfg.model.precision), _use_remat(cfg, content.shape))
+    model = VGG19(weights.preprocessing, _enum_value(cfg.model.pooling), _enum_value(cfg.model.precision),
+                  _use_remat(cfg, content.shape), conv=conv_algorithm(cfg))
     loop = Loop(make_objective(model, spec), ospec, cfg.chunk_steps)
     lr = jnp.float32(cfg.optim.lr)
-    params = jax.tree.map(jnp.asarray, weights.params)
+    params = prepare_params(jax.tree.map(jnp.asarray, weights.params), model.conv, spec.layers)
     content_j, style_j, x0_j = (jnp.asarray(a) for a in (content, style, x0))
     max_evals = jnp.int32(min(cfg.optim.max_evaluations or 2**31 - 1, 2**31 - 1))
 
@@ -311,6 +322,7 @@ def stylize(cfg: DictConfig, run_dir: Path, log=print) -> RunResult:
         "image_size": [int(content.shape[0]), int(content.shape[1])],
         "style_size": [int(style.shape[0]), int(style.shape[1])],
         "optimizer": cfg.optim.name,
+        "conv": model.conv,
         **dict(zip(("content_image", "style_image"), input_paths(cfg))),
         "weights": cfg.model.weights,
         "weights_sha256": weights.sha256,

@@ -23,6 +23,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from nstjax import winograd
+
 BLOCK_SIZES = (2, 2, 4, 4, 4)
 BLOCK_CHANNELS = (64, 128, 256, 512, 512)
 
@@ -221,6 +223,34 @@ def _conv3x3(x, kernel, bias, precision: str):
     return _conv(x, kernel, precision) + bias
 
 
+CONV_ALGORITHMS = ("direct", "winograd")
+WINOGRAD_MIN_CHANNELS = 128
+"""With ``conv='winograd'``, convolutions with at least this many input channels (conv2_2 on) use it."""
+
+
+def uses_winograd(conv: str, kernel_shape) -> bool:
+    """Whether a convolution with this HWIO kernel shape runs by Winograd F(4×4, 3×3)."""
+    return conv == "winograd" and kernel_shape[2] >= WINOGRAD_MIN_CHANNELS
+
+
+def default_conv(precision: str, backend: str | None = None) -> str:
+    """The convolution algorithm ``conv='auto'`` picks: Winograd on CPUs in float32 (where XLA's
+    direct convolution already runs near the peak FLOP rate), else XLA's own (cuDNN chooses its
+    algorithms on GPUs)."""
+    backend = backend or jax.default_backend()
+    return "winograd" if backend == "cpu" and precision == "float32" else "direct"
+
+
+def prepare_params(params: dict, conv: str, layers: Iterable[str] = LAYER_NAMES) -> dict:
+    """``params`` with the transformed kernels (``winograd``, ``winograd_flipped``: (36, C_in, C_out),
+    4× the kernel each) added to each Winograd convolution that computing ``layers`` runs, so that
+    they are computed once and not at every evaluation. The model computes missing ones itself."""
+    deepest = LAYER_NAMES.index(max(check_layers(layers), key=LAYER_NAMES.index))
+    return {name: {**p, **winograd.prepare(p["kernel"])}
+            if uses_winograd(conv, p["kernel"].shape) and LAYER_NAMES.index(name) <= deepest else p
+            for name, p in params.items()}
+
+
 def gram_matrix(features: jax.Array) -> jax.Array:
     """G = Fᵀ F per image for features (n, H, W, N) as F (H·W × N): (n, N, N), float32."""
     n, h, w, c = features.shape
@@ -235,14 +265,18 @@ class Features(NamedTuple):
     grams: dict[str, jax.Array]
 
 
-def _run_convs(x, convs, block: int, stop: str, precision: str, keep=None):
+def _run_convs(x, convs, block: int, stop: str, precision: str, conv: str, keep=None):
     """The convolutions of block ``block`` up to ``stop``; return (x, activations, stopped).
 
-    ``keep`` (if given) is applied to each ReLU output before the next convolution.
+    ``convs`` holds each convolution's (kernel, bias, Winograd kernels or None). ``keep``
+    (if given) is applied to each ReLU output before the next convolution.
     """
     acts = {}
-    for i, (kernel, bias) in enumerate(convs, 1):
-        x = _conv3x3(x, kernel, bias, precision)
+    for i, (kernel, bias, transformed) in enumerate(convs, 1):
+        if uses_winograd(conv, kernel.shape):
+            x = winograd.conv3x3(x, kernel, transformed) + bias
+        else:
+            x = _conv3x3(x, kernel, bias, precision)
         acts[f"conv{block}_{i}"] = x
         x = jax.nn.relu(x)
         if keep is not None:
@@ -254,9 +288,9 @@ def _run_convs(x, convs, block: int, stop: str, precision: str, keep=None):
 
 
 def _run_block(x, convs, block: int, names: tuple[str, ...], grams: tuple[str, ...], stop: str,
-               pooling: str, precision: str):
+               pooling: str, precision: str, conv: str):
     """Run block ``block`` up to activation ``stop``; return (x, Features of names and grams)."""
-    x, acts, stopped = _run_convs(x, convs, block, stop, precision)
+    x, acts, stopped = _run_convs(x, convs, block, stop, precision, conv)
     if not stopped:
         x = _pool(x, pooling)
         acts[f"pool{block}"] = x
@@ -279,7 +313,7 @@ def _band_rows(height: int, width: int, channels: int, band_elements: int) -> in
 
 
 def _run_block_banded(x, convs, block: int, names: tuple[str, ...], grams: tuple[str, ...], stop: str,
-                      pooling: str, precision: str, band_elements: int):
+                      pooling: str, precision: str, conv: str, band_elements: int):
     """:func:`_run_block` computed in horizontal bands, each rematerialised.
 
     A block of k 3×3 convolutions sees k rows beyond each band, so band i is
@@ -304,7 +338,7 @@ def _run_block_banded(x, convs, block: int, names: tuple[str, ...], grams: tuple
         index, xb = args
         row = index * rows - k + jnp.arange(rows + 2 * k)
         inside = ((row >= 0) & (row < height)).astype(xb.dtype)[None, :, None, None]
-        y, acts, stopped = _run_convs(xb, convs, block, stop, precision, keep=lambda a: a * inside)
+        y, acts, stopped = _run_convs(xb, convs, block, stop, precision, conv, keep=lambda a: a * inside)
         acts = {name: a[:, k: k + rows] for name, a in acts.items()}
         y = y[:, k: k + rows]
         inside_pooled = None
@@ -336,7 +370,8 @@ def _block_of(name: str) -> int:
 
 
 class _ConvParams(nn.Module):
-    """Holds one convolution's ``kernel`` (HWIO) and ``bias``."""
+    """Holds one convolution's ``kernel`` (HWIO) and ``bias``, and its Winograd kernels if
+    :func:`prepare_params` added them."""
 
     shape: tuple[int, int, int, int]
 
@@ -344,7 +379,10 @@ class _ConvParams(nn.Module):
     def __call__(self):
         kernel = self.param("kernel", nn.initializers.lecun_normal(), self.shape)
         bias = self.param("bias", nn.initializers.zeros, self.shape[-1:])
-        return kernel, bias
+        transformed = None
+        if self.has_variable("params", "winograd"):
+            transformed = (self.get_variable("params", "winograd"), self.get_variable("params", "winograd_flipped"))
+        return kernel, bias, transformed
 
 
 class VGG19(nn.Module):
@@ -357,6 +395,9 @@ class VGG19(nn.Module):
       pooling: 'max' (as trained) or 'avg' (Gatys et al. 2016 for synthesis).
       precision: 'float32'; 'tf32' (TF32 convolutions on GPUs) or 'bfloat16'
         (bfloat16 convolution inputs, float32 accumulation and outputs).
+      conv: 'direct' (XLA's convolution) or 'winograd' (F(4×4, 3×3) in float32
+        for the convolutions with ≥ 128 input channels, see :mod:`nstjax.winograd`;
+        needs precision 'float32').
       remat: recompute each block's activations in the backward pass
         (``jax.checkpoint`` per block, in horizontal bands of about
         ``band_elements`` values per activation) to fit large images.
@@ -366,6 +407,7 @@ class VGG19(nn.Module):
     pooling: str = "max"
     precision: str = "float32"
     remat: bool = False
+    conv: str = "direct"
     band_elements: int = 1 << 26
 
     def __call__(self, rgb: jax.Array, layers: Sequence[str]) -> dict[str, jax.Array]:
@@ -386,6 +428,10 @@ class VGG19(nn.Module):
             raise ValueError(f"pooling must be 'max' or 'avg', not {self.pooling!r}")
         if self.precision not in _PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, not {self.precision!r}")
+        if self.conv not in CONV_ALGORITHMS:
+            raise ValueError(f"conv must be one of {CONV_ALGORITHMS}, not {self.conv!r}")
+        if self.conv == "winograd" and self.precision != "float32":
+            raise ValueError("conv='winograd' computes in float32: use precision='float32' or conv='direct'")
         shapes = conv_shapes()
         params = {name: _ConvParams(shapes[name][0], name=name)() for name in CONV_LAYERS}
         deepest = max(layers + grams, key=LAYER_NAMES.index)
@@ -397,7 +443,7 @@ class VGG19(nn.Module):
                 run, block=b, names=tuple(n for n in layers if _block_of(n) == b),
                 grams=tuple(n for n in grams if _block_of(n) == b),
                 stop=deepest if b == _block_of(deepest) else f"pool{b}",
-                pooling=self.pooling, precision=self.precision,
+                pooling=self.pooling, precision=self.precision, conv=self.conv,
             )
             convs = [params[f"conv{b}_{i}"] for i in range(1, BLOCK_SIZES[b - 1] + 1)]
             x, feats = block(x, convs)

@@ -57,6 +57,8 @@ def bad_inputs(tmp):
         ("unknown key", ["loss.bta=1"], ["loss.bta"]),
         ("wrong type", ["image.size=big"], ["image.size"]),
         ("weights of the wrong format", [f"model.weights={wrong_weights}"], ["weights.txt"]),
+        ("winograd in bfloat16", ["model.conv=winograd", "model.precision=bfloat16"],
+         ["model.conv=winograd", "model.precision=float32", "model.conv=direct"]),
         ("more memory than is free", ["optim=lbfgs", "optim.memory_size=100000000"],
          ["GiB is free", "optim.memory_size", "memory_check=false"]),
     ]

@@ -55,6 +55,7 @@ def test_run_finishes_lowers_the_loss_and_writes_its_outputs(finished_runs, opti
     assert metrics["steps"] == 4 and metrics["loss_evaluations"] == 5
     assert metrics["total"] == pytest.approx(float(rows[-1]["total"]), rel=1e-6)
     assert metrics["status"] == "finished"
+    assert metrics["conv"] == "winograd"  # model.conv=auto on a CPU in float32
     for lib in ("jax", "flax", "optax"):
         assert metrics["versions"][lib] != "unknown"
     result = Image.open(run_dir / "result.png")
