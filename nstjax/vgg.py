@@ -234,9 +234,9 @@ def uses_winograd(conv: str, kernel_shape) -> bool:
 
 
 def default_conv(precision: str, backend: str | None = None) -> str:
-    """The convolution algorithm ``conv='auto'`` picks: Winograd on CPUs in float32 (where XLA's
-    direct convolution already runs near the peak FLOP rate), else XLA's own (cuDNN chooses its
-    algorithms on GPUs)."""
+    """The convolution algorithm ``conv='auto'`` picks: Winograd on CPUs in float32 (there the
+    direct convolution already runs at the peak FLOP rate, so only fewer multiplications help),
+    else XLA's own (on GPUs cuDNN chooses its algorithms)."""
     backend = backend or jax.default_backend()
     return "winograd" if backend == "cpu" and precision == "float32" else "direct"
 
