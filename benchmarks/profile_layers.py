@@ -57,7 +57,7 @@ def profile(size: int, variants=("direct",), last: str = "conv5_1", reps: int = 
             k = jnp.asarray(params[name]["kernel"])
             b = jnp.asarray(params[name]["bias"])
             ct = jnp.ones((1, s, s, c_out), jnp.float32)
-            extra = (tuple(winograd.prepare(k).values()),) if variant == "winograd" else ()
+            extra = (winograd.prepare(k),) if variant == "winograd" else ()
             fwd = jax.jit(lambda x, k, b, *e, conv=conv: conv(x, k, b, precision, *e))
 
             def fb(x, k, b, ct, *e, conv=conv):

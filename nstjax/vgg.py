@@ -224,6 +224,8 @@ def _conv3x3(x, kernel, bias, precision: str):
 
 
 CONV_ALGORITHMS = ("direct", "winograd")
+WINOGRAD_PARAMS = ("winograd", "winograd_flipped")
+"""Names of a convolution's :func:`winograd.prepare` kernels among its params."""
 WINOGRAD_MIN_CHANNELS = 128
 """With ``conv='winograd'``, convolutions with at least this many input channels (conv2_2 on) use it."""
 
@@ -246,7 +248,7 @@ def prepare_params(params: dict, conv: str, layers: Iterable[str] = LAYER_NAMES)
     4× the kernel each) added to each Winograd convolution that computing ``layers`` runs, so that
     they are computed once and not at every evaluation. The model computes missing ones itself."""
     deepest = LAYER_NAMES.index(max(check_layers(layers), key=LAYER_NAMES.index))
-    return {name: {**p, **winograd.prepare(p["kernel"])}
+    return {name: {**p, **dict(zip(WINOGRAD_PARAMS, winograd.prepare(p["kernel"])))}
             if uses_winograd(conv, p["kernel"].shape) and LAYER_NAMES.index(name) <= deepest else p
             for name, p in params.items()}
 
@@ -380,8 +382,8 @@ class _ConvParams(nn.Module):
         kernel = self.param("kernel", nn.initializers.lecun_normal(), self.shape)
         bias = self.param("bias", nn.initializers.zeros, self.shape[-1:])
         transformed = None
-        if self.has_variable("params", "winograd"):
-            transformed = (self.get_variable("params", "winograd"), self.get_variable("params", "winograd_flipped"))
+        if self.has_variable("params", WINOGRAD_PARAMS[0]):
+            transformed = tuple(self.get_variable("params", name) for name in WINOGRAD_PARAMS)
         return kernel, bias, transformed
 
 

@@ -98,11 +98,10 @@ def _correlate(x, transformed_kernel):
     return _transform_output(products, n, h, w)
 
 
-def prepare(kernel) -> dict:
+def prepare(kernel) -> tuple[jax.Array, jax.Array]:
     """The transformed kernels that :func:`conv3x3` uses: for the forward pass and, of the flipped
     in/out-swapped kernel, for the input gradient."""
-    return {"winograd": transform_kernel(kernel),
-            "winograd_flipped": transform_kernel(jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2))}
+    return transform_kernel(kernel), transform_kernel(jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2))
 
 
 def conv3x3(x, kernel, transformed=None):
@@ -110,9 +109,7 @@ def conv3x3(x, kernel, transformed=None):
 
     ``transformed``: the pair of :func:`prepare`'s kernels, computed here when not given.
     """
-    if transformed is None:
-        transformed = tuple(prepare(kernel).values())
-    return _conv(x, kernel, *transformed)
+    return _conv(x, kernel, *(prepare(kernel) if transformed is None else transformed))
 
 
 @jax.custom_vjp
