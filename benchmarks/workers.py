@@ -130,6 +130,17 @@ def agree(args):
     return out
 
 
+def _problems(x, targets, hp, lr):
+    """A batch of one problem for nstjax's Loop."""
+    import jax
+    import jax.numpy as jnp
+
+    from nstjax.build import stack
+    from nstjax.optimize import Problem
+
+    return stack([Problem(jnp.asarray(x), targets, hp, jnp.float32(lr), jax.random.key(0))])
+
+
 def eval_jax(args):
     """Compile time, then per-evaluation time (loss + gradient, jitted) and peak RSS; optionally the
     per-evaluation time inside nstjax's optimisation loop (Loop.chunk, Adam)."""
@@ -186,14 +197,15 @@ def eval_jax(args):
     k = args.get("loop_steps", 0)
     if k:
         loop = Loop(obj, OptimSpec("adam"), chunk_steps=k)
-        lr, big = jnp.float32(1e-3), jnp.int32(10**9)
+        big = jnp.int32(10**9)
+        problems = _problems(xs, targets, hp, 1e-3)
         t0 = time.perf_counter()
         with _variant(variant):
-            init, chunk = loop.compile(xs, jp, targets, hp, lr, big)
+            program = loop.compile(problems, jp)
         out["loop_compile_s"] = time.perf_counter() - t0
-        state = jax.block_until_ready(init(xs, jp, targets, hp, lr))
+        state = jax.block_until_ready(program.init(problems, jp))
         t0, c0 = time.perf_counter(), _cpu()
-        state, rows, valid = chunk(state, jp, targets, hp, lr, jnp.int32(k), big)
+        state, rows, valid = program.chunk(state, problems, jp, jnp.int32(k), big)
         jax.block_until_ready(rows)
         out["loop_eval_s"] = (time.perf_counter() - t0) / k
         out["loop_eval_cpu_s"] = (_cpu() - c0) / k
@@ -270,13 +282,13 @@ def ttq_jax(args):
     import jax
     import jax.numpy as jnp
 
-    from nstjax.optimize import RUNNING, Loop, OptimSpec
+    from nstjax.optimize import Loop, OptimSpec, Status
 
     setup = SETUPS["tutorial"]()
     params, _ = load_params(args.get("weights"))
     variant = args.get("variant", "nstjax")
     opt = OptimSpec(**args["optim"])
-    lr = jnp.float32(args.get("lr", 1.0))
+    lr = args.get("lr", 1.0)
     chunk_steps = args.get("chunk_steps", 5)
     target, cap = args["target"], args.get("time_cap_s", float("inf"))
     max_evals = args.get("max_evaluations", 300)
@@ -286,7 +298,7 @@ def ttq_jax(args):
     if coarse:
         stages.append(dict(size=coarse["size"], evaluations=coarse["evaluations"], final=False,
                            optim=OptimSpec(**coarse.get("optim", args["optim"])),
-                           lr=jnp.float32(coarse.get("lr", args.get("lr", 1.0)))))
+                           lr=coarse.get("lr", args.get("lr", 1.0))))
     stages.append(dict(size=args["size"], evaluations=max_evals, final=True, optim=opt, lr=lr))
 
     compile_s = 0.0
@@ -296,8 +308,7 @@ def ttq_jax(args):
         loop = Loop(obj, st["optim"], chunk_steps=chunk_steps)
         t0 = time.perf_counter()
         with _variant(variant):
-            st["init"], st["chunk"] = loop.compile(jnp.asarray(content), jp, targets, hp, st["lr"],
-                                                   jnp.int32(st["evaluations"]))
+            st["program"] = loop.compile(_problems(jnp.asarray(content), targets, hp, st["lr"]), jp)
         compile_s += time.perf_counter() - t0
         st.update(content=jnp.asarray(content), params=jp, targets=targets, hp=hp)
 
@@ -307,18 +318,19 @@ def ttq_jax(args):
     for st in stages:
         x0 = st["content"] if x is None else jnp.clip(
             jax.image.resize(x, st["content"].shape, "bilinear"), 0.0, 1.0)
-        state = st["init"](x0, st["params"], st["targets"], st["hp"], st["lr"])
+        problems = _problems(x0, st["targets"], st["hp"], st["lr"])
+        state = st["program"].init(problems, st["params"])
         if st["final"]:
             now = time.perf_counter() - t_start
-            trajectory.append((evals_before + 1, float(state.terms.total), now))
-            if float(state.terms.total) <= target:
+            trajectory.append((evals_before + 1, float(state.terms.total[0]), now))
+            if float(state.terms.total[0]) <= target:
                 reached = {"evaluations": evals_before + 1, "time_s": now, "cpu_s": _cpu() - c_start,
-                           "loss": float(state.terms.total)}
+                           "loss": float(state.terms.total[0])}
                 break
-        while int(state.evaluations) < st["evaluations"] and int(state.status) == RUNNING:
-            state, rows, valid = st["chunk"](state, st["params"], st["targets"], st["hp"], st["lr"],
-                                             jnp.int32(chunk_steps), jnp.int32(st["evaluations"]))
-            rows, valid = np.asarray(rows), np.asarray(valid)  # waits for the chunk
+        while int(state.evaluations[0]) < st["evaluations"] and int(state.status[0]) == Status.RUNNING:
+            state, rows, valid = st["program"].chunk(state, problems, st["params"], jnp.int32(chunk_steps),
+                                                     jnp.int32(st["evaluations"]))
+            rows, valid = np.asarray(rows[0]), np.asarray(valid[0])  # waits for the chunk
             now = time.perf_counter() - t_start
             if st["final"]:
                 for r, v in zip(rows, valid):
@@ -329,9 +341,9 @@ def ttq_jax(args):
                                        "cpu_s": _cpu() - c_start, "loss": float(r[1])}
             if reached is not None or now > cap:
                 break
-        x = state.pixels
+        x = state.pixels[0]
         if not st["final"]:
-            coarse_evals = int(state.evaluations)
+            coarse_evals = int(state.evaluations[0])
             evals_before += coarse_evals
         if reached is not None or time.perf_counter() - t_start > cap:
             break

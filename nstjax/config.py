@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from nstjax.images import DEFAULT_MAX_PIXELS
 
@@ -165,6 +165,8 @@ class Config:
     resume: Optional[str] = None  # a run directory to continue
     progress: bool = True  # progress bar on the terminal
     memory_check: bool = True  # refuse a run whose compiled programs need more memory than is free
+    max_members: Optional[int] = None  # sweep members per compiled program (null: as many as fit)
+    sweep_group: Optional[int] = None  # set by the nstjax sweeper: the group a sweep job runs
     image: ImageConfig = field(default_factory=ImageConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -174,8 +176,27 @@ class Config:
 OPTIM_SCHEMAS = {"adam": AdamConfig, "lbfgs": LBFGSConfig}
 
 
+def from_container(data) -> DictConfig:
+    """A saved config (a dict or DictConfig, e.g. a run's config.yaml) checked against the schema."""
+    data = OmegaConf.create(data) if not isinstance(data, DictConfig) else data
+    schema = Config(optim=OPTIM_SCHEMAS[data.optim.name]())
+    return OmegaConf.merge(OmegaConf.structured(schema), data)
+
+
+def compose(overrides: Sequence[str] = ()) -> DictConfig:
+    """The config that ``python -m nstjax.run OVERRIDES`` runs, without Hydra's run directory
+    or logging: for calling nstjax from Python. ``+experiment=NAME`` picks a preset."""
+    from hydra import compose as hydra_compose, initialize_config_module
+
+    register()
+    with initialize_config_module("nstjax.configs", version_base=None):
+        return hydra_compose("config", overrides=list(overrides))
+
+
 def register() -> None:
-    """Register the schemas in Hydra's ConfigStore."""
+    """Register the schemas, and nstjax's sweeper (hydra/sweeper=nstjax), in Hydra's ConfigStore."""
+    import hydra_plugins.nstjax_sweeper.batched_sweeper  # noqa: F401 (stores hydra/sweeper=nstjax)
+
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
     cs.store(group="optim", name="adam_schema", node=AdamConfig)

@@ -158,14 +158,14 @@ def _layer_size(name: str, image_shape) -> tuple[int, int]:
 
 
 def make_objective(model: VGG19, spec: LossSpec) -> Callable[..., Terms]:
-    """Return ``objective(pixels, params, targets, hparams) -> Terms``, pure and jittable.
+    """Return ``objective(pixels, params, targets, hparams, key=None) -> Terms``, pure and jittable.
 
-    ``pixels`` is one (H, W, 3) RGB image in [0, 1]. The structure (layers,
-    normalisations, the model's pooling and preprocessing) is fixed here; all
-    arrays are arguments.
+    ``pixels`` is one (H, W, 3) RGB image in [0, 1]; ``key`` is the PRNG key of this
+    evaluation, for terms that sample. The structure (layers, normalisations,
+    the model's pooling and preprocessing) is fixed here; all arrays are arguments.
     """
 
-    def objective(pixels, params, targets: Targets, hp: HParams) -> Terms:
+    def objective(pixels, params, targets: Targets, hp: HParams, key=None) -> Terms:
         feats = model.apply({"params": params}, pixels[None], spec.content_layers, spec.style_layers,
                             method=VGG19.features)
         l_content = sum(

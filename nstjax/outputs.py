@@ -1,4 +1,4 @@
-"""What a run leaves in its directory: history.csv, metrics.json, the loss curve.
+"""What a run leaves in its directory: result.png, history.csv, metrics.json, the loss curve.
 
 Every file is written atomically (temporary file, then rename).
 """
@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Sequence
 
 from nstjax.atomic import atomic_path, write_text
+from nstjax.optimize import HistoryRow
 
-HISTORY_COLUMNS = ("step", "total", "content", "style", "tv")
+HISTORY_COLUMNS = HistoryRow._fields
 
 
-def write_history(path: Path, rows: Sequence[Sequence[float]]) -> None:
+def write_history(path: Path, rows: Sequence[HistoryRow]) -> None:
     """history.csv: one row per step, step 0 first; losses weighted as in the objective."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -28,13 +29,13 @@ def write_history(path: Path, rows: Sequence[Sequence[float]]) -> None:
     write_text(path, buf.getvalue())
 
 
-def read_history(path: Path) -> list[list[float]]:
+def read_history(path: Path) -> list[HistoryRow]:
     with open(path, newline="") as f:
         reader = csv.reader(f)
         header = next(reader)
         if tuple(header) != HISTORY_COLUMNS:
             raise ValueError(f"{path}: unexpected columns {header}")
-        return [[int(r[0])] + [float(v) for v in r[1:]] for r in reader]
+        return [HistoryRow(int(r[0]), *(float(v) for v in r[1:])) for r in reader]
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -52,17 +53,17 @@ def versions() -> dict[str, str]:
     return out
 
 
-def plot_history(path: Path, rows: Sequence[Sequence[float]], title: str = "") -> None:
+def plot_history(path: Path, rows: Sequence[HistoryRow], title: str = "") -> None:
     """loss_curve.png: the weighted terms against the step, log scale."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [r[0] for r in rows]
+    steps = [r.step for r in rows]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    for i, name in enumerate(HISTORY_COLUMNS[1:], 1):
-        values = [r[i] for r in rows]
+    for name in HISTORY_COLUMNS[1:]:
+        values = [getattr(r, name) for r in rows]
         if any(v > 0 for v in values):
             ax.plot(steps, values, label=name)
     ax.set_yscale("log")

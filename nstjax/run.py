@@ -1,14 +1,18 @@
 """Hydra entry point: ``python -m nstjax.run [+experiment=NAME] [key=value ...]``.
 
-Composes configs/ (schema: nstjax/config.py), runs :func:`nstjax.transfer.stylize`
-in Hydra's run directory and exits with its code: 0 finished, 2 a user error
-(one line, no traceback), 3 diverged, 130/143 interrupted by SIGINT/SIGTERM.
+Composes configs/ (schema: nstjax/config.py), runs a group of one
+(:func:`nstjax.stylize.run_group`) in Hydra's run directory and exits with its
+code: 0 finished, 2 a user error (one line, no traceback), 3 diverged, 130/143
+interrupted by SIGINT/SIGTERM. ``-m`` sweeps through nstjax's batched sweeper
+(hydra_plugins/nstjax_sweeper): each job runs one group of points.
 ``resume=RUN_DIR`` continues an interrupted run in its own directory with its
-saved configuration.
+saved configuration; ``resume=SWEEP_DIR`` an interrupted sweep.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import logging
 import os
 import sys
@@ -25,6 +29,19 @@ from nstjax.errors import UserError
 
 log = logging.getLogger("nstjax")
 config.register()
+
+
+def _expose_sweeper() -> None:
+    """Let Hydra's plugin scan (pkgutil over ``hydra_plugins.__path__``) find nstjax's sweeper
+    also from an editable install, whose import hook pkgutil cannot list."""
+    import hydra_plugins
+
+    folder = str(Path(importlib.util.find_spec("hydra_plugins.nstjax_sweeper").origin).parent.parent)
+    if folder not in list(hydra_plugins.__path__):
+        hydra_plugins.__path__.append(folder)
+
+
+_expose_sweeper()
 
 
 _NOISE = ("Config search path", "provider=", "reference_type=", "object_type=", "See https://")
@@ -52,10 +69,8 @@ def _resumed_config(cfg: DictConfig) -> tuple[DictConfig, Path]:
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         raise UserError(f"cannot resume {run_dir}: no config.yaml there; "
-                        "resume= takes the directory of an interrupted run")
-    stored = OmegaConf.load(saved)
-    schema = config.Config(optim=config.OPTIM_SCHEMAS[stored.optim.name]())
-    resumed = OmegaConf.merge(OmegaConf.structured(schema), stored)
+                        "resume= takes the directory of an interrupted run or sweep")
+    resumed = config.from_container(OmegaConf.load(saved))
     resumed.resume = str(run_dir)
     return resumed, run_dir
 
@@ -70,24 +85,40 @@ def _enable_compilation_cache() -> None:
 
 
 @hydra.main(version_base=None, config_path="pkg://nstjax.configs", config_name="config")
-def main(cfg: DictConfig) -> None:
-    from nstjax import transfer
+def main(cfg: DictConfig):
+    """A single run (a group of one), a group of a batched sweep, or a resumed run or sweep."""
+    from nstjax import sweep
+    from nstjax.driver import SIGNALS
 
     for noisy in ("jax", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    try:
-        if cfg.resume is not None:
-            cfg, run_dir = _resumed_config(cfg)
-        else:
-            run_dir = Path(HydraConfig.get().runtime.output_dir)
-            from nstjax.atomic import write_text
+    with SIGNALS.installed():
+        try:
+            _enable_compilation_cache()
+            if cfg.sweep_group is not None:
+                return sweep.run_group_job(Path(HydraConfig.get().sweep.dir), cfg.sweep_group, log.info)
+            if cfg.resume is not None and sweep.is_sweep(cfg.resume):
+                code = sweep.resume(Path(cfg.resume), log.info)
+                if code:
+                    sys.exit(code)
+                return None
+            _single_run(cfg)
+        except UserError as e:
+            _fail(str(e))
 
-            write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-        _enable_compilation_cache()
-        result = transfer.stylize(cfg, run_dir, log=log.info)
-    except UserError as e:
-        _fail(str(e))
-    m = result.metrics
+
+def _single_run(cfg: DictConfig) -> None:
+    from nstjax.stylize import run_group
+
+    if cfg.resume is not None:
+        cfg, run_dir = _resumed_config(cfg)
+    else:
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        from nstjax.atomic import write_text
+
+        write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    result = run_group([cfg], [run_dir], run_dir, resume=cfg.resume is not None, log=log.info)[0]
+    m = json.loads((run_dir / "metrics.json").read_text())
     log.info("%s: %d steps, %d evaluations, total loss %.6g; compile %.1f s, run %.1f s -> %s",
              result.status, m["steps"], m["loss_evaluations"], m["total"],
              m["compile_seconds"], m["run_seconds"], run_dir)
@@ -103,11 +134,15 @@ def main(cfg: DictConfig) -> None:
 
 
 def cli() -> None:
-    """Run :func:`main`, turning Hydra's composition errors into one line and exit 2."""
+    """Run :func:`main`, turning Hydra's composition errors and a sweep's refused point into
+    one line and exit 2."""
+    from nstjax.driver import SIGNALS
+
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     try:
-        main()
-    except (HydraException, OmegaConfBaseException) as e:
+        with SIGNALS.installed():
+            main()
+    except (HydraException, OmegaConfBaseException, UserError) as e:
         _fail(_one_line(e))
 
 

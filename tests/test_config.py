@@ -7,7 +7,7 @@ from omegaconf.errors import ConfigAttributeError, ValidationError
 
 from nstjax import config
 from nstjax.losses import HParams
-from nstjax.transfer import hparams, loss_spec, optim_spec
+from nstjax.build import hparams, loss_spec, optim_spec
 
 config.register()
 PRESETS = ["gatys2016", "pytorch_tutorial", "tf_tutorial", "neural_style", "preview"]
@@ -82,7 +82,7 @@ def test_unknown_key_and_wrong_type_name_the_key():
 @pytest.mark.parametrize("mode,pixels,expected", [
     ("auto", 2048 * 2048 - 1, False), ("auto", 2048 * 2048, True), ("on", 16, True), ("off", 10**8, False)])
 def test_remat_mode_and_threshold(mode, pixels, expected):
-    from nstjax.transfer import _use_remat
+    from nstjax.build import use_remat
 
     cfg = composed(f"model.remat={mode}")
-    assert _use_remat(cfg, (pixels, 1, 3)) is expected
+    assert use_remat(cfg, (pixels, 1, 3)) is expected

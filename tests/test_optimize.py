@@ -1,4 +1,5 @@
-"""The optax loop: descent, history, evaluation counts, divergence, vmap, chunking."""
+"""The optax loop over a batch of problems: descent, history, evaluation counts, divergence
+of one member among others, batched members equal to solo runs, chunking."""
 
 import jax
 import jax.numpy as jnp
@@ -6,9 +7,9 @@ import numpy as np
 import optax
 import pytest
 
+from nstjax.build import stack
 from nstjax.losses import HParams, LossSpec, compute_targets, make_objective
-from nstjax.optimize import (NONFINITE_LOSS, NONFINITE_PIXELS, RUNNING, Loop, OptimSpec,
-                             scale_by_adam_epsilon_hat)
+from nstjax.optimize import Loop, OptimSpec, Problem, Status, scale_by_adam_epsilon_hat
 from nstjax.vgg import CAFFE, VGG19
 
 SPEC = LossSpec(content_layers=("relu2_1",), style_layers=("relu1_1", "relu2_1"))
@@ -21,6 +22,17 @@ LOOPS = {  # shared compiled loops: one compile per optimiser for the module
     "lbfgs-zoom": Loop(OBJECTIVE, OptimSpec("lbfgs", linesearch="zoom"), chunk_steps=4),
 }
 LR = {"adam": 0.05, "lbfgs-none": 1.0, "lbfgs-zoom": 1.0}
+JITTED = {name: (jax.jit(loop.init), jax.jit(loop.chunk)) for name, loop in LOOPS.items()}
+RUNNING, NONFINITE_LOSS, NONFINITE_PIXELS = Status.RUNNING, Status.NONFINITE_LOSS, Status.NONFINITE_PIXELS
+
+
+def batch(x0, targets, hps, lrs, seed=0):
+    """Problems of one image and target, one member per (hp, lr)."""
+    return stack([Problem(x0, targets, hp, jnp.float32(lr), jax.random.key(seed)) for hp, lr in zip(hps, lrs)])
+
+
+def one(state, i=0):
+    return jax.tree.map(lambda a: a[i], state)
 
 
 @pytest.fixture(scope="module")
@@ -33,17 +45,16 @@ def problem(synthetic_params):
 
 
 def run(name, problem, steps, hp=None, lr=None):
+    """A run of one member, step by step chunks of at most 4: its last state and its rows."""
     x0, params, targets = problem
-    loop = LOOPS[name]
-    hp = hp or HParams.create(SPEC, beta=1e4)
-    lr = jnp.float32(LR[name] if lr is None else lr)
-    state = loop.init(x0, params, targets, hp, lr)
+    init, chunk = JITTED[name]
+    probs = batch(x0, targets, [hp or HParams.create(SPEC, beta=1e4)], [LR[name] if lr is None else lr])
+    state = init(probs, params)
     rows = []
-    while int(state.step) < steps and int(state.status) == RUNNING:
-        state, r, valid = loop.chunk(state, params, targets, hp, lr,
-                                     jnp.int32(min(4, steps - int(state.step))), NO_LIMIT)
-        rows += [row for row, v in zip(np.asarray(r), np.asarray(valid)) if v]
-    return state, np.array(rows)
+    while int(state.step[0]) < steps and int(state.status[0]) == RUNNING:
+        state, r, valid = chunk(state, probs, params, jnp.int32(min(4, steps - int(state.step[0]))), NO_LIMIT)
+        rows += [row for row, v in zip(np.asarray(r[0]), np.asarray(valid[0])) if v]
+    return one(state), np.array(rows)
 
 
 @pytest.mark.parametrize("name", sorted(LOOPS))
@@ -74,7 +85,7 @@ def test_evaluations_are_counted_apart_from_steps(problem):
 def test_init_state_is_the_objective_at_the_initial_image(problem):
     x0, params, targets = problem
     hp = HParams.create(SPEC, beta=1e3, tv_weight=0.1)
-    state = LOOPS["adam"].init(x0, params, targets, hp, jnp.float32(0.1))
+    state = one(JITTED["adam"][0](batch(x0, targets, [hp], [0.1]), params))
     direct = OBJECTIVE(x0, params, targets, hp)
     for got, want in zip(state.terms, direct):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * float(direct.total))
@@ -83,57 +94,64 @@ def test_init_state_is_the_objective_at_the_initial_image(problem):
 
 def test_max_evaluations_stops_inside_a_chunk(problem):
     x0, params, targets = problem
-    loop, hp, lr = LOOPS["lbfgs-none"], HParams.create(SPEC), jnp.float32(1.0)
-    state = loop.init(x0, params, targets, hp, lr)
-    state, _, valid = loop.chunk(state, params, targets, hp, lr, jnp.int32(4), jnp.int32(3))
-    assert int(state.evaluations) == 3 and int(state.step) == 2
-    assert np.asarray(valid).tolist() == [True, True, False, False]
+    init, chunk = JITTED["lbfgs-none"]
+    probs = batch(x0, targets, [HParams.create(SPEC)], [1.0])
+    state = init(probs, params)
+    state, _, valid = chunk(state, probs, params, jnp.int32(4), jnp.int32(3))
+    assert int(state.evaluations[0]) == 3 and int(state.step[0]) == 2
+    assert np.asarray(valid[0]).tolist() == [True, True, False, False]
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_finite_image(problem):
     x0, params, targets = problem
     hp = HParams.create(SPEC, beta=1e4)
-    state, _ = run("adam", problem, 4)
-    good = np.asarray(state.pixels)
-    # An infinite learning rate makes the next step's pixels NaN (0 · inf).
-    loop, lr = LOOPS["adam"], jnp.float32(np.inf)
-    state, _, valid = loop.chunk(state, params, targets, hp, lr, jnp.int32(4), NO_LIMIT)
-    assert int(state.status) == NONFINITE_PIXELS
-    assert not np.asarray(valid).any()
-    np.testing.assert_array_equal(np.asarray(state.pixels), good)
+    init, chunk = JITTED["adam"]
+    # Two members: an infinite learning rate makes the second's first step NaN (0 · inf); it
+    # stops at its initial image while the first goes on.
+    probs = batch(x0, targets, [hp, hp], [0.05, np.inf])
+    state = init(probs, params)
+    state, _, valid = chunk(state, probs, params, jnp.int32(4), NO_LIMIT)
+    assert np.asarray(state.status).tolist() == [RUNNING, NONFINITE_PIXELS]
+    assert np.asarray(valid).tolist() == [[True] * 4, [False] * 4]
+    np.testing.assert_array_equal(np.asarray(state.pixels[1]), np.asarray(x0))
+    alone, _ = run("adam", problem, 4)
+    np.testing.assert_allclose(np.asarray(state.pixels[0]), np.asarray(alone.pixels), rtol=1e-5, atol=1e-6)
     # A weight that overflows float32 makes the loss Inf at the initial image.
     huge = HParams.create(SPEC, beta=3e38, style_layer_weights=[1.0, 1.0])
-    state = loop.init(x0, params, targets, huge, jnp.float32(0.1))
-    assert int(state.status) == NONFINITE_LOSS
+    state = init(batch(x0, targets, [huge], [0.1]), params)
+    assert int(state.status[0]) == NONFINITE_LOSS
 
 
 def test_chunking_does_not_change_the_result(problem):
     """Six steps in one call or as 2 + 4 give bitwise the same image (resume relies on it)."""
     x0, params, targets = problem
-    loop, hp, lr = LOOPS["lbfgs-none"], HParams.create(SPEC), jnp.float32(1.0)
-    a = loop.init(x0, params, targets, hp, lr)
-    a, _, _ = loop.chunk(a, params, targets, hp, lr, jnp.int32(4), NO_LIMIT)
-    a, _, _ = loop.chunk(a, params, targets, hp, lr, jnp.int32(2), NO_LIMIT)
-    b = loop.init(x0, params, targets, hp, lr)
-    b, _, _ = loop.chunk(b, params, targets, hp, lr, jnp.int32(2), NO_LIMIT)
-    b, _, _ = loop.chunk(b, params, targets, hp, lr, jnp.int32(4), NO_LIMIT)
+    init, chunk = JITTED["lbfgs-none"]
+    probs = batch(x0, targets, [HParams.create(SPEC)], [1.0])
+    a = init(probs, params)
+    a, _, _ = chunk(a, probs, params, jnp.int32(4), NO_LIMIT)
+    a, _, _ = chunk(a, probs, params, jnp.int32(2), NO_LIMIT)
+    b = init(probs, params)
+    b, _, _ = chunk(b, probs, params, jnp.int32(2), NO_LIMIT)
+    b, _, _ = chunk(b, probs, params, jnp.int32(4), NO_LIMIT)
     np.testing.assert_array_equal(np.asarray(a.pixels), np.asarray(b.pixels))
 
 
-def test_vmap_over_two_betas_equals_two_separate_runs(problem):
+@pytest.mark.parametrize("name", sorted(LOOPS))
+def test_batched_members_equal_their_solo_runs(name, problem):
+    """Members differing in β and learning rate: each one's rows are its solo run's (1e-5)."""
     x0, params, targets = problem
-    loop, lr = LOOPS["adam"], jnp.float32(0.05)
+    init, chunk = JITTED[name]
     hps = [HParams.create(SPEC, beta=b) for b in (1e2, 1e5)]
-    stacked = jax.tree.map(lambda *a: jnp.stack(a), *hps)
-    init = jax.vmap(loop._init, in_axes=(None, None, None, 0, None))
-    chunk = jax.jit(jax.vmap(loop._chunk, in_axes=(0, None, None, 0, None, None, None)))
-    state = init(x0, params, targets, stacked, lr)
-    state, rows, _ = chunk(state, params, targets, stacked, lr, jnp.int32(4), NO_LIMIT)
-    for i, hp in enumerate(hps):
-        single, single_rows = run("adam", problem, 4, hp=hp, lr=0.05)
-        np.testing.assert_allclose(np.asarray(state.pixels[i]), np.asarray(single.pixels),
-                                   rtol=1e-4, atol=1e-5)
-        np.testing.assert_allclose(np.asarray(rows[i])[:, 1:5], single_rows[:, 1:5], rtol=1e-4)
+    lrs = [LR[name], 0.5 * LR[name]]
+    probs = batch(x0, targets, hps, lrs)
+    state = init(probs, params)
+    state, rows, valid = chunk(state, probs, params, jnp.int32(4), NO_LIMIT)
+    for i, (hp, lr) in enumerate(zip(hps, lrs)):
+        single, single_rows = run(name, problem, 4, hp=hp, lr=lr)
+        assert np.asarray(valid[i]).all()
+        np.testing.assert_allclose(np.asarray(rows[i])[:, 1:5], single_rows[:, 1:5], rtol=1e-5)
+        np.testing.assert_array_equal(np.asarray(rows[i])[:, 5], single_rows[:, 5])  # its own evaluations
+        np.testing.assert_allclose(np.asarray(state.pixels[i]), np.asarray(single.pixels), rtol=1e-5, atol=1e-6)
     assert not np.allclose(np.asarray(state.pixels[0]), np.asarray(state.pixels[1]))
 
 

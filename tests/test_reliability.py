@@ -193,7 +193,7 @@ def test_memory_check_compares_xla_plan_with_free_memory():
     import jax.numpy as jnp
 
     from nstjax.errors import UserError
-    from nstjax.transfer import check_memory, program_bytes
+    from nstjax.driver import check_memory, program_bytes
 
     compiled = jax.jit(lambda x: jnp.sin(x) @ x).lower(jnp.zeros((256, 256))).compile()
     need = program_bytes(compiled)

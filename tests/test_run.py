@@ -12,7 +12,7 @@ from PIL import Image
 from cli import EXAMPLES, run_cli, small_run_args
 from nstjax import config
 from nstjax.losses import compute_targets, make_objective
-from nstjax.transfer import hparams, initial_image, load_inputs, loss_spec
+from nstjax.build import hparams, initial_image, load_inputs, loss_spec
 from nstjax.vgg import VGG19
 from nstjax.weights import load_weights
 

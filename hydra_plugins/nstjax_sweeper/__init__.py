@@ -1,0 +1,1 @@
+"""nstjax's Hydra sweeper: the points of a multirun optimised as batched groups."""

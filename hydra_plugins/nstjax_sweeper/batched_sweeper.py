@@ -1,0 +1,72 @@
+"""``hydra/sweeper=nstjax``, the default of ``python -m nstjax.run -m``: Hydra's override
+grammar (comma lists, ``range()``, ``choice()``, group choices) expanded as the basic sweeper
+does, the points numbered as it numbers them, then grouped by structure (nstjax.sweep) and
+launched one job per group through the configured launcher. ``hydra/sweeper=basic`` runs one
+job per point instead.
+"""
+
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.plugins.sweeper import Sweeper
+from omegaconf import OmegaConf, open_dict
+
+
+@dataclass
+class BatchedSweeperConf:
+    _target_: str = "hydra_plugins.nstjax_sweeper.batched_sweeper.BatchedSweeper"
+    params: Optional[Dict[str, str]] = None
+
+
+ConfigStore.instance().store(group="hydra/sweeper", name="nstjax", node=BatchedSweeperConf,
+                             provider="nstjax")
+
+
+class BatchedSweeper(Sweeper):
+    def __init__(self, params: Optional[Dict[str, str]] = None) -> None:
+        super().__init__()
+        self.params = params or {}
+        self.hydra_context = self.config = self.launcher = None
+
+    def setup(self, *, hydra_context, task_function, config) -> None:
+        from hydra.core.plugins import Plugins
+
+        self.hydra_context, self.config = hydra_context, config
+        self.launcher = Plugins.instance().instantiate_launcher(
+            hydra_context=hydra_context, task_function=task_function, config=config)
+
+    def sweep(self, arguments: List[str]) -> Any:
+        from nstjax import sweep
+
+        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
+        overrides = parser.parse_overrides([f"{k}={v}" for k, v in self.params.items()] + list(arguments))
+        swept = [o.get_key_element() for o in overrides if o.is_sweep_override()]
+        points = []
+        for n, point in enumerate(BasicSweeper.split_arguments(overrides, None)[0]):
+            cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(point))
+            with open_dict(cfg):
+                del cfg["hydra"]
+            values = {o.split("=", 1)[0]: o.split("=", 1)[1] for o in point}
+            points.append(sweep.Point(n, list(point), {k: values[k] for k in swept}, cfg))
+        groups = sweep.plan(points)
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        sweep.write_plan(sweep_dir, swept, groups)
+        print(f"{len(points)} points in {len(groups)} group(s) of {', '.join(str(len(g)) for g in groups)} "
+              f"member(s) -> {sweep_dir}", file=sys.stderr)
+        results = self.launcher.launch(sweep.job_overrides(groups), initial_job_idx=0)
+        for r in results:
+            _ = r.return_value  # re-raises a job's exception
+        code = sweep.exit_code(sweep.summarize(sweep_dir))
+        if code in sweep.EXIT_SIGNAL.values():
+            print(f"interrupted: resume with python -m nstjax.run resume={sweep_dir}", file=sys.stderr)
+        if code:
+            sys.exit(code)
+        return [results]

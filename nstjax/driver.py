@@ -1,0 +1,333 @@
+"""Driving a group's compiled program: waves, chunks, and the hooks between chunks.
+
+    group ─► waves of members that fit in memory ─► compiled init + chunk (members sharded
+    over the local devices) ─► chunks until every member is done ─► results per member
+
+Between chunks (``for hook in hooks: hook(state, rows)``): the progress bar, the
+history of each member, snapshots, periodic checkpoints. SIGINT / SIGTERM are
+turned into a flag read between chunks: every member's current image, history
+and metrics are written, with one checkpoint for the group, and the run stops.
+
+With the zoom line search each step waits for the slowest member's line search
+(a vmapped while loop); each member still counts its own evaluations. A member
+that diverges stops alone, keeping its last finite image, while the others go on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import psutil
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from nstjax import checkpoint, images
+from nstjax.build import Group
+from nstjax.errors import UserError
+from nstjax.optimize import MEMBERS, HistoryRow, LoopState, Program, Status, member_mesh
+from nstjax.yardstick import as_metrics, yardstick
+
+EXIT_DIVERGED = 3
+EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+class StopSignals:
+    """SIGINT / SIGTERM as a flag that the chunk loop reads; installed once per process."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._depth = 0
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    @contextlib.contextmanager
+    def installed(self):
+        previous = {s: signal.signal(s, self._handle) for s in EXIT_SIGNAL} if self._depth == 0 else {}
+        self._depth += 1
+        try:
+            yield self
+        finally:
+            self._depth -= 1
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+
+SIGNALS = StopSignals()
+
+
+@dataclasses.dataclass
+class MemberResult:
+    """What one member ends with: its image, history and the facts metrics.json records."""
+
+    image: np.ndarray
+    history: list[HistoryRow]
+    status: str  # finished | diverged | interrupted
+    reason: str | None
+    steps: int
+    evaluations: int
+    yardstick: dict
+    run_seconds: float
+    compile_seconds: float
+
+    @property
+    def exit_code(self) -> int:
+        return {"finished": 0, "diverged": EXIT_DIVERGED}.get(
+            self.status, EXIT_SIGNAL.get(SIGNALS.received, 130))
+
+
+def program_bytes(compiled) -> int:
+    """Memory a compiled program needs while it runs: arguments, temporaries and
+    outputs not aliased to (donated) arguments, as XLA plans them."""
+    ma = compiled.memory_analysis()
+    if ma is None:
+        return 0
+    return (ma.argument_size_in_bytes + ma.temp_size_in_bytes + ma.output_size_in_bytes
+            - ma.alias_size_in_bytes)
+
+
+def free_memory_bytes() -> int | None:
+    """Memory free for this run on the default device: available RAM on a CPU,
+    the allocator's limit less what is in use on an accelerator."""
+    device = jax.devices()[0]
+    if device.platform == "cpu":
+        return psutil.virtual_memory().available
+    stats = device.memory_stats()
+    return stats["bytes_limit"] - stats["bytes_in_use"] if stats and "bytes_limit" in stats else None
+
+
+def check_memory(programs, optimizer_state_bytes: int, remat: bool, free: int | None = None) -> None:
+    """Refuse, before it starts, a run that needs more memory than is free."""
+    need = max(program_bytes(p) for p in programs)
+    free = free_memory_bytes() if free is None else free
+    if free is None or need <= free:
+        return
+    gib = 2.0**30
+    remedies = "lower image.size, " + ("" if remat else "set model.remat=on, ")
+    raise UserError(
+        f"this run needs about {need / gib:.1f} GiB ({optimizer_state_bytes / gib:.1f} GiB of it "
+        f"optimiser state) but {free / gib:.1f} GiB is free: {remedies}use a smaller "
+        "optim.memory_size (L-BFGS keeps 2·memory_size images) or optim=adam; "
+        "memory_check=false runs it anyway"
+    )
+
+
+def _tree_bytes(tree) -> int:
+    return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(tree))
+
+
+def _take(tree, index):
+    """Members ``index`` of a batch (padding by repeating members is an index too)."""
+    index = jnp.asarray(index)
+    return jax.tree.map(lambda a: a[index], tree)
+
+
+@dataclasses.dataclass
+class _Compiled:
+    program: Program
+    yardstick: object
+    seconds: float
+
+
+class Driver:
+    """Runs one group: ``Driver(group, ...).run()`` returns a :class:`MemberResult` per member.
+
+    ``group_dir`` holds the group's checkpoint; ``member_dirs`` get each member's
+    snapshots (None for both: no files). ``max_members`` caps the members per program; the memory check
+    (``memory_check``) picks the largest batch that fits, a multiple of the device count.
+    """
+
+    def __init__(self, group: Group, group_dir: Path | None, member_dirs: Sequence[Path | None], *,
+                 save_every: int = 0, checkpoint_every: int = 0, max_members: int | None = None,
+                 memory_check: bool = True, progress: bool = False, extra_checkpoint: dict | None = None,
+                 log: Callable[[str], None] = print):
+        self.group, self.member_dirs = group, member_dirs
+        self.group_dir = Path(group_dir) if group_dir is not None else None
+        self.save_every, self.checkpoint_every = save_every, checkpoint_every
+        self.max_members, self.memory_check, self.progress = max_members, memory_check, progress
+        self.extra_checkpoint, self.log = extra_checkpoint or {}, log
+        self.mesh = member_mesh()
+        self.devices = self.mesh.size
+        self.members = NamedSharding(self.mesh, P(MEMBERS))
+        self.params = jax.device_put(group.params, NamedSharding(self.mesh, P()))
+        self._programs: dict[int, _Compiled] = {}
+
+    # --- programs and waves ------------------------------------------------------------
+    def _wave_problems(self, index: Sequence[int], size: int):
+        padded = list(index) + [index[-1]] * (size - len(index))
+        return (jax.device_put(_take(self.group.problems, padded), self.members),
+                jax.device_put(_take(self.group.yardstick_targets, padded), self.members))
+
+    def _compile(self, size: int) -> _Compiled:
+        if size not in self._programs:
+            t0 = time.perf_counter()
+            problems, yards = self._wave_problems([0], size)
+            program = self.group.structure.loop.compile(problems, self.params, self.mesh)
+            measure = jax.jit(jax.vmap(functools.partial(yardstick, self.group.structure.model),
+                                       in_axes=(None, 0, 0)))
+            measure = measure.lower(self.params, problems.pixels, yards).compile()
+            self._programs[size] = _Compiled(program, measure, time.perf_counter() - t0)
+        return self._programs[size]
+
+    def wave_size(self) -> int:
+        """The largest batch (a multiple of the device count, at most ``max_members`` rounded up
+        to it) whose programs fit in free memory; one device's worth must fit."""
+        k = len(self.group.members)
+        per = self.devices
+        size = per * math.ceil(min(k, self.max_members or k) / per)
+        while True:
+            compiled = self._compile(size)
+            if not self.memory_check:
+                return size
+            try:
+                check_memory((compiled.program.init, compiled.program.chunk, compiled.yardstick),
+                             _tree_bytes(compiled.program.state.opt_state) // self.devices,
+                             self.group.structure.model.remat)
+                return size
+            except UserError:
+                if size <= per:
+                    raise
+                self._programs.pop(size)
+                size = per * max(1, (size // per) // 2)
+
+    # --- the run -----------------------------------------------------------------------
+    def run(self, write: Callable[[list[int], list[MemberResult]], None],
+            resume: bool = False) -> dict[int, MemberResult]:
+        """Optimise every member, wave by wave; ``write(index, results)`` is called after each
+        wave (and on a signal) with the members' results. With ``resume``, continue from the
+        group's checkpoint: the waves before it are done. Returns the results of this call."""
+        meta = checkpoint.read_meta(self.group_dir) if resume else None
+        size = meta["wave_size"] if meta else self.wave_size()
+        k = len(self.group.members)
+        waves = [list(range(i, min(i + size, k))) for i in range(0, k, size)]
+        if len(waves) > 1:
+            self.log(f"{k} members in {len(waves)} waves of at most {size} (the largest batch that fits"
+                     + (f", at most max_members={self.max_members}" if self.max_members else "") + ")")
+        results = {}
+        first = meta["wave"] if meta else 0
+        for w in range(first, len(waves)):
+            wave_results = self._run_wave(waves[w], size, w, meta if w == first else None)
+            write(waves[w], wave_results)
+            results.update(zip(waves[w], wave_results))
+            if SIGNALS.received is not None:
+                break
+        return results
+
+    def _run_wave(self, index: list[int], size: int, wave: int, meta: dict | None) -> list[MemberResult]:
+        s = self.group.structure
+        compiled = self._compile(size)
+        problems, yards = self._wave_problems(index, size)
+        t_run = time.perf_counter()
+        state = compiled.program.init(problems, self.params)
+        histories = [[_row(state, i)] for i in range(size)]
+        seconds_before = 0.0
+        if meta is not None:
+            state = checkpoint.load(self.group_dir, state, self.members)
+            histories = [[HistoryRow(*r) for r in h] for h in meta["histories"]]
+            seconds_before = meta["run_seconds"]
+            self.log(f"resuming {self.group_dir} at step {int(np.max(np.asarray(state.step)))}")
+
+        def save_checkpoint(state):
+            checkpoint.save(self.group_dir, state, {
+                **self.extra_checkpoint, "wave": wave, "wave_size": size, "histories": histories,
+                "run_seconds": seconds_before + time.perf_counter() - t_run})
+
+        hooks = [functools.partial(self._snapshots, index)]
+        if self.checkpoint_every:
+            hooks.append(lambda st, step, new: (
+                save_checkpoint(st) if step % self.checkpoint_every == 0 and any(new) else None))
+        state = self._drive(compiled.program, state, problems, histories, hooks)
+        run_seconds = seconds_before + time.perf_counter() - t_run
+        signum = SIGNALS.received
+        host = jax.device_get(state)
+        initial = jax.device_get(compiled.yardstick(self.params, problems.pixels, yards))
+        final = jax.device_get(compiled.yardstick(self.params, state.pixels, yards))
+        out, interrupted = [], False
+        for i in range(len(index)):
+            status, reason = "finished", None
+            code = Status(int(host.status[i]))
+            done = int(host.step[i]) >= s.steps or int(host.evaluations[i]) >= s.max_evaluations
+            if code != Status.RUNNING:
+                status, reason = "diverged", code.reason
+            elif signum is not None and not done:
+                status, reason, interrupted = "interrupted", f"stopped by {signal.Signals(signum).name}", True
+            out.append(MemberResult(
+                np.asarray(host.pixels[i]), histories[i], status, reason, int(host.step[i]),
+                int(host.evaluations[i]),
+                {"initial": as_metrics(_member(initial, i)), "final": as_metrics(_member(final, i))},
+                run_seconds, compiled.seconds))
+        if interrupted and self.group_dir is not None:
+            save_checkpoint(state)
+        return out
+
+    def _active(self, state: LoopState) -> np.ndarray:
+        s = self.group.structure
+        status, step, evals = jax.device_get((state.status, state.step, state.evaluations))
+        return (status == Status.RUNNING) & (step < s.steps) & (evals < s.max_evaluations)
+
+    def _drive(self, program: Program, state: LoopState, problems, histories: list, hooks) -> LoopState:
+        s = self.group.structure
+        events = [e for e in (self.save_every, self.checkpoint_every) if e > 0]
+        max_evals = jnp.int32(s.max_evaluations)
+        active = self._active(state)
+        step = int(np.max(np.asarray(state.step)[active])) if active.any() else s.steps
+        with _progress(s.steps, step, self.progress) as bar:
+            while active.any() and SIGNALS.received is None:
+                n = min(s.chunk_steps, s.steps - step, *[e - step % e for e in events])
+                state, rows, valid = program.chunk(state, problems, self.params, jnp.int32(n), max_evals)
+                rows, valid = np.asarray(rows), np.asarray(valid)
+                new = [[HistoryRow(int(r[0]), *map(float, r[1:5])) for r, v in zip(rows[i], valid[i]) if v]
+                       for i in range(len(histories))]
+                for h, rows_i in zip(histories, new):
+                    h += rows_i
+                active = self._active(state)
+                last = int(np.max(rows[:, :, 0][valid])) if valid.any() else step
+                bar.update(last - step)
+                step = last
+                _postfix(bar, histories, active)
+                for hook in hooks:
+                    hook(state, step, new)
+        return state
+
+    def _snapshots(self, index: list[int], state: LoopState, step: int, new: list) -> None:
+        if not (self.save_every and step % self.save_every == 0):
+            return
+        for i, n in enumerate(index):
+            if new[i]:
+                images.save_image(Path(self.member_dirs[n]) / "snapshots" / f"step_{step:06d}.png",
+                                  np.asarray(state.pixels[i]))
+
+
+def _row(state: LoopState, i: int) -> HistoryRow:
+    t = state.terms
+    return HistoryRow(int(state.step[i]), float(t.total[i]), float(t.content[i]), float(t.style[i]),
+                      float(t.tv[i]))
+
+
+def _member(tree, i: int):
+    return jax.tree.map(lambda a: a[i], tree)
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
+
+
+def _postfix(bar, histories: list, active: np.ndarray) -> None:
+    last = histories[0][-1]
+    if len(histories) == 1:
+        bar.set_postfix(total=f"{last.total:.4g}", content=f"{last.content:.3g}",
+                        style=f"{last.style:.3g}", tv=f"{last.tv:.3g}", refresh=False)
+    else:
+        bar.set_postfix(running=int(active.sum()), best=f"{min(h[-1].total for h in histories):.4g}",
+                        refresh=False)

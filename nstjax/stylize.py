@@ -1,0 +1,111 @@
+"""Style transfer for a batch of configs: build ─► drive ─► the files of each point.
+
+    from nstjax import config, stylize
+    cfgs = [config.compose(["+experiment=preview", f"loss.beta={b}"]) for b in (1e3, 1e4)]
+    results = stylize.optimize(cfgs)        # one MemberResult per config: image, history, ...
+
+:func:`optimize` returns the results without writing files; :func:`run_group`
+writes into each member's directory what a run leaves there (result.png,
+metrics.json, history.csv, loss_curve.png, snapshots). A single run is a group
+of one: the same code path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+import jax
+from omegaconf import DictConfig
+
+from nstjax import images, outputs
+from nstjax.build import Group, Inputs, Member, build_group, structure_key, validate
+from nstjax.driver import Driver, MemberResult
+from nstjax.errors import UserError
+
+
+def _driver(group: Group, group_dir: Path | None, member_dirs: Sequence[Path | None], log) -> Driver:
+    cfg = group.members[0].cfg
+    return Driver(group, group_dir, member_dirs, save_every=cfg.save_every if group_dir else 0,
+                  checkpoint_every=cfg.checkpoint_every if group_dir else 0, max_members=cfg.max_members,
+                  memory_check=cfg.memory_check, progress=cfg.progress, log=log)
+
+
+def optimize(cfgs: Sequence[DictConfig], inputs: Sequence[Inputs] | None = None,
+             log: Callable[[str], None] = print) -> list[MemberResult]:
+    """Optimise every config (grouped by structure, each group one batched program) and
+    return their results in order; nothing is written. ``inputs`` may give each config's
+    images as arrays (:class:`~nstjax.build.Inputs`) instead of its files."""
+    inputs = list(inputs) if inputs is not None else [validate(c) for c in cfgs]
+    groups: dict[str, list[int]] = {}
+    for i, (cfg, inp) in enumerate(zip(cfgs, inputs)):
+        groups.setdefault(structure_key(cfg, inp.content.shape), []).append(i)
+    results: list[MemberResult | None] = [None] * len(cfgs)
+    for index in groups.values():
+        group = build_group([cfgs[i] for i in index], [inputs[i] for i in index])
+        done = _driver(group, None, [None] * len(index), log).run(lambda *_: None)
+        for j, r in done.items():
+            results[index[j]] = r
+    return results
+
+
+def run_group(cfgs: Sequence[DictConfig], member_dirs: Sequence[Path], group_dir: Path, *,
+              resume: bool = False, inputs: Sequence[Inputs] | None = None,
+              extra_metrics: Sequence[dict] | None = None,
+              log: Callable[[str], None] = print) -> dict[int, MemberResult]:
+    """Optimise a group of configs of one structure, writing each member's files into its
+    directory and the group's checkpoints into ``group_dir``. A directory that already
+    holds a result is refused unless ``resume``. Returns the results of the members run."""
+    member_dirs = [Path(d) for d in member_dirs]
+    if not resume:
+        for d in member_dirs:
+            if (d / "result.png").exists():
+                raise UserError(f"{d / 'result.png'} exists: every run needs its own directory")
+    group = build_group(cfgs, inputs)
+    extra = list(extra_metrics) if extra_metrics is not None else [{} for _ in cfgs]
+
+    def write(index: list[int], results: list[MemberResult]) -> None:
+        for i, r in zip(index, results):
+            write_outputs(member_dirs[i], group, group.members[i], r, extra[i])
+
+    return _driver(group, group_dir, member_dirs, log).run(write, resume)
+
+
+def metrics(group: Group, member: Member, r: MemberResult) -> dict:
+    """metrics.json of one member."""
+    cfg, last = member.cfg, r.history[-1]
+    out = {
+        **{name: getattr(last, name) for name in ("total", "content", "style", "tv")},
+        "status": r.status,
+        "reason": r.reason,
+        "steps": r.steps,
+        "loss_evaluations": r.evaluations,
+        "compile_seconds": r.compile_seconds,
+        "run_seconds": r.run_seconds,
+        "image_size": [int(s) for s in member.content.shape[:2]],
+        "style_size": [int(s) for s in member.style.shape[:2]],
+        "optimizer": cfg.optim.name,
+        "conv": group.structure.model.conv,
+        "content_image": member.paths[0],
+        "style_image": member.paths[1],
+        "weights": cfg.model.weights,
+        "weights_sha256": group.weights.sha256,
+        "device": str(jax.devices()[0].device_kind),
+        "devices": jax.local_device_count(),
+        "members": len(group.members),
+        "platform": jax.default_backend(),
+        "seed": cfg.seed,
+        "yardstick": r.yardstick,
+        "versions": outputs.versions(),
+    }
+    if r.status == "diverged":
+        out["diverged_step"] = r.steps + 1
+    return out
+
+
+def write_outputs(run_dir: Path, group: Group, member: Member, r: MemberResult, extra: dict) -> None:
+    """result.png, history.csv, metrics.json and loss_curve.png of one member."""
+    images.save_image(run_dir / "result.png", r.image)
+    outputs.write_history(run_dir / "history.csv", r.history)
+    outputs.write_json(run_dir / "metrics.json", {**metrics(group, member, r), **extra})
+    outputs.plot_history(run_dir / "loss_curve.png", r.history, title=str(member.cfg.model.weights))

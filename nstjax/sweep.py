@@ -1,0 +1,219 @@
+"""Batched sweeps: the points of a Hydra multirun grouped by structure, a group per job.
+
+    points (Hydra's overrides, composed) ─► validate each ─► group by structure
+    ─► SWEEP_DIR/groups.yaml ─► one job per group (Hydra's launcher) ─► SWEEP_DIR/N/ per point
+    ─► sweep.csv, sheet.png, tradeoff.png
+
+Point N's directory is ``SWEEP_DIR/N`` (N as Hydra's basic sweeper numbers it)
+and holds what a single run writes; group G's job runs in ``SWEEP_DIR/groups/G``,
+where its checkpoint lives. A group job that finds its checkpoint continues from
+it (a requeued SLURM job, ``resume=SWEEP_DIR``); finished groups are not rerun.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import signal
+from pathlib import Path
+from typing import Callable, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+from nstjax import checkpoint, config
+from nstjax.atomic import atomic_path, write_text
+from nstjax.build import Inputs, structure_key, validate
+from nstjax.driver import EXIT_DIVERGED, EXIT_SIGNAL, SIGNALS
+from nstjax.errors import UserError
+from nstjax.stylize import run_group
+
+PLAN = "groups.yaml"
+SUMMARY_COLUMNS = ("total", "content", "style", "tv", "yardstick_content", "yardstick_style", "status",
+                   "steps", "loss_evaluations", "group", "run_seconds")
+"""sweep.csv's columns after ``n`` and the swept keys."""
+FINAL = ("finished", "diverged")
+
+
+@dataclasses.dataclass
+class Point:
+    """One point of a sweep: Hydra's number, its overrides, its swept values, its config."""
+
+    n: int
+    overrides: list[str]
+    values: dict[str, str]
+    cfg: DictConfig
+    inputs: Inputs | None = None
+
+
+def plan(points: Sequence[Point]) -> list[list[Point]]:
+    """Validate every point (a bad one is refused, naming it) and group them by structure."""
+    groups: dict[str, list[Point]] = {}
+    for p in points:
+        try:
+            p.inputs = validate(p.cfg)
+        except UserError as e:
+            raise UserError(f"sweep point {p.n} ({' '.join(p.overrides)}): {e}") from e
+        groups.setdefault(structure_key(p.cfg, p.inputs.content.shape), []).append(p)
+    return list(groups.values())
+
+
+def member_dir(sweep_dir: Path, n: int) -> Path:
+    return Path(sweep_dir) / str(n)
+
+
+def group_dir(sweep_dir: Path, g: int) -> Path:
+    return Path(sweep_dir) / "groups" / str(g)
+
+
+def write_plan(sweep_dir: Path, swept: Sequence[str], groups: Sequence[Sequence[Point]]) -> None:
+    """SWEEP_DIR/groups.yaml: the swept keys and, per group, each member's number, overrides,
+    swept values and resolved config (what the group's job runs)."""
+    data = {"swept": list(swept), "groups": [
+        [{"n": p.n, "overrides": p.overrides, "values": p.values,
+          "config": OmegaConf.to_container(p.cfg, resolve=True, enum_to_str=True)} for p in group]
+        for group in groups]}
+    write_text(Path(sweep_dir) / PLAN, OmegaConf.to_yaml(OmegaConf.create(data)))
+
+
+def read_plan(sweep_dir: Path) -> DictConfig:
+    path = Path(sweep_dir) / PLAN
+    if not path.is_file():
+        raise UserError(f"{sweep_dir} is not a sweep directory (no {PLAN})")
+    return OmegaConf.load(path)
+
+
+def job_overrides(groups: Sequence[Sequence[Point]]) -> list[list[str]]:
+    """Each group's job: its first member's overrides, the group, and the group's directory."""
+    return [[*group[0].overrides, f"sweep_group={g}", f"hydra.sweep.subdir=groups/{g}"]
+            for g, group in enumerate(groups)]
+
+
+def is_sweep(path: Path) -> bool:
+    return (Path(path) / PLAN).is_file()
+
+
+def _status(run_dir: Path) -> str:
+    path = run_dir / "metrics.json"
+    if not path.is_file():
+        return "pending"
+    return OmegaConf.load(path).status
+
+
+def run_group_job(sweep_dir: Path, g: int, log: Callable[[str], None] = print) -> list[str]:
+    """Run group ``g`` of the sweep in ``sweep_dir``, continuing from its checkpoint if it has
+    one; a group whose members are all done, or a process that has received a stop signal,
+    runs nothing. Returns the members' statuses."""
+    members = read_plan(sweep_dir).groups[g]
+    dirs = [member_dir(sweep_dir, m.n) for m in members]
+    if SIGNALS.received is None and not all(_status(d) in FINAL for d in dirs):
+        gdir = group_dir(sweep_dir, g)
+        resume = (gdir / checkpoint.CHECKPOINT_DIR / checkpoint.META).is_file()
+        cfgs = [config.from_container(m.config) for m in members]
+        if not resume:
+            for m, cfg, d in zip(members, cfgs, dirs):
+                write_text(d / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+                write_text(d / ".hydra" / "config.yaml", OmegaConf.to_yaml(cfg))
+                write_text(d / ".hydra" / "overrides.yaml", OmegaConf.to_yaml(list(m.overrides)))
+        run_group(cfgs, dirs, gdir, resume=resume, log=log,
+                  extra_metrics=[{"n": int(m.n), "group": g} for m in members])
+    return [_status(d) for d in dirs]
+
+
+def resume(sweep_dir: Path, log: Callable[[str], None] = print) -> int:
+    """Continue the sweep in ``sweep_dir`` in this process, group after group; return its exit code."""
+    plan_ = read_plan(sweep_dir)
+    for g in range(len(plan_.groups)):
+        run_group_job(sweep_dir, g, log)
+    return exit_code(summarize(sweep_dir))
+
+
+def summarize(sweep_dir: Path) -> list[dict]:
+    """sweep.csv, sheet.png and tradeoff.png from the points' directories; returns the rows."""
+    sweep_dir = Path(sweep_dir)
+    plan_ = read_plan(sweep_dir)
+    rows = []
+    for g, members in enumerate(plan_.groups):
+        for m in members:
+            d = member_dir(sweep_dir, m.n)
+            row = {"n": int(m.n), **{k: m["values"].get(k, "") for k in plan_.swept}}
+            metrics = OmegaConf.to_container(OmegaConf.load(d / "metrics.json")) \
+                if (d / "metrics.json").is_file() else {}
+            final = metrics.get("yardstick", {}).get("final", {})
+            row.update({k: metrics.get(k, "") for k in SUMMARY_COLUMNS},
+                       yardstick_content=final.get("content", ""), yardstick_style=final.get("style_mean", ""),
+                       status=metrics.get("status", "pending"), group=g)
+            rows.append(row)
+    rows.sort(key=lambda r: r["n"])
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, ["n", *plan_.swept, *SUMMARY_COLUMNS], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(sweep_dir / "sweep.csv", buf.getvalue())
+    done = [r for r in rows if (member_dir(sweep_dir, r["n"]) / "result.png").is_file()]
+    if done:
+        contact_sheet(sweep_dir / "sheet.png", sweep_dir, done, list(plan_.swept))
+        tradeoff_plot(sweep_dir / "tradeoff.png", [r for r in done if r["yardstick_content"] != ""])
+    return rows
+
+
+def exit_code(rows: Sequence[dict]) -> int:
+    """0 when every point finished; 130 / 143 when a signal stopped the sweep; 3 when a point
+    diverged."""
+    if any(r["status"] not in FINAL for r in rows):
+        return EXIT_SIGNAL.get(SIGNALS.received, EXIT_SIGNAL[signal.SIGINT])
+    return EXIT_DIVERGED if any(r["status"] == "diverged" for r in rows) else 0
+
+
+def contact_sheet(path: Path, sweep_dir: Path, rows: Sequence[dict], swept: Sequence[str]) -> None:
+    """The results in a grid: a column per value of the first swept key, a row per value of the
+    second (and any further keys), each labelled."""
+    from PIL import Image, ImageDraw
+
+    col_key, row_keys = (swept[0] if swept else None), list(swept[1:])
+    cols = list(dict.fromkeys(r[col_key] for r in rows)) if col_key else [""]
+    lines = list(dict.fromkeys(tuple(r[k] for k in row_keys) for r in rows))
+    tiles = {(r[col_key] if col_key else "", tuple(r[k] for k in row_keys)):
+             Image.open(member_dir(sweep_dir, r["n"]) / "result.png").convert("RGB") for r in rows}
+    tw = max(t.width for t in tiles.values())
+    th = max(t.height for t in tiles.values())
+    label_w = 8 + 7 * max([len(", ".join(f"{k}={v}" for k, v in zip(row_keys, line))) for line in lines] + [0])
+    top, pad = 18, 4
+    sheet = Image.new("RGB", (label_w + len(cols) * (tw + pad), top + len(lines) * (th + pad)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for j, c in enumerate(cols):
+        draw.text((label_w + j * (tw + pad) + 2, 3), f"{col_key}={c}" if col_key else "", fill="black")
+    for i, line in enumerate(lines):
+        y = top + i * (th + pad)
+        draw.text((4, y + th // 2 - 6), ", ".join(f"{k}={v}" for k, v in zip(row_keys, line)), fill="black")
+        for j, c in enumerate(cols):
+            tile = tiles.get((c, line))
+            if tile is not None:
+                sheet.paste(tile, (label_w + j * (tw + pad), y))
+    with atomic_path(path) as tmp:
+        sheet.save(tmp, format="PNG")
+
+
+def tradeoff_plot(path: Path, rows: Sequence[dict]) -> None:
+    """Content yardstick against style yardstick (the mean over relu1_1 … relu5_1), a dot per point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=100)
+    xs = [float(r["yardstick_style"]) for r in rows]
+    ys = [float(r["yardstick_content"]) for r in rows]
+    ax.scatter(xs, ys)
+    for r, x, y in zip(rows, xs, ys):
+        ax.annotate(str(r["n"]), (x, y), textcoords="offset points", xytext=(4, 4))
+    if all(v > 0 for v in xs + ys):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+    ax.set_xlabel("style yardstick (mean E_l, relu1_1…relu5_1)")
+    ax.set_ylabel("content yardstick (½Σ(F−P)², relu4_2)")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
