@@ -4,8 +4,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 
 import weights_fixtures as wf
 from nstjax.vgg import CAFFE, LAYER_NAMES, TORCHVISION, VGG19, UnknownLayerError
@@ -18,6 +16,9 @@ def params():
 
 def torch_reference(params, rgb: np.ndarray, preprocessing, pooling: str) -> dict:
     """VGG19 in float64 PyTorch (NCHW, OIHW), every named activation as NHWC numpy."""
+    import torch
+    import torch.nn.functional as F
+
     x = torch.from_numpy(rgb.astype(np.float64)).permute(0, 3, 1, 2)
     if preprocessing.channel_order == "BGR":
         x = x.flip(1)
@@ -43,6 +44,7 @@ def torch_reference(params, rgb: np.ndarray, preprocessing, pooling: str) -> dic
     (CAFFE, "max", (40, 56)), (CAFFE, "avg", (37, 53)),
     (TORCHVISION, "max", (37, 53)), (TORCHVISION, "avg", (40, 56)),
 ], ids=["caffe-max-even", "caffe-avg-odd", "torchvision-max-odd", "torchvision-avg-even"])
+@pytest.mark.torch
 def test_matches_torch_reference_layer_by_layer(params, preprocessing, pooling, size):
     """Every activation, both conventions, both poolings, even and odd (floor-mode) sizes."""
     rgb = np.random.default_rng(1).uniform(0, 1, (2, *size, 3)).astype(np.float32)
@@ -193,8 +195,12 @@ def test_gradients_match_plain_autodiff(params):
                                        atol=1e-6 * float(jnp.abs(want_p[name][part]).max()))
 
 
+@pytest.mark.torch
 def test_max_pool_gradient_matches_torch_with_ties_and_odd_sizes():
     """The gradient of 2×2 max pooling goes to the first maximum of each window, as torch's."""
+    import torch
+    import torch.nn.functional as F
+
     from nstjax import vgg
 
     rng = np.random.default_rng(8)

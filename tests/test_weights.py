@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 import safetensors
 import safetensors.numpy
-import torch
 
 import weights_fixtures as wf
 from nstjax.errors import UserError
@@ -38,16 +37,28 @@ def params():
 
 @pytest.fixture(scope="module")
 def files(params, tmp_path_factory):
-    """One file per layout, all with the same synthetic params."""
+    """One file per layout but .pth (see pth_file), all with the same synthetic params."""
     d = tmp_path_factory.mktemp("weights")
     paths = {"h5": d / "keras.h5", "safetensors": d / "tv.safetensors", "npz": d / "canonical.npz",
-             "npz-meta": d / "canonical-meta.npz", "pth": d / "tv.pth"}
+             "npz-meta": d / "canonical-meta.npz"}
     wf.write_keras_h5(paths["h5"], params)
     wf.write_torchvision_safetensors(paths["safetensors"], params)
     wf.write_npz(paths["npz"], params)
     wf.write_npz(paths["npz-meta"], params, TORCHVISION)
-    wf.write_pth(paths["pth"], params)
     return paths
+
+
+@pytest.fixture(scope="module")
+def pth_file(params, tmp_path_factory):
+    """The same params as a torchvision state dict saved with torch.save (tests marked torch)."""
+    path = tmp_path_factory.mktemp("pth") / "tv.pth"
+    wf.write_pth(path, params)
+    return path
+
+
+def weights_file(kind, files, request):
+    """files[kind], or the pth_file fixture for kind "pth"."""
+    return request.getfixturevalue("pth_file") if kind == "pth" else files[kind]
 
 
 @pytest.fixture
@@ -99,14 +110,16 @@ def test_registry_sources():
 # --- reading each format ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind, preprocessing", [
-    ("h5", CAFFE), ("safetensors", TORCHVISION), ("npz-meta", TORCHVISION), ("pth", TORCHVISION),
+    ("h5", CAFFE), ("safetensors", TORCHVISION), ("npz-meta", TORCHVISION),
+    pytest.param("pth", TORCHVISION, marks=pytest.mark.torch),
 ])
-def test_every_format_loads_the_same_params(files, params, kind, preprocessing):
-    w = load_weights(files[kind])
+def test_every_format_loads_the_same_params(files, params, kind, preprocessing, request):
+    path = weights_file(kind, files, request)
+    w = load_weights(path)
     assert_same_params(w.params, params)
     assert w.preprocessing == preprocessing
-    assert w.source == str(files[kind])
-    assert w.sha256 == sha256(files[kind])
+    assert w.source == str(path)
+    assert w.sha256 == sha256(path)
 
 
 def test_npz_without_metadata_needs_the_preprocessing(files, params):
@@ -135,9 +148,12 @@ def test_preprocessing_override(files):
     assert load_weights(files["safetensors"], preprocessing=CAFFE).preprocessing == CAFFE
 
 
-def test_pth_without_torch_says_how_to_install_it(files, monkeypatch):
+def test_pth_without_torch_says_how_to_install_it(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)
-    assert "pip install 'nstjax[torch]'" in error(load_weights, files["pth"])
+    path = tmp_path / "vgg19.pth"
+    path.write_bytes(b"not read: torch is missing")
+    message = error(load_weights, path)
+    assert "needs torch" in message and "pip install 'nstjax[torch]'" in message
 
 
 class _Payload:
@@ -150,7 +166,10 @@ class _Payload:
         return pathlib.Path.touch, (self.marker,)
 
 
+@pytest.mark.torch
 def test_pth_never_unpickles_anything_but_tensors(tmp_path):
+    import torch
+
     marker = tmp_path / "unpickled"
     path = tmp_path / "payload.pth"
     torch.save({"features.0.weight": _Payload(marker)}, path)
@@ -205,10 +224,12 @@ def test_save_canonical_accepts_jax_arrays_and_checks_shapes(params, tmp_path):
 
 # --- errors -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kind", ["h5", "safetensors", "npz", "pth"])
-def test_truncated_and_corrupt_files(files, tmp_path, kind):
-    data = files[kind].read_bytes()
-    path = tmp_path / files[kind].name
+@pytest.mark.parametrize("kind", ["h5", "safetensors", "npz",
+                                  pytest.param("pth", marks=pytest.mark.torch)])
+def test_truncated_and_corrupt_files(files, tmp_path, kind, request):
+    src = weights_file(kind, files, request)
+    data = src.read_bytes()
+    path = tmp_path / src.name
     path.write_bytes(data[: len(data) // 2])
     message = error(load_weights, path)
     assert str(path) in message and "corrupt or truncated" in message
@@ -442,9 +463,10 @@ def test_cli_fetch_offline_is_one_line(cache):
                  "model.safetensors", SOURCES["vgg19-torchvision"].known_hash.split(":")[1], str(cache))
 
 
-def test_cli_convert_and_info(files, params, tmp_path, cache, capsys):
+@pytest.mark.torch
+def test_cli_convert_and_info(pth_file, params, tmp_path, cache, capsys):
     dst = tmp_path / "out.safetensors"
-    result = cli("convert", files["pth"], dst, cache=cache)
+    result = cli("convert", pth_file, dst, cache=cache)
     assert result.returncode == 0, result.stderr
     assert f"wrote {dst}" in result.stdout
     w = load_weights(dst)
@@ -455,10 +477,12 @@ def test_cli_convert_and_info(files, params, tmp_path, cache, capsys):
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert f"sha256: {sha256(dst)}" in out and "layout: canonical" in out
-    assert "torchvision: RGB" in out and f"source: {files['pth']}" in out
+    assert "torchvision: RGB" in out and f"source: {pth_file}" in out
     assert "conv1_1  kernel (3, 3, 3, 64)  bias (64,)" in out
     assert "conv5_4  kernel (3, 3, 512, 512)  bias (512,)" in out
 
+
+def test_cli_convert_npz_and_bad_arguments(files, tmp_path, cache, capsys):
     code, out, _ = main("convert", files["npz"], tmp_path / "out.npz", "--preprocessing", "caffe",
                         capsys=capsys)
     assert code == 0
