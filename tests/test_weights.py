@@ -4,15 +4,19 @@ import dataclasses
 import functools
 import hashlib
 import http.server
+import io
 import json
 import os
 import pathlib
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
+import zipfile
 
+import h5py
 import numpy as np
 import pytest
 import safetensors
@@ -255,6 +259,97 @@ def test_unknown_extension_name_and_missing_file(tmp_path):
     assert "'vgg16'" in message and "vgg19, vgg19-torchvision" in message and "path" in message
     message = error(load_weights, tmp_path / "missing.h5")
     assert "no such weights file" in message and "missing.h5" in message
+
+
+# --- untrusted files: refused before anything is read or allocated --------------------------------
+
+@pytest.fixture
+def no_library_reads(monkeypatch):
+    """Fails the test if a container library opens the file."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the file was handed to a library")
+    for module, name in ((safetensors, "safe_open"), (h5py, "File"), (np, "load"), (torch, "load")):
+        monkeypatch.setattr(module, name, refuse)
+
+
+@pytest.mark.parametrize("suffix", [".h5", ".safetensors", ".npz", ".pth"])
+def test_huge_file_is_refused_unread(tmp_path, no_library_reads, suffix):
+    path = tmp_path / f"huge{suffix}"
+    with open(path, "wb") as f:
+        f.truncate(3 << 30)  # sparse: no disk used
+    assert path.stat().st_blocks * 512 < 1 << 20
+    start = time.monotonic()
+    message = error(load_weights, path)
+    assert time.monotonic() - start < 1  # not even hashed
+    assert str(path) in message and "3.0 GiB" in message and "at most 2 GiB" in message
+
+
+def write_safetensors(path, header: dict, data: bytes = b"") -> None:
+    """A safetensors file from its parts (the format: u64 header length, JSON, data)."""
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+
+
+def test_safetensors_header_length_is_bounded(tmp_path, no_library_reads):
+    path = tmp_path / "a.safetensors"
+    path.write_bytes(struct.pack("<Q", 1 << 40) + b"{}")
+    message = error(load_weights, path)
+    assert "1,099,511,627,776-byte header" in message and "corrupt or truncated" in message
+    with open(path, "wb") as f:  # a header within the file, yet far larger than VGG19's
+        f.write(struct.pack("<Q", 512 << 20))
+        f.truncate(1 << 30)
+    message = error(load_weights, path)
+    assert "536,870,912-byte safetensors header" in message and "16 MiB" in message
+
+
+def test_safetensors_absurd_declared_shape(files, tmp_path, no_library_reads):
+    data = files["safetensors"].read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + length])
+    header["features.0.weight"]["shape"] = [100_000, 100_000, 3, 3]
+    path = tmp_path / "absurd.safetensors"
+    write_safetensors(path, header, data[8 + length:])
+    message = error(load_weights, path)
+    assert "conv1_1 kernel has shape (3, 3, 100000, 100000)" in message
+    assert "(3, 3, 3, 64)" in message
+    write_safetensors(path, {"features.0.weight": {"dtype": "F32", "shape": [64, 3, 3, 3],
+                                                   "data_offsets": [0, 1 << 40]}}, b"0" * 64)
+    assert "past the end" in error(load_weights, path)
+
+
+def test_h5_absurd_declared_shape_is_never_read(params, tmp_path, monkeypatch):
+    path = tmp_path / "absurd.h5"
+    wf.write_keras_h5(path, params)
+    with h5py.File(path, "a") as f:
+        del f["block1_conv1/block1_conv1_W_1:0"]
+        f.create_dataset("block1_conv1/block1_conv1_W_1:0", shape=(100_000, 100_000, 3, 64),
+                         dtype="f4", chunks=(1, 1, 3, 64))  # 7.7 TB declared, nothing stored
+    assert path.stat().st_size < 200 << 20
+    read = []
+    real = h5py.Dataset.__getitem__
+    monkeypatch.setattr(h5py.Dataset, "__getitem__",
+                        lambda self, key: read.append(self.name) or real(self, key))
+    message = error(load_weights, path)
+    assert "conv1_1 kernel has shape (100000, 100000, 3, 64)" in message
+    assert read == []
+
+
+def test_npz_absurd_declared_shape_is_never_read(params, tmp_path, monkeypatch):
+    src, path = tmp_path / "w.npz", tmp_path / "absurd.npz"
+    wf.write_npz(src, params, CAFFE)
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False,
+                                                  "shape": (100_000, 100_000, 3, 64)})
+    with zipfile.ZipFile(src) as a, zipfile.ZipFile(path, "w") as b:
+        for member in a.namelist():
+            b.writestr(member, header.getvalue() if member == "conv1_1/kernel.npy" else a.read(member))
+    read = []
+    real = np.lib.format.read_array
+    monkeypatch.setattr(np.lib.format, "read_array",
+                        lambda fp, *a, **k: read.append(fp.name) or real(fp, *a, **k))
+    message = error(load_weights, path)
+    assert "conv1_1 kernel has shape (100000, 100000, 3, 64)" in message
+    assert "conv1_1/kernel.npy" not in read
 
 
 def test_bad_timeout_variable(cache, monkeypatch):
