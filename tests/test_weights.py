@@ -87,8 +87,9 @@ def error(fn, *args, **kwargs) -> str:
 # --- the registry -------------------------------------------------------------------------------
 
 def test_registry_sources():
-    assert DEFAULT == "vgg19" and list(SOURCES) == ["vgg19", "vgg19-torchvision"]
-    keras = SOURCES["vgg19"]
+    assert DEFAULT == "vgg19"
+    assert list(SOURCES) == ["vgg19", "vgg19-torchvision", "vgg19-torchvision-pth"]
+    keras = SOURCES["vgg19"]  # the file and md5 keras/src/applications/vgg19.py pins (include_top=False)
     assert keras.url == ("https://storage.googleapis.com/tensorflow/keras-applications/vgg19/"
                          "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5")
     assert keras.filename == KERAS_NAME and keras.size == 80_134_624
@@ -98,6 +99,29 @@ def test_registry_sources():
     assert tv.url == "https://huggingface.co/timm/vgg19.tv_in1k/resolve/main/model.safetensors"
     assert tv.known_hash == ("sha256:11aea017b543ff59233749d8f1cf544cda749378f5790d2fedab841fb86b7669")
     assert tv.preprocessing == TORCHVISION and tv.licence == "BSD-3-Clause"
+    pth = SOURCES["vgg19-torchvision-pth"]  # torchvision's VGG19_Weights.IMAGENET1K_V1
+    assert pth.url == "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth"
+    assert pth.url.rsplit("/", 1)[1] == pth.filename and pth.filename.endswith(".pth")
+    assert pth.preprocessing == TORCHVISION and pth.licence == "BSD-3-Clause"
+    # torch.hub's check_hash: the sha256 must start with the hex digits after the name's last '-'
+    assert pth.known_hash == "sha256:" + torch.hub.HASH_REGEX.search(pth.filename).group(1)
+    assert [s.check for s in SOURCES.values()] == ["md5 full", "sha256 full", "sha256 prefix"]
+
+
+def test_hash_pins_are_whole_or_long_enough_prefixes():
+    source = SOURCES["vgg19-torchvision-pth"]
+    assert source.hash_matches("dcbb9e9d" + "0" * 56) and not source.hash_matches("dcbb9e9e" + "0" * 56)
+    for bad in ("sha256:dcbb", "sha256:" + "0" * 65, "sha1:" + "0" * 40, "sha256:DCBB9E9D", "dcbb9e9d"):
+        with pytest.raises(ValueError):
+            dataclasses.replace(source, known_hash=bad)
+
+
+def test_every_model_config_names_a_registry_source():
+    from omegaconf import OmegaConf
+
+    names = {p.stem: OmegaConf.load(p).weights for p in (ROOT / "configs" / "model").glob("*.yaml")}
+    assert names == {"vgg19": "vgg19", "vgg19_torchvision": "vgg19-torchvision",
+                     "vgg19_torchvision_pth": "vgg19-torchvision-pth"}
 
 
 # --- reading each format ------------------------------------------------------------------------
@@ -430,6 +454,39 @@ def test_wrong_checksum_removes_the_file(server, keras_file, cache, monkeypatch)
     assert not cache.exists() or list(cache.iterdir()) == []
 
 
+def test_sha256_prefix_is_checked_as_torch_hub_checks_it(server, params, cache, tmp_path, monkeypatch):
+    """A synthetic .pth served under a torchvision-style name with its real sha256 prefix."""
+    root, base, seen = server
+    wf.write_pth(tmp_path / "synthetic.pth", params)
+    data = (tmp_path / "synthetic.pth").read_bytes()
+    prefix = hashlib.sha256(data).hexdigest()[:8]
+    name, canonical = f"vgg19-{prefix}.pth", "vgg19-torchvision-pth.safetensors"
+    url = f"{base}/{name}"
+    source = dataclasses.replace(SOURCES["vgg19-torchvision-pth"], filename=name, size=len(data),
+                                 known_hash=f"sha256:{prefix}")
+    monkeypatch.setitem(SOURCES, source.name, source)
+    monkeypatch.setenv(source.url_variable, url)
+    (root / name).write_bytes(data)
+    torch.hub.download_url_to_file(url, str(tmp_path / "hub.pth"), hash_prefix=prefix, progress=False)
+    w = load_weights(source.name)  # accepted, as torch.hub accepts it
+    assert seen[-1] == f"/{name}" and w.preprocessing == TORCHVISION
+    assert_same_params(w.params, params)
+    assert (cache / canonical).is_file() and not (cache / name).exists()
+
+    altered = bytearray(data)
+    altered[len(data) // 2] ^= 0xFF  # same size, other content
+    (root / name).write_bytes(bytes(altered))
+    with pytest.raises(RuntimeError, match="invalid hash value"):
+        torch.hub.download_url_to_file(url, str(tmp_path / "hub2.pth"), hash_prefix=prefix,
+                                       progress=False)
+    monkeypatch.setenv("NSTJAX_CACHE", str(tmp_path / "empty-cache"))
+    message = error(load_weights, source.name)
+    assert (f"does not match its checksum sha256:{prefix} (sha256 prefix; got "
+            f"{hashlib.sha256(altered).hexdigest()})") in message
+    assert url in message and "was removed" in message
+    assert list((tmp_path / "empty-cache").iterdir()) == []
+
+
 def test_http_error(server, keras_file, cache):
     _, base, _ = server
     message = error(fetch_source, keras_source(keras_file, f"{base}/missing.h5"))
@@ -520,12 +577,15 @@ def test_cli_list_and_fetch(files, cache, capsys):
     out = result.stdout
     assert "vgg19 (default)" in out and "vgg19-torchvision" in out and "80.1 MB" in out
     assert "CC BY 4.0" in out and "BSD-3-Clause" in out and str(cache) in out
-    assert out.count(" no ") == 2
+    assert out.count(" no ") == 3
+    checks = {line.split()[0]: line.split("  ")  for line in out.splitlines()[1:4]}
+    assert "md5 full" in checks["vgg19"] and "sha256 full" in checks["vgg19-torchvision"]
+    assert "sha256 prefix" in checks["vgg19-torchvision-pth"]
     save_canonical(cache / "vgg19.safetensors", load_weights(files["h5"]))
     code, out, _ = main("fetch", "vgg19", capsys=capsys)
     assert code == 0 and out.strip() == str(cache / "vgg19.safetensors")
     code, out, _ = main("list", capsys=capsys)
-    assert code == 0 and out.count(" yes ") == 1 and out.count(" no ") == 1
+    assert code == 0 and out.count(" yes ") == 1 and out.count(" no ") == 2
     assert_fails(*main("fetch", "vgg16", capsys=capsys)[::2], "unknown weights 'vgg16'",
                  "vgg19-torchvision")
 

@@ -86,22 +86,29 @@ def _by_hand(source: WeightSource, url: str) -> str:
             f"cache dir {cache_dir()}, or pass the path of a local weights file")
 
 
-def _verify_placed(source: WeightSource, raw: Path) -> None:
-    """Check a raw file found in the cache dir (placed by hand) against the registry."""
-    url = source.download_url()
+def _mismatch(source: WeightSource, raw: Path) -> str | None:
+    """Why ``raw`` is not the source's file (its size, then its checksum), or None."""
     size = raw.stat().st_size
     if source.size is not None and size != source.size:
-        raise WeightsError(f"{raw} is {size:,} bytes, not {source.size:,} (an incomplete "
-                           f"download?): replace it with the file from {url}, or delete it to "
-                           "download it again")
-    algorithm, digest = source.known_hash.split(":")
-    if file_hash(raw, algorithm) != digest.lower():
-        raise WeightsError(f"{raw} does not match its checksum ({algorithm} {digest}): replace it "
-                           f"with the file from {url}, or delete it to download it again")
+        return f"is {size:,} bytes, not {source.size:,}"
+    got = file_hash(raw, source.hash_algorithm)
+    if not source.hash_matches(got):
+        return f"does not match its checksum {source.known_hash} ({source.check}; got {got})"
+    return None
+
+
+def _verify_placed(source: WeightSource, raw: Path) -> None:
+    """Check a raw file found in the cache dir (placed by hand) against the registry."""
+    problem = _mismatch(source, raw)
+    if problem:
+        hint = " (an incomplete download?)" if problem.startswith("is ") else ""
+        raise WeightsError(f"{raw} {problem}{hint}: replace it with the file from "
+                           f"{source.download_url()}, or delete it to download it again")
 
 
 def _download(source: WeightSource, raw: Path) -> None:
-    """Download ``source`` to ``raw`` with pooch (progress bar, checksum, timeout).
+    """Download ``source`` to ``raw`` with pooch (progress bar, timeout), then check it
+    (size, and the whole checksum or its pinned prefix); a mismatch is removed.
 
     pooch's own log line is muted and the progress bar shows once data flows,
     so that a failure prints nothing but the one-line error.
@@ -117,23 +124,22 @@ def _download(source: WeightSource, raw: Path) -> None:
     level = logger.level
     logger.setLevel(logging.WARNING)
     try:
-        pooch.retrieve(url, known_hash=source.known_hash, fname=raw.name, path=raw.parent,
+        pooch.retrieve(url, known_hash=None, fname=raw.name, path=raw.parent,
                        downloader=downloader)
+        problem = _mismatch(source, raw)
     except requests.exceptions.RequestException as e:
         raise WeightsError(f"cannot download the {source.name} weights from {url} "
                            f"({_reason(e, timeout)}); {_by_hand(source, url)}") from None
-    except ValueError as e:
-        got = re.search(r"but got (\w+)", str(e))
-        raise WeightsError(
-            f"the file downloaded from {url} does not match its checksum {source.known_hash}"
-            f"{f' (got {got.group(1)})' if got else ''} and was removed: try again; if that "
-            f"fails too, {_by_hand(source, source.url)}") from None
     except OSError as e:
         raise WeightsError(f"cannot write {raw} ({e.strerror or e}): set NSTJAX_CACHE to a "
                            "writable directory") from None
     finally:
         progress.close()
         logger.setLevel(level)
+    if problem:
+        raw.unlink(missing_ok=True)
+        raise WeightsError(f"the file downloaded from {url} {problem} and was removed: try "
+                           f"again; if that fails too, {_by_hand(source, source.url)}")
 
 
 def _reason(exc, timeout: float) -> str:
