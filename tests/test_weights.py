@@ -1,6 +1,7 @@
 """nstjax.weights: formats, canonical files, the download path (against a loopback server), CLI."""
 
 import dataclasses
+import errno
 import functools
 import hashlib
 import http.server
@@ -416,6 +417,11 @@ def keras_file(files):
     return files["h5"]
 
 
+def cached_files(cache) -> set[str]:
+    """The cache dir's files, except the lock files (left by filelock on some platforms)."""
+    return {p.name for p in cache.iterdir() if p.suffix != ".lock"}
+
+
 def keras_source(path, url, algorithm="md5", digest=None):
     """The real vgg19 entry with a test URL, size and checksum."""
     digest = digest or hashlib.new(algorithm, path.read_bytes()).hexdigest()
@@ -430,7 +436,7 @@ def test_download_converts_and_caches(server, keras_file, params, cache, monkeyp
     w = load_weights("vgg19")
     assert seen == [f"/{KERAS_NAME}"]
     assert cache_dir() == cache
-    assert sorted(p.name for p in cache.iterdir()) == ["vgg19.safetensors"]  # raw file removed
+    assert cached_files(cache) == {"vgg19.safetensors", "vgg19.safetensors.sha256"}  # raw file removed
     assert w.source == "vgg19" and w.preprocessing == CAFFE
     assert w.sha256 == sha256(cache / "vgg19.safetensors")
     assert_same_params(w.params, params)
@@ -451,7 +457,7 @@ def test_wrong_checksum_removes_the_file(server, keras_file, cache, monkeypatch)
     message = error(load_weights, "vgg19")
     assert "does not match its checksum md5:" + "0" * 32 in message and url in message
     assert hashlib.md5(keras_file.read_bytes()).hexdigest() in message
-    assert not cache.exists() or list(cache.iterdir()) == []
+    assert not cache.exists() or cached_files(cache) == set()
 
 
 def test_sha256_prefix_is_checked_as_torch_hub_checks_it(server, params, cache, tmp_path, monkeypatch):
@@ -484,7 +490,7 @@ def test_sha256_prefix_is_checked_as_torch_hub_checks_it(server, params, cache, 
     assert (f"does not match its checksum sha256:{prefix} (sha256 prefix; got "
             f"{hashlib.sha256(altered).hexdigest()})") in message
     assert url in message and "was removed" in message
-    assert list((tmp_path / "empty-cache").iterdir()) == []
+    assert cached_files(tmp_path / "empty-cache") == set()
 
 
 def test_http_error(server, keras_file, cache):
@@ -546,6 +552,118 @@ def test_wrong_raw_file_placed_by_hand(keras_file, cache):
     raw.write_bytes(data[:-10] + b"0123456789")
     message = error(fetch_source, source)
     assert str(raw) in message and "does not match its checksum" in message and "delete it" in message
+
+
+# --- a cache shared by concurrent processes, and its integrity ----------------------------------
+
+_FETCHER = """
+import dataclasses, json, pathlib, sys, time
+from nstjax.weights import SOURCES, fetch
+args = json.loads(sys.argv[1])
+SOURCES["vgg19"] = dataclasses.replace(SOURCES["vgg19"], url=args["url"], size=args["size"],
+                                       known_hash=args["known_hash"])
+pathlib.Path(args["ready"]).touch()
+start, deadline = pathlib.Path(args["start"]), time.monotonic() + 60
+while not start.exists():  # the barrier: every process is started, imported and waiting
+    assert time.monotonic() < deadline, "never started"
+    time.sleep(0.001)
+print(fetch("vgg19"))
+"""
+
+
+def test_processes_started_at_once_share_one_download(server, keras_file, params, cache, tmp_path):
+    root, base, seen = server
+    (root / KERAS_NAME).write_bytes(keras_file.read_bytes())
+    source = keras_source(keras_file, f"{base}/{KERAS_NAME}")
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    env = dict(os.environ, NSTJAX_CACHE=str(cache), JAX_PLATFORMS="cpu")
+    children = [subprocess.Popen(
+        [sys.executable, "-c", _FETCHER, json.dumps({
+            "url": source.url, "size": source.size, "known_hash": source.known_hash,
+            "ready": str(barrier / f"ready-{i}"), "start": str(barrier / "start")})],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(3)]
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(barrier.iterdir())) < len(children):
+            assert time.monotonic() < deadline and all(c.poll() is None for c in children)
+            time.sleep(0.01)
+        (barrier / "start").touch()
+        results = [c.communicate(timeout=120) for c in children]
+    finally:
+        for c in children:
+            c.kill()
+    assert [c.returncode for c in children] == [0] * len(children), [err for _, err in results]
+    assert seen == [f"/{KERAS_NAME}"]  # served once
+    assert cached_files(cache) == {"vgg19.safetensors", "vgg19.safetensors.sha256"}
+    assert [out.strip() for out, _ in results] == [str(cache / "vgg19.safetensors")] * len(children)
+    digest = sha256(cache / "vgg19.safetensors")
+    assert (cache / "vgg19.safetensors.sha256").read_text() == f"{digest}  vgg19.safetensors\n"
+    assert_same_params(load_weights(cache / "vgg19.safetensors").params, params)
+    assert sum("waiting for another process" in err for _, err in results) >= 1
+
+
+@pytest.fixture
+def served_vgg19(server, keras_file, cache, monkeypatch):
+    """The vgg19 source served by the loopback server; yields the requests seen."""
+    root, base, seen = server
+    (root / KERAS_NAME).write_bytes(keras_file.read_bytes())
+    monkeypatch.setitem(SOURCES, "vgg19", keras_source(keras_file, f"{base}/{KERAS_NAME}"))
+    return seen
+
+
+def test_corrupt_canonical_file_is_refused_and_the_message_rebuilds_it(served_vgg19, params, cache,
+                                                                        capsys):
+    path = fetch_source(SOURCES["vgg19"])
+    assert (cache / "vgg19.safetensors.sha256").read_text().split() == [sha256(path), path.name]
+    good = path.read_bytes()
+    altered = bytearray(good)
+    altered[len(good) // 2] ^= 0x01  # the same size, a slightly different weight
+    for bad in (good[: len(good) // 2], bytes(altered)):
+        path.write_bytes(bad)
+        message = error(load_weights, "vgg19")
+        assert str(path) in message and "corrupt" in message and hashlib.sha256(bad).hexdigest() in message
+        assert "delete it and run python -m nstjax.weights fetch vgg19 to rebuild it" in message
+    path.unlink()  # what the message says
+    code, out, _ = main("fetch", "vgg19", capsys=capsys)
+    assert code == 0 and out.strip() == str(path)
+    assert len(served_vgg19) == 2  # downloaded and converted again
+    assert (cache / "vgg19.safetensors.sha256").read_text().split() == [sha256(path), path.name]
+    assert_same_params(load_weights("vgg19").params, params)
+
+
+def test_canonical_file_copied_in_by_hand_is_checked_then_recorded(synthetic_weights_file, cache,
+                                                                    monkeypatch):
+    monkeypatch.setenv("NSTJAX_WEIGHTS_URL_VGG19", "http://127.0.0.1:1/unreachable.h5")
+    cache.mkdir()
+    path, record = cache / "vgg19.safetensors", cache / "vgg19.safetensors.sha256"
+    data = synthetic_weights_file.read_bytes()
+    path.write_bytes(data[:-100])
+    message = error(load_weights, "vgg19")
+    assert "corrupt or truncated" in message and "python -m nstjax.weights fetch vgg19" in message
+    assert not record.exists()
+    path.write_bytes(data)
+    assert load_weights("vgg19").sha256 == sha256(synthetic_weights_file)
+    assert record.read_text() == f"{sha256(synthetic_weights_file)}  vgg19.safetensors\n"
+
+
+def test_full_disk_while_converting(served_vgg19, params, cache, monkeypatch):
+    real = safetensors.numpy.save_file
+
+    def half_then_enospc(tensors, filename, metadata=None):
+        real(tensors, filename, metadata=metadata)
+        with open(filename, "r+b") as f:
+            f.truncate(os.path.getsize(filename) // 2)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(safetensors.numpy, "save_file", half_then_enospc)
+    message = error(load_weights, "vgg19")
+    assert "cannot write" in message and "No space left on device" in message
+    assert cached_files(cache) == {KERAS_NAME}  # the verified download stays, no temporary file
+    monkeypatch.setattr(safetensors.numpy, "save_file", real)
+    assert_same_params(load_weights("vgg19").params, params)  # converted without downloading again
+    assert len(served_vgg19) == 1
+    assert cached_files(cache) == {"vgg19.safetensors", "vgg19.safetensors.sha256"}
 
 
 # --- the CLI ------------------------------------------------------------------------------------

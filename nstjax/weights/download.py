@@ -1,22 +1,33 @@
 """The cache dir: download a registry source once, verify it, keep its canonical file.
 
 ``$NSTJAX_CACHE`` (default: the user cache dir) holds ``{name}.safetensors``
-per source. A source's raw file placed there by hand under its original name
-is verified and converted instead of downloading; ``$NSTJAX_WEIGHTS_URL_<NAME>``
-replaces a source's URL (a mirror: the checksum still applies) and
-``$NSTJAX_DOWNLOAD_TIMEOUT`` the 30 s network timeout.
+per source and its sha256, recorded when it was written, in
+``{name}.safetensors.sha256`` (``sha256sum`` format): a canonical file that was
+truncated or altered since is refused when it is loaded. A source's raw file
+placed there by hand under its original name is verified and converted instead
+of downloading; ``$NSTJAX_WEIGHTS_URL_<NAME>`` replaces a source's URL (a
+mirror: the checksum still applies) and ``$NSTJAX_DOWNLOAD_TIMEOUT`` the 30 s
+network timeout.
+
+Processes sharing the cache dir (a sweep started at once) take the lock file
+``{name}.lock`` there to download and convert: one does, the others wait and
+then use its file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
+import sys
 from pathlib import Path
+from typing import Iterator
 
 import platformdirs
 from tqdm import tqdm
 
+from nstjax.atomic import stale_temporaries, write_text
 from nstjax.weights.formats import WeightsError, file_hash, read_weights, save_canonical
 from nstjax.weights.registry import WeightSource, get_source
 
@@ -56,29 +67,108 @@ def fetch(name: str) -> Path:
 
 
 def fetch_source(source: WeightSource) -> Path:
-    """The canonical file of ``source``: cached, else converted from its raw file
-    (placed by hand, or downloaded and verified); the raw file is then removed."""
+    """The canonical file of ``source``, checked against its recorded sha256: cached,
+    else converted from its raw file (placed by hand, or downloaded and verified),
+    under the source's lock; the raw file is then removed."""
     dest = cached_path(source)
-    if dest.is_file():
-        return dest
-    raw = cache_dir() / source.filename
-    if raw.is_file():
-        _verify_placed(source, raw)
-    else:
-        _download(source, raw)
-    try:
+    if dest.is_file() and _recorded(dest) is not None:
+        return _verified(source, dest)
+    with _lock(source):
+        if dest.is_file():  # written by the lock's last holder, or copied in by hand
+            if _recorded(dest) is None:
+                _adopt(source, dest)
+            return _verified(source, dest)
+        for path in (dest, _record_path(dest)):
+            for tmp in stale_temporaries(path):  # left by a killed writer; none writes now
+                tmp.unlink(missing_ok=True)
+        raw = cache_dir() / source.filename
+        if raw.is_file():
+            _verify_placed(source, raw)
+        else:
+            _download(source, raw)
         weights = read_weights(raw, source.preprocessing, source.name)
-    except WeightsError:
-        if dest.is_file():  # another process converted and removed it meanwhile
-            return dest
-        raise
-    try:
-        save_canonical(dest, weights)
-    except OSError as e:
-        raise WeightsError(f"cannot write {dest} ({e.strerror or e}): set NSTJAX_CACHE "
-                           "to a writable directory") from None
-    raw.unlink(missing_ok=True)
+        try:
+            save_canonical(dest, weights)
+            _record(dest)
+        except OSError as e:
+            raise _cannot_write(dest, e) from None
+        raw.unlink(missing_ok=True)
     return dest
+
+
+def _record_path(dest: Path) -> Path:
+    return dest.with_name(dest.name + ".sha256")
+
+
+def _recorded(dest: Path) -> str | None:
+    """The sha256 recorded for ``dest`` when it was written ('' if unreadable), or None."""
+    try:
+        text = _record_path(dest).read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return None
+    digest = text.split(maxsplit=1)[0] if text.strip() else ""
+    return digest if re.fullmatch(r"[0-9a-f]{64}", digest) else ""
+
+
+def _record(dest: Path) -> None:
+    """Record ``dest``'s sha256 beside it, as ``sha256sum`` writes it."""
+    write_text(_record_path(dest), f"{file_hash(dest)}  {dest.name}\n")
+
+
+def _rebuild(source: WeightSource) -> str:
+    return f"delete it and run python -m nstjax.weights fetch {source.name} to rebuild it"
+
+
+def _adopt(source: WeightSource, dest: Path) -> None:
+    """Read and check whole a canonical file without a record (copied in by hand), then record it."""
+    try:
+        read_weights(dest, None, source.name)
+    except WeightsError as e:
+        raise WeightsError(f"{e}; or {_rebuild(source)}") from None
+    try:
+        _record(dest)
+    except OSError as e:
+        raise _cannot_write(_record_path(dest), e) from None
+
+
+def _verified(source: WeightSource, dest: Path) -> Path:
+    """``dest``, if it is still the file that was written: its recorded sha256."""
+    recorded = _recorded(dest)
+    got = file_hash(dest)
+    if got != recorded:
+        raise WeightsError(
+            f"{dest} is corrupt: truncated or altered since it was written (its sha256 is "
+            f"{got}, {_record_path(dest).name} records {recorded or 'nothing readable'}): "
+            f"{_rebuild(source)}")
+    return dest
+
+
+@contextlib.contextmanager
+def _lock(source: WeightSource) -> Iterator[None]:
+    """Hold ``{name}.lock`` in the cache dir: one process at a time fetches ``source``."""
+    from filelock import FileLock, Timeout
+
+    path = cache_dir() / f"{source.name}.lock"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(path)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            print(f"waiting for another process fetching the {source.name} weights (lock file "
+                  f"{path})", file=sys.stderr, flush=True)
+            lock.acquire()
+    except OSError as e:
+        raise _cannot_write(path, e) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _cannot_write(path: Path, e: OSError) -> WeightsError:
+    return WeightsError(f"cannot write {path} ({e.strerror or e}): free space there, or set "
+                        "NSTJAX_CACHE to a writable directory with room")
 
 
 def _by_hand(source: WeightSource, url: str) -> str:
@@ -131,8 +221,7 @@ def _download(source: WeightSource, raw: Path) -> None:
         raise WeightsError(f"cannot download the {source.name} weights from {url} "
                            f"({_reason(e, timeout)}); {_by_hand(source, url)}") from None
     except OSError as e:
-        raise WeightsError(f"cannot write {raw} ({e.strerror or e}): set NSTJAX_CACHE to a "
-                           "writable directory") from None
+        raise _cannot_write(raw, e) from None
     finally:
         progress.close()
         logger.setLevel(level)
