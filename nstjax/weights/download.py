@@ -88,6 +88,7 @@ def fetch_source(source: WeightSource) -> Path:
             _download(source, raw)
         weights = read_weights(raw, source.preprocessing, source.name)
         try:
+            _record_path(dest).unlink(missing_ok=True)  # a deleted file's: never beside the new one
             save_canonical(dest, weights)
             _record(dest)
         except OSError as e:
