@@ -1,18 +1,23 @@
 """nstjax.weights: formats, canonical files, the download path (against a loopback server), CLI."""
 
 import dataclasses
+import errno
 import functools
 import hashlib
 import http.server
+import io
 import json
 import os
 import pathlib
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
+import zipfile
 
+import h5py
 import numpy as np
 import pytest
 import safetensors
@@ -94,8 +99,9 @@ def error(fn, *args, **kwargs) -> str:
 # --- the registry -------------------------------------------------------------------------------
 
 def test_registry_sources():
-    assert DEFAULT == "vgg19" and list(SOURCES) == ["vgg19", "vgg19-torchvision"]
-    keras = SOURCES["vgg19"]
+    assert DEFAULT == "vgg19"
+    assert list(SOURCES) == ["vgg19", "vgg19-torchvision", "vgg19-torchvision-pth"]
+    keras = SOURCES["vgg19"]  # the file and md5 keras/src/applications/vgg19.py pins (include_top=False)
     assert keras.url == ("https://storage.googleapis.com/tensorflow/keras-applications/vgg19/"
                          "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5")
     assert keras.filename == KERAS_NAME and keras.size == 80_134_624
@@ -105,6 +111,29 @@ def test_registry_sources():
     assert tv.url == "https://huggingface.co/timm/vgg19.tv_in1k/resolve/main/model.safetensors"
     assert tv.known_hash == ("sha256:11aea017b543ff59233749d8f1cf544cda749378f5790d2fedab841fb86b7669")
     assert tv.preprocessing == TORCHVISION and tv.licence == "BSD-3-Clause"
+    pth = SOURCES["vgg19-torchvision-pth"]  # torchvision's VGG19_Weights.IMAGENET1K_V1
+    assert pth.url == "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth"
+    assert pth.url.rsplit("/", 1)[1] == pth.filename and pth.filename.endswith(".pth")
+    assert pth.preprocessing == TORCHVISION and pth.licence == "BSD-3-Clause"
+    # torch.hub's check_hash: the sha256 must start with the hex digits after the name's last '-'
+    assert pth.known_hash == "sha256:" + torch.hub.HASH_REGEX.search(pth.filename).group(1)
+    assert [s.check for s in SOURCES.values()] == ["md5 full", "sha256 full", "sha256 prefix"]
+
+
+def test_hash_pins_are_whole_or_long_enough_prefixes():
+    source = SOURCES["vgg19-torchvision-pth"]
+    assert source.hash_matches("dcbb9e9d" + "0" * 56) and not source.hash_matches("dcbb9e9e" + "0" * 56)
+    for bad in ("sha256:dcbb", "sha256:" + "0" * 65, "sha1:" + "0" * 40, "sha256:DCBB9E9D", "dcbb9e9d"):
+        with pytest.raises(ValueError):
+            dataclasses.replace(source, known_hash=bad)
+
+
+def test_every_model_config_names_a_registry_source():
+    from omegaconf import OmegaConf
+
+    names = {p.stem: OmegaConf.load(p).weights for p in (ROOT / "configs" / "model").glob("*.yaml")}
+    assert names == {"vgg19": "vgg19", "vgg19_torchvision": "vgg19-torchvision",
+                     "vgg19_torchvision_pth": "vgg19-torchvision-pth"}
 
 
 # --- reading each format ------------------------------------------------------------------------
@@ -278,6 +307,97 @@ def test_unknown_extension_name_and_missing_file(tmp_path):
     assert "no such weights file" in message and "missing.h5" in message
 
 
+# --- untrusted files: refused before anything is read or allocated --------------------------------
+
+@pytest.fixture
+def no_library_reads(monkeypatch):
+    """Fails the test if a container library opens the file."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the file was handed to a library")
+    for module, name in ((safetensors, "safe_open"), (h5py, "File"), (np, "load"), (torch, "load")):
+        monkeypatch.setattr(module, name, refuse)
+
+
+@pytest.mark.parametrize("suffix", [".h5", ".safetensors", ".npz", ".pth"])
+def test_huge_file_is_refused_unread(tmp_path, no_library_reads, suffix):
+    path = tmp_path / f"huge{suffix}"
+    with open(path, "wb") as f:
+        f.truncate(3 << 30)  # sparse: no disk used
+    assert path.stat().st_blocks * 512 < 1 << 20
+    start = time.monotonic()
+    message = error(load_weights, path)
+    assert time.monotonic() - start < 1  # not even hashed
+    assert str(path) in message and "3.0 GiB" in message and "at most 2 GiB" in message
+
+
+def write_safetensors(path, header: dict, data: bytes = b"") -> None:
+    """A safetensors file from its parts (the format: u64 header length, JSON, data)."""
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+
+
+def test_safetensors_header_length_is_bounded(tmp_path, no_library_reads):
+    path = tmp_path / "a.safetensors"
+    path.write_bytes(struct.pack("<Q", 1 << 40) + b"{}")
+    message = error(load_weights, path)
+    assert "1,099,511,627,776-byte header" in message and "corrupt or truncated" in message
+    with open(path, "wb") as f:  # a header within the file, yet far larger than VGG19's
+        f.write(struct.pack("<Q", 512 << 20))
+        f.truncate(1 << 30)
+    message = error(load_weights, path)
+    assert "536,870,912-byte safetensors header" in message and "16 MiB" in message
+
+
+def test_safetensors_absurd_declared_shape(files, tmp_path, no_library_reads):
+    data = files["safetensors"].read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + length])
+    header["features.0.weight"]["shape"] = [100_000, 100_000, 3, 3]
+    path = tmp_path / "absurd.safetensors"
+    write_safetensors(path, header, data[8 + length:])
+    message = error(load_weights, path)
+    assert "conv1_1 kernel has shape (3, 3, 100000, 100000)" in message
+    assert "(3, 3, 3, 64)" in message
+    write_safetensors(path, {"features.0.weight": {"dtype": "F32", "shape": [64, 3, 3, 3],
+                                                   "data_offsets": [0, 1 << 40]}}, b"0" * 64)
+    assert "past the end" in error(load_weights, path)
+
+
+def test_h5_absurd_declared_shape_is_never_read(params, tmp_path, monkeypatch):
+    path = tmp_path / "absurd.h5"
+    wf.write_keras_h5(path, params)
+    with h5py.File(path, "a") as f:
+        del f["block1_conv1/block1_conv1_W_1:0"]
+        f.create_dataset("block1_conv1/block1_conv1_W_1:0", shape=(100_000, 100_000, 3, 64),
+                         dtype="f4", chunks=(1, 1, 3, 64))  # 7.7 TB declared, nothing stored
+    assert path.stat().st_size < 200 << 20
+    read = []
+    real = h5py.Dataset.__getitem__
+    monkeypatch.setattr(h5py.Dataset, "__getitem__",
+                        lambda self, key: read.append(self.name) or real(self, key))
+    message = error(load_weights, path)
+    assert "conv1_1 kernel has shape (100000, 100000, 3, 64)" in message
+    assert read == []
+
+
+def test_npz_absurd_declared_shape_is_never_read(params, tmp_path, monkeypatch):
+    src, path = tmp_path / "w.npz", tmp_path / "absurd.npz"
+    wf.write_npz(src, params, CAFFE)
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False,
+                                                  "shape": (100_000, 100_000, 3, 64)})
+    with zipfile.ZipFile(src) as a, zipfile.ZipFile(path, "w") as b:
+        for member in a.namelist():
+            b.writestr(member, header.getvalue() if member == "conv1_1/kernel.npy" else a.read(member))
+    read = []
+    real = np.lib.format.read_array
+    monkeypatch.setattr(np.lib.format, "read_array",
+                        lambda fp, *a, **k: read.append(fp.name) or real(fp, *a, **k))
+    message = error(load_weights, path)
+    assert "conv1_1 kernel has shape (100000, 100000, 3, 64)" in message
+    assert "conv1_1/kernel.npy" not in read
+
+
 def test_bad_timeout_variable(cache, monkeypatch):
     monkeypatch.setenv("NSTJAX_DOWNLOAD_TIMEOUT", "soon")
     source = dataclasses.replace(SOURCES["vgg19"], url="http://127.0.0.1:1/x.h5")
@@ -318,6 +438,11 @@ def keras_file(files):
     return files["h5"]
 
 
+def cached_files(cache) -> set[str]:
+    """The cache dir's files, except the lock files (left by filelock on some platforms)."""
+    return {p.name for p in cache.iterdir() if p.suffix != ".lock"}
+
+
 def keras_source(path, url, algorithm="md5", digest=None):
     """The real vgg19 entry with a test URL, size and checksum."""
     digest = digest or hashlib.new(algorithm, path.read_bytes()).hexdigest()
@@ -332,7 +457,7 @@ def test_download_converts_and_caches(server, keras_file, params, cache, monkeyp
     w = load_weights("vgg19")
     assert seen == [f"/{KERAS_NAME}"]
     assert cache_dir() == cache
-    assert sorted(p.name for p in cache.iterdir()) == ["vgg19.safetensors"]  # raw file removed
+    assert cached_files(cache) == {"vgg19.safetensors", "vgg19.safetensors.sha256"}  # raw file removed
     assert w.source == "vgg19" and w.preprocessing == CAFFE
     assert w.sha256 == sha256(cache / "vgg19.safetensors")
     assert_same_params(w.params, params)
@@ -353,7 +478,40 @@ def test_wrong_checksum_removes_the_file(server, keras_file, cache, monkeypatch)
     message = error(load_weights, "vgg19")
     assert "does not match its checksum md5:" + "0" * 32 in message and url in message
     assert hashlib.md5(keras_file.read_bytes()).hexdigest() in message
-    assert not cache.exists() or list(cache.iterdir()) == []
+    assert not cache.exists() or cached_files(cache) == set()
+
+
+def test_sha256_prefix_is_checked_as_torch_hub_checks_it(server, params, cache, tmp_path, monkeypatch):
+    """A synthetic .pth served under a torchvision-style name with its real sha256 prefix."""
+    root, base, seen = server
+    wf.write_pth(tmp_path / "synthetic.pth", params)
+    data = (tmp_path / "synthetic.pth").read_bytes()
+    prefix = hashlib.sha256(data).hexdigest()[:8]
+    name, canonical = f"vgg19-{prefix}.pth", "vgg19-torchvision-pth.safetensors"
+    url = f"{base}/{name}"
+    source = dataclasses.replace(SOURCES["vgg19-torchvision-pth"], filename=name, size=len(data),
+                                 known_hash=f"sha256:{prefix}")
+    monkeypatch.setitem(SOURCES, source.name, source)
+    monkeypatch.setenv(source.url_variable, url)
+    (root / name).write_bytes(data)
+    torch.hub.download_url_to_file(url, str(tmp_path / "hub.pth"), hash_prefix=prefix, progress=False)
+    w = load_weights(source.name)  # accepted, as torch.hub accepts it
+    assert seen[-1] == f"/{name}" and w.preprocessing == TORCHVISION
+    assert_same_params(w.params, params)
+    assert (cache / canonical).is_file() and not (cache / name).exists()
+
+    altered = bytearray(data)
+    altered[len(data) // 2] ^= 0xFF  # same size, other content
+    (root / name).write_bytes(bytes(altered))
+    with pytest.raises(RuntimeError, match="invalid hash value"):
+        torch.hub.download_url_to_file(url, str(tmp_path / "hub2.pth"), hash_prefix=prefix,
+                                       progress=False)
+    monkeypatch.setenv("NSTJAX_CACHE", str(tmp_path / "empty-cache"))
+    message = error(load_weights, source.name)
+    assert (f"does not match its checksum sha256:{prefix} (sha256 prefix; got "
+            f"{hashlib.sha256(altered).hexdigest()})") in message
+    assert url in message and "was removed" in message
+    assert cached_files(tmp_path / "empty-cache") == set()
 
 
 def test_http_error(server, keras_file, cache):
@@ -417,6 +575,118 @@ def test_wrong_raw_file_placed_by_hand(keras_file, cache):
     assert str(raw) in message and "does not match its checksum" in message and "delete it" in message
 
 
+# --- a cache shared by concurrent processes, and its integrity ----------------------------------
+
+_FETCHER = """
+import dataclasses, json, pathlib, sys, time
+from nstjax.weights import SOURCES, fetch
+args = json.loads(sys.argv[1])
+SOURCES["vgg19"] = dataclasses.replace(SOURCES["vgg19"], url=args["url"], size=args["size"],
+                                       known_hash=args["known_hash"])
+pathlib.Path(args["ready"]).touch()
+start, deadline = pathlib.Path(args["start"]), time.monotonic() + 60
+while not start.exists():  # the barrier: every process is started, imported and waiting
+    assert time.monotonic() < deadline, "never started"
+    time.sleep(0.001)
+print(fetch("vgg19"))
+"""
+
+
+def test_processes_started_at_once_share_one_download(server, keras_file, params, cache, tmp_path):
+    root, base, seen = server
+    (root / KERAS_NAME).write_bytes(keras_file.read_bytes())
+    source = keras_source(keras_file, f"{base}/{KERAS_NAME}")
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    env = dict(os.environ, NSTJAX_CACHE=str(cache), JAX_PLATFORMS="cpu")
+    children = [subprocess.Popen(
+        [sys.executable, "-c", _FETCHER, json.dumps({
+            "url": source.url, "size": source.size, "known_hash": source.known_hash,
+            "ready": str(barrier / f"ready-{i}"), "start": str(barrier / "start")})],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(3)]
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(barrier.iterdir())) < len(children):
+            assert time.monotonic() < deadline and all(c.poll() is None for c in children)
+            time.sleep(0.01)
+        (barrier / "start").touch()
+        results = [c.communicate(timeout=120) for c in children]
+    finally:
+        for c in children:
+            c.kill()
+    assert [c.returncode for c in children] == [0] * len(children), [err for _, err in results]
+    assert seen == [f"/{KERAS_NAME}"]  # served once
+    assert cached_files(cache) == {"vgg19.safetensors", "vgg19.safetensors.sha256"}
+    assert [out.strip() for out, _ in results] == [str(cache / "vgg19.safetensors")] * len(children)
+    digest = sha256(cache / "vgg19.safetensors")
+    assert (cache / "vgg19.safetensors.sha256").read_text() == f"{digest}  vgg19.safetensors\n"
+    assert_same_params(load_weights(cache / "vgg19.safetensors").params, params)
+    assert sum("waiting for another process" in err for _, err in results) >= 1
+
+
+@pytest.fixture
+def served_vgg19(server, keras_file, cache, monkeypatch):
+    """The vgg19 source served by the loopback server; yields the requests seen."""
+    root, base, seen = server
+    (root / KERAS_NAME).write_bytes(keras_file.read_bytes())
+    monkeypatch.setitem(SOURCES, "vgg19", keras_source(keras_file, f"{base}/{KERAS_NAME}"))
+    return seen
+
+
+def test_corrupt_canonical_file_is_refused_and_the_message_rebuilds_it(served_vgg19, params, cache,
+                                                                        capsys):
+    path = fetch_source(SOURCES["vgg19"])
+    assert (cache / "vgg19.safetensors.sha256").read_text().split() == [sha256(path), path.name]
+    good = path.read_bytes()
+    altered = bytearray(good)
+    altered[len(good) // 2] ^= 0x01  # the same size, a slightly different weight
+    for bad in (good[: len(good) // 2], bytes(altered)):
+        path.write_bytes(bad)
+        message = error(load_weights, "vgg19")
+        assert str(path) in message and "corrupt" in message and hashlib.sha256(bad).hexdigest() in message
+        assert "delete it and run python -m nstjax.weights fetch vgg19 to rebuild it" in message
+    path.unlink()  # what the message says
+    code, out, _ = main("fetch", "vgg19", capsys=capsys)
+    assert code == 0 and out.strip() == str(path)
+    assert len(served_vgg19) == 2  # downloaded and converted again
+    assert (cache / "vgg19.safetensors.sha256").read_text().split() == [sha256(path), path.name]
+    assert_same_params(load_weights("vgg19").params, params)
+
+
+def test_canonical_file_copied_in_by_hand_is_checked_then_recorded(synthetic_weights_file, cache,
+                                                                    monkeypatch):
+    monkeypatch.setenv("NSTJAX_WEIGHTS_URL_VGG19", "http://127.0.0.1:1/unreachable.h5")
+    cache.mkdir()
+    path, record = cache / "vgg19.safetensors", cache / "vgg19.safetensors.sha256"
+    data = synthetic_weights_file.read_bytes()
+    path.write_bytes(data[:-100])
+    message = error(load_weights, "vgg19")
+    assert "corrupt or truncated" in message and "python -m nstjax.weights fetch vgg19" in message
+    assert not record.exists()
+    path.write_bytes(data)
+    assert load_weights("vgg19").sha256 == sha256(synthetic_weights_file)
+    assert record.read_text() == f"{sha256(synthetic_weights_file)}  vgg19.safetensors\n"
+
+
+def test_full_disk_while_converting(served_vgg19, params, cache, monkeypatch):
+    real = safetensors.numpy.save_file
+
+    def half_then_enospc(tensors, filename, metadata=None):
+        real(tensors, filename, metadata=metadata)
+        with open(filename, "r+b") as f:
+            f.truncate(os.path.getsize(filename) // 2)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(safetensors.numpy, "save_file", half_then_enospc)
+    message = error(load_weights, "vgg19")
+    assert "cannot write" in message and "No space left on device" in message
+    assert cached_files(cache) == {KERAS_NAME}  # the verified download stays, no temporary file
+    monkeypatch.setattr(safetensors.numpy, "save_file", real)
+    assert_same_params(load_weights("vgg19").params, params)  # converted without downloading again
+    assert len(served_vgg19) == 1
+    assert cached_files(cache) == {"vgg19.safetensors", "vgg19.safetensors.sha256"}
+
+
 # --- the CLI ------------------------------------------------------------------------------------
 
 def cli(*args, cache, **env) -> subprocess.CompletedProcess:
@@ -446,12 +716,15 @@ def test_cli_list_and_fetch(files, cache, capsys):
     out = result.stdout
     assert "vgg19 (default)" in out and "vgg19-torchvision" in out and "80.1 MB" in out
     assert "CC BY 4.0" in out and "BSD-3-Clause" in out and str(cache) in out
-    assert out.count(" no ") == 2
+    assert out.count(" no ") == 3
+    checks = {line.split()[0]: line.split("  ")  for line in out.splitlines()[1:4]}
+    assert "md5 full" in checks["vgg19"] and "sha256 full" in checks["vgg19-torchvision"]
+    assert "sha256 prefix" in checks["vgg19-torchvision-pth"]
     save_canonical(cache / "vgg19.safetensors", load_weights(files["h5"]))
     code, out, _ = main("fetch", "vgg19", capsys=capsys)
     assert code == 0 and out.strip() == str(cache / "vgg19.safetensors")
     code, out, _ = main("list", capsys=capsys)
-    assert code == 0 and out.count(" yes ") == 1 and out.count(" no ") == 1
+    assert code == 0 and out.count(" yes ") == 1 and out.count(" no ") == 2
     assert_fails(*main("fetch", "vgg16", capsys=capsys)[::2], "unknown weights 'vgg16'",
                  "vgg19-torchvision")
 

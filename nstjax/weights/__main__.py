@@ -29,14 +29,14 @@ def _size(source) -> str:
 
 
 def cmd_list(args) -> None:
-    rows = [("NAME", "SIZE", "LICENCE", "CACHED", "DESCRIPTION")]
+    rows = [("NAME", "SIZE", "LICENCE", "CACHED", "CHECK", "DESCRIPTION")]
     for s in SOURCES.values():
         cached = "yes" if cached_path(s).is_file() else "no"
         rows.append((s.name + (" (default)" if s.name == DEFAULT else ""), _size(s), s.licence,
-                     cached, f"{s.description}; {s.file_format}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+                     cached, s.check, f"{s.description}; {s.file_format}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[4])
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
     print(f"cache dir: {cache_dir()}")
 
 

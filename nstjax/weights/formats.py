@@ -8,6 +8,12 @@ Three key layouts are recognised, in any container:
 
 The canonical file is safetensors with the conv tensors only (HWIO float32)
 and metadata: format, preprocessing (JSON), source, origin_sha256.
+
+Files are untrusted: one larger than VGG19 weights can be is refused unread,
+the shapes each container declares (safetensors' header, parsed here with
+bounds before the library sees the file; HDF5 datasets; npy headers) are
+checked against VGG19's before any tensor is read, and pickles are only read
+by ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import hashlib
 import json
 import pickle
 import re
+import struct
 import zipfile
 from pathlib import Path
 from typing import Callable, Iterable
@@ -33,6 +40,8 @@ from nstjax.vgg import CAFFE, CONV_LAYERS, TORCHVISION, Preprocessing, conv_shap
 SUFFIXES = (".h5", ".safetensors", ".npz", ".pth")
 CANONICAL_FORMAT = "nstjax-vgg19"
 _NPZ_METADATA = "metadata."
+MAX_FILE_BYTES = 2 << 30  # VGG19 with its classifier is 575 MB in float32, 1.15 GB in float64
+MAX_HEADER_BYTES = 16 << 20  # a safetensors header of VGG19 is a few kB
 _TORCHVISION_INDICES = (0, 2, 5, 7, 10, 12, 14, 16, 19, 21, 23, 25, 28, 30, 32, 34)
 _UNREADABLE = (OSError, ValueError, RuntimeError, EOFError, KeyError, zipfile.BadZipFile,
                pickle.UnpicklingError, safetensors.SafetensorError)
@@ -107,25 +116,34 @@ def _detect_layout(path: Path, names: set[str]) -> str:
     return layout
 
 
-def _extract(path: Path, names: Iterable[str], get: Callable[[str], np.ndarray]) -> tuple[str, dict]:
-    """The layout of ``names`` and the 16 convolutions read with ``get``, checked."""
+def _declared_layout(path: Path, names: Iterable[str], shape_of: Callable[[str], tuple]) -> str:
+    """The layout of ``names``, once all 16 convolutions are there with the shapes VGG19
+    needs as the file declares them (``shape_of``): checked before any tensor is read."""
     names = set(names)
     layout = _detect_layout(path, names)
-    shapes = conv_shapes()
-    params = {}
     for name, keys in LAYOUT_KEYS[layout].items():
         missing = [k for k in keys if k not in names]
         if missing:
             raise WeightsError(
                 f"{path} has no {name} (no {missing[0]!r}): it is not a complete VGG19 "
                 f"({layout} layout); use a file with all 16 convolutions of VGG19")
+        for key, part, shape in zip(keys, ("kernel", "bias"), conv_shapes()[name]):
+            _check_shape(path, name, part, _as_hwio(layout, part, tuple(shape_of(key))), shape)
+    return layout
+
+
+def _extract(path: Path, layout: str, get: Callable[[str], np.ndarray]) -> dict:
+    """The 16 convolutions of a file in ``layout`` read with ``get``, checked."""
+    shapes = conv_shapes()
+    params = {}
+    for name, keys in LAYOUT_KEYS[layout].items():
         kernel, bias = (_float32(path, key, get(key)) for key in keys)
         if layout == "torchvision" and kernel.ndim == 4:
             kernel = kernel.transpose(2, 3, 1, 0)
         for part, array, shape in (("kernel", kernel, shapes[name][0]), ("bias", bias, shapes[name][1])):
             _check(path, name, part, array, shape)
         params[name] = {"kernel": np.ascontiguousarray(kernel), "bias": np.ascontiguousarray(bias)}
-    return layout, params
+    return params
 
 
 def _float32(path: Path, key: str, array) -> np.ndarray:
@@ -136,11 +154,22 @@ def _float32(path: Path, key: str, array) -> np.ndarray:
     return array.astype(np.float32, copy=False)
 
 
-def _check(where, name: str, part: str, array: np.ndarray, shape: tuple) -> None:
-    if tuple(array.shape) != tuple(shape):
+def _as_hwio(layout: str, part: str, shape: tuple) -> tuple:
+    """A declared torchvision kernel shape (OIHW) as the HWIO shape it becomes."""
+    if layout == "torchvision" and part == "kernel" and len(shape) == 4:
+        return shape[2], shape[3], shape[1], shape[0]
+    return shape
+
+
+def _check_shape(where, name: str, part: str, shape: tuple, want: tuple) -> None:
+    if tuple(shape) != tuple(want):
         layout = " (HWIO)" if part == "kernel" else ""
-        raise WeightsError(f"{where}: {name} {part} has shape {tuple(array.shape)}, VGG19 needs "
-                           f"{tuple(shape)}{layout}: this is not VGG19 weights, use a VGG19 file")
+        raise WeightsError(f"{where}: {name} {part} has shape {tuple(shape)}, VGG19 needs "
+                           f"{tuple(want)}{layout}: this is not VGG19 weights, use a VGG19 file")
+
+
+def _check(where, name: str, part: str, array: np.ndarray, shape: tuple) -> None:
+    _check_shape(where, name, part, array.shape, shape)
     if not np.isfinite(array).all():
         raise WeightsError(f"{where}: {name} {part} has NaN or infinite values: the file is "
                            "corrupt, download or convert it again")
@@ -150,21 +179,77 @@ def _read_h5(path: Path) -> tuple[str, dict, dict]:
     with h5py.File(path, "r") as f:
         names = []
         f.visititems(lambda key, obj: names.append(key) if isinstance(obj, h5py.Dataset) else None)
-        return *_extract(path, names, lambda key: f[key][()]), {}
+        layout = _declared_layout(path, names, lambda key: f[key].shape)
+        return layout, _extract(path, layout, lambda key: f[key][()]), {}
+
+
+def _safetensors_header(path: str | Path) -> tuple[dict[str, dict], dict[str, str]]:
+    """The tensors (``{key: {dtype, shape, data_offsets}}``) and metadata a safetensors
+    file declares, parsed and bounds-checked without the safetensors library."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise _unreadable(path, "a safetensors", "shorter than the 8-byte header length")
+        (length,) = struct.unpack("<Q", head)
+        if length > size - 8:
+            raise _unreadable(path, "a safetensors", f"it declares a {length:,}-byte header, the "
+                              f"file has {size:,} bytes")
+        if length > MAX_HEADER_BYTES:
+            raise WeightsError(f"{path} declares a {length:,}-byte safetensors header, more than "
+                               f"the {MAX_HEADER_BYTES >> 20} MiB a weights file needs; nothing "
+                               "was read: this is not VGG19 weights, use a VGG19 file")
+        header = json.loads(f.read(length))
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise ValueError("malformed __metadata__")
+    data_size = size - 8 - length
+    for key, entry in header.items():
+        shape, offsets = (entry.get(k) if isinstance(entry, dict) else None
+                          for k in ("shape", "data_offsets"))
+        if not (_ints(shape) and _ints(offsets) and len(offsets) == 2
+                and 0 <= offsets[0] <= offsets[1] <= data_size):
+            raise ValueError(f"tensor {key!r}: malformed entry or data past the end of the file")
+    return header, metadata
+
+
+def _ints(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, int) and v >= 0 for v in value)
 
 
 def _read_safetensors(path: Path) -> tuple[str, dict, dict]:
+    tensors, metadata = _safetensors_header(path)
+    layout = _declared_layout(path, tensors, lambda key: tensors[key]["shape"])
     with safetensors.safe_open(str(path), framework="numpy") as f:
-        metadata = dict(f.metadata() or {})
-        return *_extract(path, f.keys(), f.get_tensor), metadata
+        return layout, _extract(path, layout, f.get_tensor), metadata
+
+
+def _npy_shapes(path: Path) -> dict[str, tuple]:
+    """The shape each array of an .npz declares in its npy header (nothing else is read)."""
+    shapes = {}
+    with zipfile.ZipFile(path) as z:
+        for member in z.namelist():
+            if member.endswith(".npy"):
+                with z.open(member) as f:
+                    version = np.lib.format.read_magic(f)
+                    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                   else np.lib.format.read_array_header_2_0)
+                    shapes[member[:-len(".npy")]] = read_header(f)[0]
+    return shapes
 
 
 def _read_npz(path: Path) -> tuple[str, dict, dict]:
     if not zipfile.is_zipfile(path):
         raise _unreadable(path, "an npz", "not a zip archive")
+    shapes = _npy_shapes(path)
+    layout = _declared_layout(path, shapes, shapes.__getitem__)
     with np.load(path, allow_pickle=False) as z:
-        metadata = {k[len(_NPZ_METADATA):]: str(z[k]) for k in z.files if k.startswith(_NPZ_METADATA)}
-        return *_extract(path, z.files, z.__getitem__), metadata
+        metadata = {k[len(_NPZ_METADATA):]: str(z[k]) for k in z.files
+                    if k.startswith(_NPZ_METADATA) and shapes.get(k) == ()}
+        return layout, _extract(path, layout, z.__getitem__), metadata
 
 
 def _read_pth(path: Path) -> tuple[str, dict, dict]:
@@ -185,8 +270,8 @@ def _read_pth(path: Path) -> tuple[str, dict, dict]:
         raise WeightsError(f"{path} holds a {type(state).__name__}, not a state dict: "
                            "save model.state_dict() and use that file")
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-    layout, params = _extract(path, tensors, lambda key: tensors[key].detach().float().numpy())
-    return layout, params, {}
+    layout = _declared_layout(path, tensors, lambda key: tensors[key].shape)
+    return layout, _extract(path, layout, lambda key: tensors[key].detach().float().numpy()), {}
 
 
 _READERS = {".h5": (_read_h5, "an HDF5"), ".safetensors": (_read_safetensors, "a safetensors"),
@@ -217,6 +302,11 @@ def read_file(path: str | Path) -> WeightsFile:
     if not path.is_file():
         raise WeightsError(f"no such weights file: {path}; give the path of an existing file, "
                            "or a registry name (see python -m nstjax.weights list)")
+    size = path.stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise WeightsError(f"{path} is {size / 2**30:.1f} GiB, far larger than VGG19 weights can "
+                           f"be (at most {MAX_FILE_BYTES >> 30} GiB); nothing was read: use a "
+                           "VGG19 weights file")
     reader, kind = _READERS[path.suffix]
     try:
         layout, params, metadata = reader(path)

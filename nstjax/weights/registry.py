@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import re
 
@@ -16,9 +17,11 @@ DEFAULT = "vgg19"
 class WeightSource:
     """A downloadable VGG19 weights file.
 
-    ``known_hash`` is pooch's ``"md5:..."``/``"sha256:..."``; ``size`` is in
-    bytes, or None where only the hash is known (the hash is what's verified);
-    ``approx_size`` is for display.
+    ``known_hash`` is ``"md5:..."`` or ``"sha256:..."`` (pooch's spelling): the
+    whole digest, or a prefix of it (at least 8 hex digits) where that is all
+    the publisher pins, as torchvision does in its file names (torch.hub's
+    ``check_hash``: the file's sha256 must start with it). ``size`` is in bytes,
+    or None where only the hash is known; ``approx_size`` is for display.
     """
 
     name: str
@@ -31,6 +34,32 @@ class WeightSource:
     preprocessing: Preprocessing
     licence: str
     description: str
+
+    def __post_init__(self):
+        algorithm, _, digest = self.known_hash.partition(":")
+        full = 2 * hashlib.new(algorithm).digest_size if algorithm in ("md5", "sha256") else 0
+        if not (full and re.fullmatch(r"[0-9a-f]{8,%d}" % full, digest)):
+            raise ValueError(f"{self.name}: known_hash {self.known_hash!r} is not 'md5:HEX' or "
+                             "'sha256:HEX' with 8 or more lowercase hex digits")
+
+    @property
+    def hash_algorithm(self) -> str:
+        return self.known_hash.split(":")[0]
+
+    @property
+    def hash_digest(self) -> str:
+        """The pinned digest, or the prefix of it that is pinned."""
+        return self.known_hash.split(":")[1]
+
+    @property
+    def check(self) -> str:
+        """What a download is checked against: 'md5 full', 'sha256 full' or 'sha256 prefix'."""
+        full = len(self.hash_digest) == 2 * hashlib.new(self.hash_algorithm).digest_size
+        return f"{self.hash_algorithm} {'full' if full else 'prefix'}"
+
+    def hash_matches(self, digest: str) -> bool:
+        """Whether a file with hex ``digest`` (of ``hash_algorithm``) is this source's file."""
+        return digest.lower().startswith(self.hash_digest)
 
     @property
     def canonical_filename(self) -> str:
@@ -48,8 +77,8 @@ class WeightSource:
     def describe_file(self) -> str:
         """'filename (N bytes, md5 ...)' for messages."""
         size = f"{self.size:,} bytes, " if self.size else ""
-        algorithm, digest = self.known_hash.split(":")
-        return f"{self.filename} ({size}{algorithm} {digest})"
+        prefix = " starting" if self.check.endswith("prefix") else ""
+        return f"{self.filename} ({size}{self.hash_algorithm}{prefix} {self.hash_digest})"
 
 
 SOURCES: dict[str, WeightSource] = {
@@ -79,6 +108,18 @@ SOURCES: dict[str, WeightSource] = {
             preprocessing=TORCHVISION,
             licence="BSD-3-Clause",
             description="torchvision's IMAGENET1K_V1, as timm publishes it (timm/vgg19.tv_in1k)",
+        ),
+        WeightSource(
+            name="vgg19-torchvision-pth",
+            url="https://download.pytorch.org/models/vgg19-dcbb9e9d.pth",
+            filename="vgg19-dcbb9e9d.pth",
+            size=574_673_361,
+            approx_size=574_673_361,
+            known_hash="sha256:dcbb9e9d",  # the prefix in the file name, what torch.hub checks
+            file_format="PyTorch state dict (needs torch)",
+            preprocessing=TORCHVISION,
+            licence="BSD-3-Clause",
+            description="torchvision's IMAGENET1K_V1, torchvision's own file",
         ),
     )
 }
