@@ -29,6 +29,7 @@ from nstjax import images
 from nstjax.errors import UserError
 from nstjax.losses import HParams, LossSpec, compute_targets, make_objective
 from nstjax.optimize import Loop, OptimSpec, Problem
+from nstjax.style_losses import StyleHParams
 from nstjax.vgg import VGG19, Preprocessing, UnknownLayerError, default_conv, layer_stride, prepare_params
 from nstjax.weights import SOURCES, VGGWeights, load_weights, resolve
 from nstjax.yardstick import YARDSTICK_LAYERS, yardstick_targets
@@ -36,7 +37,8 @@ from nstjax.yardstick import YARDSTICK_LAYERS, yardstick_targets
 DEFAULT_CONTENT = "tubingen.jpg"
 DEFAULT_STYLE = "starry_night.jpg"
 MEMBER_KEYS = ("content", "style", "init", "init_noise_std", "seed", "loss.alpha", "loss.beta",
-               "loss.tv_weight", "loss.content_layer_weights", "loss.style_layer_weights", "optim.lr")
+               "loss.tv_weight", "loss.content_layer_weights", "loss.style_layer_weights", "optim.lr",
+               *(f"loss.{k}" for k in StyleHParams._fields))
 """The keys in which the members of one group may differ: they become arrays of the Problem."""
 GROUP_KEYS = ("resume",)
 """Keys that belong to the whole run, neither structure nor a member's data."""
@@ -52,15 +54,12 @@ def enum_value(v):
 
 
 def loss_spec(cfg: DictConfig) -> LossSpec:
-    c = cfg.loss
     try:
-        return LossSpec(
-            content_layers=tuple(c.content_layers), style_layers=tuple(c.style_layers),
-            gram_norm=enum_value(c.gram_norm), style_reduction=enum_value(c.style_reduction),
-            content_reduction=enum_value(c.content_reduction), tv_norm=enum_value(c.tv_norm),
-        )
+        return LossSpec.from_config(cfg.loss)
     except UnknownLayerError as e:
         raise UserError(f"loss.content_layers / loss.style_layers: {e}") from e
+    except ValueError as e:
+        raise UserError(str(e)) from e
 
 
 def hparams(cfg: DictConfig, spec: LossSpec) -> HParams:
@@ -73,8 +72,8 @@ def hparams(cfg: DictConfig, spec: LossSpec) -> HParams:
             if not math.isfinite(v) or v < 0:
                 raise UserError(f"loss.{key} = {v} is not allowed: loss weights must be finite and ≥ 0")
     try:
-        return HParams.create(spec, c.alpha, c.beta, c.content_layer_weights,
-                              c.style_layer_weights, c.tv_weight)
+        return HParams.create(spec, c.alpha, c.beta, c.content_layer_weights, c.style_layer_weights,
+                              c.tv_weight, **{k: c[k] for k in StyleHParams._fields})
     except ValueError as e:
         raise UserError(str(e)) from e
 
@@ -199,9 +198,10 @@ def validate(cfg: DictConfig) -> Inputs:
     return Inputs(spec, content, style)
 
 
-def structure_key(cfg: DictConfig, content_shape) -> str:
-    """The config less its member and group keys, with the content's resized shape: points
-    with equal keys can be optimised as members of one program."""
+def structure_key(cfg: DictConfig, inputs: Inputs) -> str:
+    """The config less its member and group keys, with the content's resized shape (and the
+    style's, for a style loss whose targets are the style's features): points with equal keys
+    can be optimised as members of one program."""
     data = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     for key in MEMBER_KEYS + GROUP_KEYS:
         *parents, leaf = key.split(".")
@@ -209,7 +209,9 @@ def structure_key(cfg: DictConfig, content_shape) -> str:
         for p in parents:
             node = node[p]
         node.pop(leaf, None)
-    data["content_shape"] = list(content_shape[:2])
+    data["content_shape"] = list(inputs.content.shape[:2])
+    if inputs.spec.style.reads == "features":
+        data["style_shape"] = list(inputs.style.shape[:2])
     return OmegaConf.to_yaml(OmegaConf.create(data))
 
 

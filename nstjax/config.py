@@ -16,6 +16,9 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from nstjax.images import DEFAULT_MAX_PIXELS
+from nstjax.losses import TV_NORMS, LossSpec
+from nstjax.style_losses import (CONTENT_LOSSES, CONTENT_REDUCTIONS, GRAM_NORMS, MMD_KERNELS,
+                                 STYLE_LOSSES, STYLE_REDUCTIONS, StyleHParams)
 
 
 class Pooling(enum.Enum):
@@ -45,27 +48,21 @@ class ConvAlgorithm(enum.Enum):
     winograd = "winograd"
 
 
-class GramNorm(enum.Enum):
-    none = "none"
-    M = "M"
-    NM = "NM"
+def _choices(name: str, choices, doc: str) -> type[enum.Enum]:
+    """An Enum whose names and values are ``choices`` (the tuple or registry that defines them)."""
+    made = enum.Enum(name, [(c, c) for c in choices], module=__name__, qualname=name)
+    made.__doc__ = doc
+    return made
 
 
-class StyleReduction(enum.Enum):
-    gatys = "gatys"
-    sum = "sum"
-    mean = "mean"
-
-
-class ContentReduction(enum.Enum):
-    half_sum = "half_sum"
-    sum = "sum"
-    mean = "mean"
-
-
-class TVNorm(enum.Enum):
-    squared = "squared"
-    abs = "abs"
+GramNorm = _choices("GramNorm", GRAM_NORMS, "g of the Gram matrix G = Fᵀ F / g: 1, M or N·M.")
+StyleReduction = _choices("StyleReduction", STYLE_REDUCTIONS, "How the gram loss reduces (G − A)².")
+ContentReduction = _choices("ContentReduction", CONTENT_REDUCTIONS, "How the mse content loss reduces (F − P)².")
+TVNorm = _choices("TVNorm", TV_NORMS, "Total variation of squared or absolute differences.")
+StyleLoss = _choices("StyleLoss", STYLE_LOSSES, "The per-layer style loss (nstjax.style_losses.STYLE_LOSSES).")
+MMDKernel = _choices("MMDKernel", MMD_KERNELS, "The kernel of the mmd style loss.")
+ContentLoss = _choices("ContentLoss", CONTENT_LOSSES,
+                       "The per-layer content loss (nstjax.style_losses.CONTENT_LOSSES).")
 
 
 class Linesearch(enum.Enum):
@@ -106,21 +103,35 @@ class ModelConfig:
     preprocessing: Optional[PreprocessingConfig] = None  # override for a local weights file
 
 
+_HP = StyleHParams._field_defaults
+
+
 @dataclass
 class LossConfig:
-    content_layers: List[str] = field(default_factory=lambda: ["relu4_2"])
-    style_layers: List[str] = field(
-        default_factory=lambda: ["relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"]
-    )
+    """The objective. Defaults are those of :class:`nstjax.losses.LossSpec` (structure) and
+    :class:`nstjax.style_losses.StyleHParams` (the style losses' numbers)."""
+
+    content_layers: List[str] = field(default_factory=lambda: list(LossSpec.content_layers))
+    style_layers: List[str] = field(default_factory=lambda: list(LossSpec.style_layers))
     content_layer_weights: Optional[List[float]] = None  # None: 1/L each
     style_layer_weights: Optional[List[float]] = None  # None: 1/L each (Gatys et al.)
     alpha: float = 1.0
     beta: float = 1e4
     tv_weight: float = 0.0
-    tv_norm: TVNorm = TVNorm.squared
-    gram_norm: GramNorm = GramNorm.none
-    style_reduction: StyleReduction = StyleReduction.gatys
-    content_reduction: ContentReduction = ContentReduction.half_sum
+    tv_norm: TVNorm = TVNorm[LossSpec.tv_norm]
+    gram_norm: GramNorm = GramNorm[LossSpec.gram_norm]
+    style_reduction: StyleReduction = StyleReduction[LossSpec.style_reduction]
+    content_reduction: ContentReduction = ContentReduction[LossSpec.content_reduction]
+    style_loss: StyleLoss = StyleLoss[LossSpec.style_loss]
+    content_loss: ContentLoss = ContentLoss[LossSpec.content_loss]
+    mmd_kernel: MMDKernel = MMDKernel[LossSpec.mmd_kernel]
+    mmd_degree: int = LossSpec.mmd_degree  # poly: d of (xᵀy + c)^d; exact up to 2, sampled above
+    mmd_c: float = _HP["mmd_c"]  # poly: c of (xᵀy + c)^d
+    mmd_bandwidth: Optional[float] = _HP["mmd_bandwidth"]  # gaussian: σ²; None: the style vectors' mean squared distance
+    style_positions: int = LossSpec.style_positions  # positions sampled per evaluation (mmd gaussian, remd, self_similarity)
+    sw_projections: Optional[int] = LossSpec.sw_projections  # sliced_wasserstein directions; None: N
+    mrf_stride: int = LossSpec.mrf_stride  # mrf: stride of the 3×3 patches
+    remd_moment_weight: float = _HP["remd_moment_weight"]  # remd: weight of the moment term (STROTSS: 1)
 
 
 @dataclass

@@ -1,19 +1,22 @@
-"""The Gatys et al. objective as pure functions of arrays.
+"""The objective as pure functions of arrays.
 
 For a layer with N channels and M = H·W positions, F (M×N here, the transpose
 of the paper's N×M) holds the features of the image x, P those of the content.
 
-    content  L_content = Σ_l c_l · reduce_c((F − P)²)     reduce_c: ½Σ (the seed), Σ, or mean
-    Gram     G = Fᵀ F / g                              g: 1 (the seed), M, or N·M
-    style    E_l = reduce_s((G − A)²)                   reduce_s: Σ/(4N²M²) (the seed), Σ, or mean
-             L_style = Σ_l w_l E_l
+    content  L_content = Σ_l c_l · C_l                 C_l: loss.content_loss (mse: reduce_c((F − P)²))
+    style    L_style = Σ_l w_l E_l                     E_l: loss.style_loss (gram: reduce_s((G − A)²))
     TV       L_tv = Σ |∂x x|ᵖ + Σ |∂y x|ᵖ               p = 2 ('squared') or 1 ('abs')
     total    L = α L_content + β L_style + λ_tv L_tv
 
-Targets (P and the style Gram matrices A) are computed once per run. The
-objective takes the pixels, the VGG params, the targets and the hyperparameters
-(α, β, c_l, w_l, λ_tv as arrays) as arguments, so one compiled program serves a
-whole sweep and ``jax.vmap`` over the hyperparameters works.
+The per-layer losses E_l and C_l, each with its formula, are in
+:mod:`nstjax.style_losses`: Gatys et al.'s Gram loss (G = Fᵀ F / g, E_l =
+reduce_s((G − A)²)) and mean squared content loss are the defaults.
+
+Targets (P and the style loss's statistics of the style image) are computed
+once per run. The objective takes the pixels, the VGG params, the targets, the
+hyperparameters (α, β, c_l, w_l, λ_tv and the style losses' numbers as arrays)
+and a PRNG key as arguments, so one compiled program serves a whole sweep and
+``jax.vmap`` over the hyperparameters works.
 """
 
 from __future__ import annotations
@@ -24,41 +27,57 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from nstjax.vgg import VGG19, check_layers, layer_channels, layer_stride
+from nstjax.style_losses import (CONTENT_REDUCTIONS, GRAM_NORMS, STYLE_REDUCTIONS, LayerInput,
+                                 LayerLossOptions, StyleHParams, content_loss, gram_divisor,
+                                 style_layer_loss)
+from nstjax.vgg import VGG19, Features, check_layers, layer_channels, layer_stride
 
-GRAM_NORMS = ("none", "M", "NM")
-STYLE_REDUCTIONS = ("gatys", "sum", "mean")
-CONTENT_REDUCTIONS = ("half_sum", "sum", "mean")
+__all__ = ["CONTENT_REDUCTIONS", "GRAM_NORMS", "STYLE_REDUCTIONS", "TV_NORMS", "HParams", "LossSpec",
+           "StyleHParams", "Targets", "Terms", "compute_targets", "content_loss", "gram_divisor",
+           "make_objective", "style_layer_loss", "total_variation"]
+
 TV_NORMS = ("squared", "abs")
 
 
 @dataclasses.dataclass(frozen=True)
-class LossSpec:
-    """The structure of the objective: static, part of the compiled program."""
+class LossSpec(LayerLossOptions):
+    """The structure of the objective: static, part of the compiled program.
+
+    The per-layer losses' options (style_loss, gram_norm, …) are those of
+    :class:`nstjax.style_losses.LayerLossOptions`; fields are named as the
+    ``loss.*`` config keys.
+    """
 
     content_layers: tuple[str, ...] = ("relu4_2",)
     style_layers: tuple[str, ...] = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
-    gram_norm: str = "none"
-    style_reduction: str = "gatys"
-    content_reduction: str = "half_sum"
     tv_norm: str = "squared"
 
     def __post_init__(self):
+        super().__post_init__()
         object.__setattr__(self, "content_layers", check_layers(self.content_layers))
         object.__setattr__(self, "style_layers", check_layers(self.style_layers))
-        for name, value, choices in (
-            ("gram_norm", self.gram_norm, GRAM_NORMS),
-            ("style_reduction", self.style_reduction, STYLE_REDUCTIONS),
-            ("content_reduction", self.content_reduction, CONTENT_REDUCTIONS),
-            ("tv_norm", self.tv_norm, TV_NORMS),
-        ):
-            if value not in choices:
-                raise ValueError(f"{name} must be one of {choices}, not {value!r}")
+        if self.tv_norm not in TV_NORMS:
+            raise ValueError(f"loss.tv_norm must be one of {', '.join(TV_NORMS)}, not {self.tv_norm!r}")
+
+    @classmethod
+    def from_config(cls, loss) -> "LossSpec":
+        """The spec from a ``loss`` config node (or any mapping with its keys), field by field;
+        Enum values become their names, lists of layers tuples. Other keys are not read."""
+        def plain(name):
+            value = getattr(loss[name], "value", loss[name])
+            return tuple(value) if name.endswith("_layers") else value
+
+        return cls(**{f.name: plain(f.name) for f in dataclasses.fields(cls)})
 
     @property
     def layers(self) -> tuple[str, ...]:
         """Every layer the objective reads, each once."""
         return tuple(dict.fromkeys(self.content_layers + self.style_layers))
+
+    @property
+    def samples(self) -> bool:
+        """Whether the objective draws random samples: then it needs a key at every evaluation."""
+        return self.style_samples or self.content_samples
 
 
 class HParams(NamedTuple):
@@ -69,11 +88,13 @@ class HParams(NamedTuple):
     content_layer_weights: jax.Array  # (len(content_layers),)
     style_layer_weights: jax.Array  # (len(style_layers),)
     tv_weight: jax.Array
+    style: StyleHParams  # the per-layer losses' numbers: mmd_c, mmd_bandwidth, remd_moment_weight
 
     @classmethod
     def create(cls, spec: LossSpec, alpha=1.0, beta=1e4, content_layer_weights=None,
-               style_layer_weights=None, tv_weight=0.0) -> "HParams":
-        """Defaults: equal layer weights summing to 1 (w_l = 1/L, as Gatys et al.)."""
+               style_layer_weights=None, tv_weight=0.0, **style) -> "HParams":
+        """Defaults: equal layer weights summing to 1 (w_l = 1/L, as Gatys et al.); ``style``:
+        the fields of :class:`StyleHParams` (their defaults where not given)."""
         def layer_weights(given, layers, key):
             if given is None or len(given) == 0:
                 return jnp.full((len(layers),), 1.0 / len(layers), jnp.float32)
@@ -89,14 +110,16 @@ class HParams(NamedTuple):
             layer_weights(content_layer_weights, spec.content_layers, "content_layer_weights"),
             layer_weights(style_layer_weights, spec.style_layers, "style_layer_weights"),
             jnp.asarray(tv_weight, jnp.float32),
+            StyleHParams.create(**style),
         )
 
 
 class Targets(NamedTuple):
-    """Content features P per content layer and style Gram matrices A per style layer."""
+    """Content features P per content layer; per style layer, the style loss's targets (for
+    ``gram`` the style's Gram matrix A, see :class:`nstjax.style_losses.StyleLoss`)."""
 
     content: dict[str, jax.Array]
-    style: dict[str, jax.Array]
+    style: dict
 
 
 class Terms(NamedTuple):
@@ -106,27 +129,6 @@ class Terms(NamedTuple):
     content: jax.Array
     style: jax.Array
     tv: jax.Array
-
-
-def gram_divisor(n: int, m: int, norm: str) -> float:
-    """g of G = Fᵀ F / g: 1, M or N·M."""
-    return {"none": 1.0, "M": float(m), "NM": float(n * m)}[norm]
-
-
-def content_loss(features: jax.Array, target: jax.Array, reduction: str = "half_sum") -> jax.Array:
-    """½ Σ (F − P)² (Gatys et al.), Σ (F − P)², or its mean over N·M."""
-    sq = jnp.square(features.astype(jnp.float32) - target.astype(jnp.float32))
-    if reduction == "half_sum":
-        return 0.5 * jnp.sum(sq)
-    return jnp.sum(sq) if reduction == "sum" else jnp.mean(sq)
-
-
-def style_layer_loss(g: jax.Array, a: jax.Array, n: int, m: int, reduction: str = "gatys") -> jax.Array:
-    """E_l = Σ (G − A)² / (4 N² M²) (Gatys et al.), Σ (G − A)², or its mean over N²."""
-    sq = jnp.square(g - a)
-    if reduction == "gatys":
-        return jnp.sum(sq) / (4.0 * float(n) ** 2 * float(m) ** 2)
-    return jnp.sum(sq) if reduction == "sum" else jnp.mean(sq)
 
 
 def total_variation(x: jax.Array, norm: str = "squared") -> jax.Array:
@@ -140,44 +142,61 @@ def total_variation(x: jax.Array, norm: str = "squared") -> jax.Array:
 
 def compute_targets(model: VGG19, params, content: jax.Array, style: jax.Array,
                     spec: LossSpec) -> Targets:
-    """P = features of the content image, A = Gram matrices of the style image."""
+    """P = features of the content image; the style loss's targets of the style image."""
     content_acts = model.apply({"params": params}, content[None], spec.content_layers)
-    style_grams = model.apply({"params": params}, style[None], grams=spec.style_layers,
-                              method=VGG19.features).grams
+    style_feats = _style_features(model, params, style, spec)
+    entry = spec.style
     return Targets(
         content={name: content_acts[name][0] for name in spec.content_layers},
-        style={name: style_grams[name][0] / gram_divisor(*_layer_size(name, style.shape), spec.gram_norm)
+        style={name: entry.targets(_layer_input(name, style.shape, style_feats, entry.reads), spec)
                for name in spec.style_layers},
     )
 
 
-def _layer_size(name: str, image_shape) -> tuple[int, int]:
-    """(N, M) of a layer for an (H, W, 3) image: channels and positions."""
-    stride = layer_stride(name)
-    return layer_channels(name), (image_shape[0] // stride) * (image_shape[1] // stride)
+def _style_features(model: VGG19, params, image: jax.Array, spec: LossSpec,
+                    extra_layers: tuple[str, ...] = ()) -> Features:
+    """One model pass: ``extra_layers`` and the style layers as the style loss reads them
+    (feature maps, or only Gram matrices)."""
+    reads_gram = spec.style.reads == "gram"
+    layers = tuple(dict.fromkeys(extra_layers + (() if reads_gram else spec.style_layers)))
+    return model.apply({"params": params}, image[None], layers, spec.style_layers if reads_gram else (),
+                       method=VGG19.features)
+
+
+def _layer_input(name: str, image_shape, feats: Features, reads: str) -> LayerInput:
+    """A style layer's :class:`LayerInput` from the model's features of one image."""
+    if reads == "gram":
+        stride = layer_stride(name)
+        shape = (image_shape[0] // stride, image_shape[1] // stride, layer_channels(name))
+        return LayerInput(shape, gram=feats.grams[name][0])
+    return LayerInput(tuple(feats.acts[name].shape[1:]), features=feats.acts[name][0])
 
 
 def make_objective(model: VGG19, spec: LossSpec) -> Callable[..., Terms]:
     """Return ``objective(pixels, params, targets, hparams, key=None) -> Terms``, pure and jittable.
 
-    ``pixels`` is one (H, W, 3) RGB image in [0, 1]; ``key`` is the PRNG key of this
-    evaluation, for terms that sample. The structure (layers, normalisations,
-    the model's pooling and preprocessing) is fixed here; all arrays are arguments.
+    ``pixels`` is one (H, W, 3) RGB image in [0, 1]; ``key`` a typed PRNG key
+    (``jax.random.key``) for this evaluation, split into one key per layer.
+    Losses that don't sample ignore it; those that do (``spec.samples``) raise
+    a ValueError when it is None. The structure (layers, loss choices, the
+    model's pooling and preprocessing) is fixed here; all arrays are arguments.
     """
+    style_entry, content_entry = spec.style, spec.content
+    n_layers = len(spec.content_layers) + len(spec.style_layers)
 
     def objective(pixels, params, targets: Targets, hp: HParams, key=None) -> Terms:
-        feats = model.apply({"params": params}, pixels[None], spec.content_layers, spec.style_layers,
-                            method=VGG19.features)
+        feats = _style_features(model, params, pixels, spec, spec.content_layers)
+        keys = [None] * n_layers if key is None else list(jax.random.split(key, n_layers))
+        content_keys, style_keys = keys[:len(spec.content_layers)], keys[len(spec.content_layers):]
         l_content = sum(
-            hp.content_layer_weights[i] * content_loss(feats.acts[name][0], targets.content[name],
-                                                       spec.content_reduction)
+            hp.content_layer_weights[i] * content_entry.loss(feats.acts[name][0], targets.content[name],
+                                                             content_keys[i], spec)
             for i, name in enumerate(spec.content_layers)
         )
         l_style = 0.0
         for i, name in enumerate(spec.style_layers):
-            n, m = _layer_size(name, pixels.shape)
-            g = feats.grams[name][0] / gram_divisor(n, m, spec.gram_norm)
-            e = style_layer_loss(g, targets.style[name], n, m, spec.style_reduction)
+            x = _layer_input(name, pixels.shape, feats, style_entry.reads)
+            e = style_entry.loss(x, targets.style[name], hp.style, style_keys[i], spec)
             l_style = l_style + hp.style_layer_weights[i] * e
         content = hp.alpha * l_content
         style = hp.beta * l_style

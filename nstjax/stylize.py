@@ -39,7 +39,7 @@ def optimize(cfgs: Sequence[DictConfig], inputs: Sequence[Inputs] | None = None,
     inputs = list(inputs) if inputs is not None else [validate(c) for c in cfgs]
     groups: dict[str, list[int]] = {}
     for i, (cfg, inp) in enumerate(zip(cfgs, inputs)):
-        groups.setdefault(structure_key(cfg, inp.content.shape), []).append(i)
+        groups.setdefault(structure_key(cfg, inp), []).append(i)
     results: list[MemberResult | None] = [None] * len(cfgs)
     for index in groups.values():
         group = build_group([cfgs[i] for i in index], [inputs[i] for i in index])

@@ -54,7 +54,7 @@ def plan(points: Sequence[Point]) -> list[list[Point]]:
             p.inputs = validate(p.cfg)
         except UserError as e:
             raise UserError(f"sweep point {p.n} ({' '.join(p.overrides)}): {e}") from e
-        groups.setdefault(structure_key(p.cfg, p.inputs.content.shape), []).append(p)
+        groups.setdefault(structure_key(p.cfg, p.inputs), []).append(p)
     return list(groups.values())
 
 

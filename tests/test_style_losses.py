@@ -1,0 +1,409 @@
+"""The style losses and the STROTSS content loss against independent numpy / scipy references.
+
+Small feature maps (M ≤ 64 positions, N ≤ 8 channels); the objective on a tiny VGG at the end.
+"""
+
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.linalg
+from scipy.optimize import linear_sum_assignment
+
+from nstjax.losses import HParams, LossSpec, compute_targets, make_objective
+from nstjax.style_losses import (CONTENT_LOSSES, STYLE_LOSSES, LayerLossOptions, StyleHParams, histogram_match,
+                                 layer_loss, random_directions, self_similarity_loss,
+                                 sliced_wasserstein_distance, trace_sqrtm)
+from nstjax.vgg import CAFFE, VGG19
+
+RNG = np.random.default_rng(11)
+N = 4
+F = RNG.standard_normal((4, 5, N)).astype(np.float32)  # M = 20
+S = (1.5 * RNG.standard_normal((3, 6, N)) + 0.5).astype(np.float32)  # M′ = 18
+KEY, OTHER_KEY = jax.random.key(0), jax.random.key(1)
+ALL = 64  # style_positions ≥ every M here: sampled losses use every position
+
+
+def flat(x):
+    return np.asarray(x, np.float64).reshape(-1, x.shape[-1])
+
+
+def value(style_loss, f=F, s=S, key=None, hp=None, **options):
+    opts = LayerLossOptions(style_loss=style_loss, **options)
+    return float(layer_loss(jnp.asarray(f), jnp.asarray(s), opts, hp, key))
+
+
+def hp(**values):
+    return StyleHParams.create(**values)
+
+
+# Every configuration of the registry: (style_loss, options).
+CONFIGS = [
+    ("gram", {}), ("gram", {"gram_norm": "NM", "style_reduction": "mean"}),
+    ("mean_std", {}),
+    ("mmd", {"mmd_kernel": "linear"}), ("mmd", {"mmd_kernel": "poly"}),
+    ("mmd", {"mmd_kernel": "poly", "mmd_degree": 3, "style_positions": ALL}),
+    ("mmd", {"mmd_kernel": "gaussian", "style_positions": ALL}),
+    ("gaussian_w2", {}), ("sliced_wasserstein", {}), ("histogram", {}),
+    ("mrf", {}), ("mrf", {"mrf_stride": 2}), ("remd", {"style_positions": ALL}),
+]
+SET_CONFIGS = [c for c in CONFIGS if c[0] != "mrf"]  # mrf compares spatial patches, not sets of vectors
+
+
+def config_id(c):
+    return c[0] + "".join(f"-{k}={v}" for k, v in c[1].items())
+
+
+# ---------------------------------------------------------------- references
+
+
+def test_mean_std_matches_numpy():
+    f, s = flat(F), flat(S)
+    expected = np.mean((f.mean(0) - s.mean(0)) ** 2 + (f.std(0) - s.std(0)) ** 2)
+    np.testing.assert_allclose(value("mean_std"), expected, rtol=1e-5)
+
+
+def test_gaussian_w2_matches_scipy_sqrtm():
+    f, s = flat(F), flat(S)
+    cov, cov_s = np.cov(f.T, bias=True), np.cov(s.T, bias=True)
+    root_s = scipy.linalg.sqrtm(cov_s).real
+    cross = scipy.linalg.sqrtm(root_s @ cov @ root_s).real
+    expected = np.sum((f.mean(0) - s.mean(0)) ** 2) + np.trace(cov + cov_s - 2 * cross)
+    np.testing.assert_allclose(value("gaussian_w2"), expected, rtol=1e-4)
+
+
+def test_trace_sqrtm_gradient_is_half_the_inverse_square_root():
+    a = RNG.standard_normal((5, 5))
+    a = a @ a.T + np.eye(5)
+    grad = jax.grad(trace_sqrtm)(jnp.asarray(a, jnp.float32))
+    np.testing.assert_allclose(grad, 0.5 * np.linalg.inv(scipy.linalg.sqrtm(a).real), rtol=1e-4, atol=1e-6)
+
+
+def numpy_quantiles(sorted_columns, m):
+    return np.stack([np.quantile(col, np.linspace(0, 1, m), method="linear") for col in sorted_columns.T], 1)
+
+
+@pytest.mark.parametrize("style_shape", [(4, 5), (3, 6)], ids=["equal-M", "resampled"])
+def test_sliced_wasserstein_with_fixed_directions_matches_numpy_sorting(style_shape):
+    s = RNG.standard_normal((*style_shape, N)).astype(np.float32) * 2
+    v = RNG.standard_normal((N, 6))
+    v /= np.linalg.norm(v, axis=0)
+    pf = np.sort(flat(F) @ v, axis=0)
+    ps = np.sort(flat(s) @ v, axis=0)
+    ps = ps if ps.shape[0] == pf.shape[0] else numpy_quantiles(ps, pf.shape[0])
+    expected = np.mean(np.sum((pf - ps) ** 2, axis=0) / pf.shape[0])
+    got = sliced_wasserstein_distance(jnp.asarray(flat(F), jnp.float32), jnp.asarray(flat(s), jnp.float32),
+                                      jnp.asarray(v, jnp.float32))
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+def test_sliced_wasserstein_in_one_dimension_is_the_optimal_transport_cost():
+    """In 1-D every direction is ±1, and sorting is the optimal matching: W2² = min over matchings."""
+    f = RNG.standard_normal((4, 5, 1)).astype(np.float32)
+    s = (RNG.standard_normal((5, 4, 1)) * 3 + 1).astype(np.float32)
+    cost = (flat(f) - flat(s).T) ** 2
+    rows, cols = linear_sum_assignment(cost)
+    expected = cost[rows, cols].mean()
+    for key in (KEY, OTHER_KEY):
+        np.testing.assert_allclose(value("sliced_wasserstein", f, s, key), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("projections", [None, 7])
+def test_sliced_wasserstein_draws_its_directions_from_the_key(projections):
+    """K = sw_projections directions (N by default), those of random_directions(key)."""
+    directions = random_directions(KEY, N, projections or N)
+    assert directions.shape == (N, projections or N)
+    np.testing.assert_allclose(np.linalg.norm(directions, axis=0), 1.0, rtol=1e-6)
+    expected = sliced_wasserstein_distance(jnp.asarray(flat(F), jnp.float32), jnp.asarray(flat(S), jnp.float32),
+                                           directions)
+    np.testing.assert_allclose(value("sliced_wasserstein", key=KEY, sw_projections=projections), expected,
+                               rtol=1e-6)
+
+
+def brute_mmd(f, s, kernel):
+    def mean_k(a, b):
+        return np.mean([[kernel(x, y) for y in b] for x in a])
+
+    return mean_k(f, f) + mean_k(s, s) - 2 * mean_k(f, s)
+
+
+@pytest.mark.parametrize("kernel,degree,c", [("linear", 2, 0.0), ("poly", 2, 0.0), ("poly", 2, 1.5),
+                                              ("poly", 1, 0.7), ("poly", 3, 0.5)])
+def test_mmd_linear_and_polynomial_match_brute_force_kernel_sums(kernel, degree, c):
+    f, s = flat(F), flat(S)
+    k = (lambda x, y: x @ y) if kernel == "linear" else (lambda x, y: (x @ y + c) ** degree)
+    got = value("mmd", key=KEY, hp=hp(mmd_c=c), mmd_kernel=kernel, mmd_degree=degree, style_positions=ALL)
+    np.testing.assert_allclose(got, brute_mmd(f, s, k), rtol=1e-4)
+
+
+@pytest.mark.parametrize("bandwidth", [2.0, None])
+def test_mmd_gaussian_matches_brute_force_kernel_sums(bandwidth):
+    f, s = flat(F), flat(S)
+    if bandwidth is None:  # the mean squared distance between distinct style vectors
+        sigma2 = np.mean([np.sum((a - b) ** 2) for a, b in itertools.permutations(s, 2)])
+    else:
+        sigma2 = bandwidth
+    expected = brute_mmd(f, s, lambda x, y: np.exp(-np.sum((x - y) ** 2) / (2 * sigma2)))
+    got = value("mmd", key=KEY, hp=hp(mmd_bandwidth=bandwidth), mmd_kernel="gaussian", style_positions=ALL)
+    np.testing.assert_allclose(got, expected, rtol=1e-4)
+
+
+def numpy_histogram_match(f, s):
+    r = np.empty_like(f)
+    q = np.stack([np.quantile(col, np.linspace(0, 1, f.shape[0]), method="linear") for col in s.T], 1)
+    for c in range(f.shape[1]):
+        r[np.argsort(f[:, c]), c] = q[:, c]
+    return r
+
+
+def test_histogram_matching_and_loss_match_numpy():
+    f, s = flat(F), flat(S)
+    r = numpy_histogram_match(f, s)
+    got_r = histogram_match(jnp.asarray(f, jnp.float32), jnp.sort(jnp.asarray(s, jnp.float32), axis=0))
+    np.testing.assert_allclose(got_r, r, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(value("histogram"), np.sum((f - r) ** 2) / f.size, rtol=1e-5)
+    # R is a constant of the gradient: dE/dF = 2 (F − R) / (N·M)
+    grad = jax.grad(lambda x: layer_loss(x, jnp.asarray(S), LayerLossOptions(style_loss="histogram")))(
+        jnp.asarray(F))
+    np.testing.assert_allclose(np.asarray(grad).reshape(f.shape), 2 * (f - r) / f.size, rtol=1e-4, atol=1e-7)
+
+
+def numpy_patches(x, stride):
+    h, w, _ = x.shape
+    return np.stack([x[i:i + 3, j:j + 3].ravel() for i in range(0, h - 2, stride)
+                     for j in range(0, w - 2, stride)])
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_mrf_matches_brute_force_nearest_patches(stride):
+    f = RNG.standard_normal((5, 6, 3))
+    s = RNG.standard_normal((6, 7, 3)) + 0.3
+    pf, ps = numpy_patches(f, stride), numpy_patches(s, stride)
+    ncc = (pf @ ps.T) / np.linalg.norm(pf, axis=1)[:, None] / np.linalg.norm(ps, axis=1)[None, :]
+    nearest = ncc.argmax(axis=1)
+    expected = np.sum((pf - ps[nearest]) ** 2) / pf.shape[0]
+    np.testing.assert_allclose(value("mrf", f.astype(np.float32), s.astype(np.float32), mrf_stride=stride),
+                               expected, rtol=1e-5)
+
+
+def numpy_cosine_distances(x, y):
+    return 1 - (x @ y.T) / np.linalg.norm(x, axis=1)[:, None] / np.linalg.norm(y, axis=1)[None, :]
+
+
+def test_remd_matches_brute_force():
+    f, s = flat(F), flat(S)
+    c = numpy_cosine_distances(f, s)
+    remd = max(np.mean([min(row) for row in c]), np.mean([min(col) for col in c.T]))
+    cov, cov_s = np.cov(f.T, bias=True), np.cov(s.T, bias=True)
+    moments = np.mean(np.abs(f.mean(0) - s.mean(0))) + np.mean(np.abs(cov - cov_s))
+    got = value("remd", key=KEY, hp=hp(remd_moment_weight=0.5), style_positions=ALL)
+    np.testing.assert_allclose(got, remd + 0.5 * moments, rtol=1e-5)
+
+
+def test_self_similarity_content_loss_matches_brute_force():
+    p = RNG.standard_normal(F.shape).astype(np.float32)
+
+    def normalised(x):
+        d = numpy_cosine_distances(x, x)
+        return d / d.sum(axis=1, keepdims=True)
+
+    expected = np.sum(np.abs(normalised(flat(F)) - normalised(flat(p)))) / flat(F).shape[0]
+    got = self_similarity_loss(jnp.asarray(F), jnp.asarray(p), KEY, LayerLossOptions(style_positions=ALL))
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- properties
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=config_id)
+def test_zero_for_identical_features(config):
+    name, options = config
+    assert abs(value(name, F, F, KEY, **options)) < 1e-5
+    assert value(name, F, S, KEY, **options) > 1e-3  # and not zero for different ones
+
+
+@pytest.mark.parametrize("config", SET_CONFIGS, ids=config_id)
+def test_invariant_to_a_permutation_of_positions(config):
+    name, options = config
+    perm_f, perm_s = RNG.permutation(20), RNG.permutation(18)
+    f = flat(F)[perm_f].reshape(5, 4, N).astype(np.float32)
+    s = flat(S)[perm_s].reshape(6, 3, N).astype(np.float32)
+    np.testing.assert_allclose(value(name, f, s, KEY, **options), value(name, F, S, KEY, **options),
+                               rtol=2e-5, atol=1e-7)
+
+
+def rank_one(shape):
+    u, v = RNG.standard_normal(shape[:2]), RNG.standard_normal(shape[2])
+    return (np.abs(u[..., None] * v)).astype(np.float32)
+
+
+DEGENERATE = {
+    "zeros": (np.zeros((4, 4, N), np.float32), S),
+    "constant": (np.full((4, 4, N), 0.5, np.float32), S),
+    "rank_one": (rank_one((4, 4, N)), S),
+    "fewer_positions_than_channels": (RNG.random((3, 3, 12)).astype(np.float32),
+                                      RNG.random((3, 4, 12)).astype(np.float32)),
+    "constant_style": (F, np.full((3, 6, N), 2.0, np.float32)),
+}
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=config_id)
+@pytest.mark.parametrize("case", DEGENERATE)
+def test_finite_value_and_gradient_for_degenerate_features(config, case):
+    name, options = config
+    f, s = DEGENERATE[case]
+    opts = LayerLossOptions(style_loss=name, **options)
+    e, grad = jax.value_and_grad(lambda x: layer_loss(x, jnp.asarray(s), opts, None, KEY))(jnp.asarray(f))
+    assert np.isfinite(e) and np.all(np.isfinite(grad))
+
+
+@pytest.mark.parametrize("case", DEGENERATE)
+def test_self_similarity_has_finite_gradients_for_degenerate_features(case):
+    f, _ = DEGENERATE[case]
+    p = RNG.random(f.shape).astype(np.float32)
+    opts = LayerLossOptions(style_positions=8)
+    grad = jax.grad(lambda x: self_similarity_loss(x, jnp.asarray(p), KEY, opts))(jnp.asarray(f))
+    assert np.all(np.isfinite(grad))
+
+
+@pytest.mark.parametrize("field,values,config", [
+    ("mmd_bandwidth", [0.5, 2.0, 8.0], ("mmd", {"mmd_kernel": "gaussian", "style_positions": 8})),
+    ("mmd_c", [0.0, 1.0, 3.0], ("mmd", {"mmd_kernel": "poly"})),
+    ("remd_moment_weight", [0.0, 1.0, 4.0], ("remd", {"style_positions": 8})),
+], ids=["mmd_bandwidth", "mmd_c", "remd_moment_weight"])
+def test_vmap_over_a_traced_hyperparameter_equals_separate_calls(field, values, config):
+    name, options = config
+    opts = LayerLossOptions(style_loss=name, **options)
+    hps = [hp(**{field: v}) for v in values]
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *hps)
+    batched = jax.vmap(lambda h: layer_loss(jnp.asarray(F), jnp.asarray(S), opts, h, KEY))(stacked)
+    singles = [layer_loss(jnp.asarray(F), jnp.asarray(S), opts, h, KEY) for h in hps]
+    np.testing.assert_allclose(batched, singles, rtol=1e-5)
+    assert len(set(np.round(singles, 6))) == len(values)  # the parameter matters
+
+
+SAMPLED = [("mmd", {"mmd_kernel": "gaussian", "style_positions": 8}),
+           ("mmd", {"mmd_kernel": "poly", "mmd_degree": 3, "style_positions": 8}),
+           ("sliced_wasserstein", {}), ("remd", {"style_positions": 8})]
+
+
+@pytest.mark.parametrize("config", SAMPLED, ids=config_id)
+def test_sampled_losses_are_deterministic_per_key_and_differ_between_keys(config):
+    name, options = config
+    first = value(name, key=KEY, **options)
+    assert value(name, key=jax.random.key(0), **options) == first
+    assert value(name, key=OTHER_KEY, **options) != first
+
+
+def test_self_similarity_is_deterministic_per_key_and_differs_between_keys():
+    p = RNG.standard_normal(F.shape).astype(np.float32)
+    opts = LayerLossOptions(style_positions=8)
+
+    def ss(key):
+        return float(self_similarity_loss(jnp.asarray(F), jnp.asarray(p), key, opts))
+
+    assert ss(KEY) == ss(jax.random.key(0)) and ss(KEY) != ss(OTHER_KEY)
+
+
+@pytest.mark.parametrize("config", CONFIGS + SAMPLED, ids=config_id)
+def test_a_loss_needs_a_key_exactly_when_it_says_it_samples(config):
+    name, options = config
+    opts = LayerLossOptions(style_loss=name, **options)
+    if opts.style_samples:
+        with pytest.raises(ValueError, match="needs a key"):
+            value(name, **options)
+    else:
+        assert value(name, **options) == value(name, key=KEY, **options)
+
+
+def test_mmd_samples_only_for_kernels_without_an_exact_feature_space():
+    def opts(kernel, degree=2):
+        return LayerLossOptions(style_loss="mmd", mmd_kernel=kernel, mmd_degree=degree)
+
+    assert not opts("linear").style_samples and opts("linear").style_sums_over_positions
+    assert not opts("poly", 2).style_samples and opts("poly", 2).style_sums_over_positions
+    assert opts("poly", 3).style_samples and not opts("poly", 3).style_sums_over_positions
+    assert opts("gaussian").style_samples and not opts("gaussian").style_sums_over_positions
+
+
+# ---------------------------------------------------------------- bad values
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"style_loss": "wasserstein"}, "loss.style_loss must be one of gram, mean_std, mmd"),
+    ({"mmd_kernel": "rbf"}, "loss.mmd_kernel must be one of linear, poly, gaussian"),
+    ({"content_loss": "l1"}, "loss.content_loss must be one of mse, self_similarity"),
+    ({"style_positions": 1}, "loss.style_positions must be an integer ≥ 2"),
+    ({"sw_projections": 0}, "loss.sw_projections must be an integer ≥ 1"),
+    ({"mrf_stride": 0}, "loss.mrf_stride must be an integer ≥ 1"),
+    ({"mmd_degree": 0}, "loss.mmd_degree must be an integer ≥ 1"),
+])
+def test_bad_options_are_errors_naming_the_key(options, message):
+    with pytest.raises(ValueError, match=message):
+        LossSpec(**options)
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"mmd_bandwidth": 0.0}, "loss.mmd_bandwidth = 0.0 must be positive"),
+    ({"mmd_bandwidth": -1.0}, "loss.mmd_bandwidth = -1.0 must be positive"),
+    ({"remd_moment_weight": -1.0}, "loss.remd_moment_weight = -1.0 must be ≥ 0"),
+    ({"mmd_c": math.inf}, "loss.mmd_c = inf must be finite"),
+    ({"mmd_sigma": 1.0}, "unknown style hyperparameter"),
+])
+def test_bad_hyperparameters_are_errors_naming_the_key(values, message):
+    with pytest.raises(ValueError, match=message):
+        HParams.create(LossSpec(), **values)
+
+
+def test_config_defaults_are_the_specs_defaults():
+    from omegaconf import OmegaConf
+
+    from nstjax.config import LossConfig
+
+    cfg = OmegaConf.structured(LossConfig)
+    assert LossSpec.from_config(cfg) == LossSpec()
+    assert LossSpec.from_config(OmegaConf.merge(cfg, {"style_loss": "mrf", "mrf_stride": 2})) == LossSpec(
+        style_loss="mrf", mrf_stride=2)
+    assert StyleHParams(**{k: cfg[k] for k in StyleHParams._fields}) == StyleHParams()
+    for name in STYLE_LOSSES:  # every registry entry is a valid config choice
+        assert OmegaConf.merge(cfg, {"style_loss": name}).style_loss.value == name
+    from omegaconf.errors import ValidationError
+    with pytest.raises(ValidationError, match="style_loss"):
+        OmegaConf.merge(cfg, {"style_loss": "bogus"})
+
+
+# ---------------------------------------------------------------- the objective
+
+
+@pytest.mark.parametrize("style_loss,options", [(name, {}) for name in STYLE_LOSSES]
+                         + [("mmd", {"mmd_kernel": "linear"}), ("gram", {"content_loss": "self_similarity"})],
+                         ids=lambda v: v if isinstance(v, str) else "-".join(map(str, v.values())))
+def test_objective_with_each_loss_has_finite_value_and_gradient(synthetic_params, style_loss, options):
+    spec = LossSpec(content_layers=("relu2_1",), style_layers=("relu1_1", "relu2_1"), style_loss=style_loss,
+                    style_positions=16, **options)
+    model = VGG19(CAFFE, "avg")
+    x = jnp.asarray(RNG.random((8, 8, 3)), jnp.float32)
+    content = jnp.asarray(RNG.random((8, 8, 3)), jnp.float32)
+    style = jnp.asarray(RNG.random((12, 8, 3)), jnp.float32)
+    targets = compute_targets(model, synthetic_params, content, style, spec)
+    objective = make_objective(model, spec)
+    hparams = HParams.create(spec, beta=1.0)
+
+    @jax.jit
+    def value_and_grad(pixels, key):
+        return jax.value_and_grad(lambda p: objective(p, synthetic_params, targets, hparams, key).style)(pixels)
+
+    style_value, grad = value_and_grad(x, KEY)
+    assert np.isfinite(style_value) and style_value > 0
+    assert np.all(np.isfinite(grad)) and np.any(grad != 0)
+    terms = jax.jit(objective)(x, synthetic_params, targets, hparams, KEY)
+    assert np.isfinite(terms.total) and np.isfinite(terms.content)
+    if spec.samples:
+        with pytest.raises(ValueError, match="needs a key"):
+            objective(x, synthetic_params, targets, hparams)
+    else:
+        np.testing.assert_allclose(jax.jit(objective)(x, synthetic_params, targets, hparams).total, terms.total,
+                                   rtol=1e-6)
