@@ -210,7 +210,7 @@ def structure_key(cfg: DictConfig, inputs: Inputs) -> str:
             node = node[p]
         node.pop(leaf, None)
     data["content_shape"] = list(inputs.content.shape[:2])
-    if inputs.spec.style.reads == "features":
+    if inputs.spec.style_reads == "features":
         data["style_shape"] = list(inputs.style.shape[:2])
     return OmegaConf.to_yaml(OmegaConf.create(data))
 

@@ -148,7 +148,7 @@ def compute_targets(model: VGG19, params, content: jax.Array, style: jax.Array,
     entry = spec.style
     return Targets(
         content={name: content_acts[name][0] for name in spec.content_layers},
-        style={name: entry.targets(_layer_input(name, style.shape, style_feats, entry.reads), spec)
+        style={name: entry.targets(_layer_input(name, style.shape, style_feats, spec.style_reads), spec)
                for name in spec.style_layers},
     )
 
@@ -156,20 +156,22 @@ def compute_targets(model: VGG19, params, content: jax.Array, style: jax.Array,
 def _style_features(model: VGG19, params, image: jax.Array, spec: LossSpec,
                     extra_layers: tuple[str, ...] = ()) -> Features:
     """One model pass: ``extra_layers`` and the style layers as the style loss reads them
-    (feature maps, or only Gram matrices)."""
-    reads_gram = spec.style.reads == "gram"
-    layers = tuple(dict.fromkeys(extra_layers + (() if reads_gram else spec.style_layers)))
-    return model.apply({"params": params}, image[None], layers, spec.style_layers if reads_gram else (),
-                       method=VGG19.features)
+    (feature maps, or only sums over positions: Gram matrices, and channel sums for 'moments')."""
+    reads = spec.style_reads
+    maps = reads == "features"
+    layers = tuple(dict.fromkeys(extra_layers + (spec.style_layers if maps else ())))
+    return model.apply({"params": params}, image[None], layers, () if maps else spec.style_layers,
+                       spec.style_layers if reads == "moments" else (), method=VGG19.features)
 
 
 def _layer_input(name: str, image_shape, feats: Features, reads: str) -> LayerInput:
     """A style layer's :class:`LayerInput` from the model's features of one image."""
-    if reads == "gram":
-        stride = layer_stride(name)
-        shape = (image_shape[0] // stride, image_shape[1] // stride, layer_channels(name))
-        return LayerInput(shape, gram=feats.grams[name][0])
-    return LayerInput(tuple(feats.acts[name].shape[1:]), features=feats.acts[name][0])
+    if reads == "features":
+        return LayerInput(tuple(feats.acts[name].shape[1:]), features=feats.acts[name][0])
+    stride = layer_stride(name)
+    shape = (image_shape[0] // stride, image_shape[1] // stride, layer_channels(name))
+    sums = feats.sums[name][0] if reads == "moments" else None
+    return LayerInput(shape, gram=feats.grams[name][0], sums=sums)
 
 
 def make_objective(model: VGG19, spec: LossSpec) -> Callable[..., Terms]:
@@ -195,7 +197,7 @@ def make_objective(model: VGG19, spec: LossSpec) -> Callable[..., Terms]:
         )
         l_style = 0.0
         for i, name in enumerate(spec.style_layers):
-            x = _layer_input(name, pixels.shape, feats, style_entry.reads)
+            x = _layer_input(name, pixels.shape, feats, spec.style_reads)
             e = style_entry.loss(x, targets.style[name], hp.style, style_keys[i], spec)
             l_style = l_style + hp.style_layer_weights[i] * e
         content = hp.alpha * l_content

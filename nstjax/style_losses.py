@@ -18,8 +18,10 @@ Each loss is one pure function (its formula in its docstring) and one
 An entry says what the style's targets are (computed once per run, from the
 style's feature map), how a layer's loss follows from the image's features and
 the targets, whether it draws random samples (then it needs a PRNG key at every
-evaluation) and whether its statistics are sums over positions (so that the
-feature map could be computed in bands). The content losses (``mse``, Gatys
+evaluation) and what it reads of a feature map: the map itself, or only sums
+over positions (the Gram matrix Fᵀ F, and the channel sums Σᵢ fᵢ), which the
+model accumulates band by band under banded remat, so that the map is never
+held whole. The content losses (``mse``, Gatys
 et al.; ``self_similarity``, Kolkin et al. 2019) are entries of
 :data:`CONTENT_LOSSES`, chosen by ``loss.content_loss``.
 
@@ -43,7 +45,8 @@ GRAM_NORMS = ("none", "M", "NM")
 STYLE_REDUCTIONS = ("gatys", "sum", "mean")
 CONTENT_REDUCTIONS = ("half_sum", "sum", "mean")
 MMD_KERNELS = ("linear", "poly", "gaussian")
-READS = ("features", "gram")
+READS = ("features", "gram", "moments")
+"""What a style loss reads of a feature map: the map, its Gram matrix Fᵀ F, or Fᵀ F and Σᵢ fᵢ."""
 EXACT_POLY_DEGREE = 2
 """Polynomial kernels up to this degree are computed exactly through their feature space (moment
 tensors of N^d values); higher degrees on sampled positions, as the Gaussian kernel."""
@@ -104,9 +107,15 @@ class LayerLossOptions:
         return self.style.samples(self)
 
     @property
+    def style_reads(self) -> str:
+        """What the style loss reads of a feature map (one of :data:`READS`)."""
+        return self.style.reads(self)
+
+    @property
     def style_sums_over_positions(self) -> bool:
-        """Whether the style loss reads the image only through sums over positions."""
-        return self.style.sums_over_positions(self)
+        """Whether the style loss reads the image only through sums over positions (so that it
+        runs with banded remat)."""
+        return self.style_reads != "features"
 
     @property
     def content_samples(self) -> bool:
@@ -145,12 +154,14 @@ class StyleHParams(NamedTuple):
 
 class LayerInput(NamedTuple):
     """What a layer loss gets of a feature map: its static shape (H, W, N), and the map itself
-    (entries that read ``features``) or its Gram matrix Fᵀ F (N, N) (entries that read ``gram``;
-    the model computes it, in bands under remat, so the map need not be held whole)."""
+    (entries that read ``features``), its Gram matrix Fᵀ F (N, N) (``gram``), or Fᵀ F and the
+    channel sums Σᵢ fᵢ (N,) (``moments``); the model computes those sums, in bands under remat,
+    so the map need not be held whole."""
 
     shape: tuple[int, int, int]
     features: Optional[jax.Array] = None
     gram: Optional[jax.Array] = None
+    sums: Optional[jax.Array] = None
 
     @property
     def positions(self) -> int:
@@ -164,13 +175,19 @@ class LayerInput(NamedTuple):
         """F: (M, N) float32."""
         return self.features.reshape(self.positions, self.channels).astype(jnp.float32)
 
+    def mean_second_moment(self) -> tuple[jax.Array, jax.Array]:
+        """μ = Σᵢ fᵢ / M and Fᵀ F / M, from the sums."""
+        m = float(self.positions)
+        return self.sums / m, self.gram / m
+
     @classmethod
     def of(cls, features: jax.Array, reads: str) -> "LayerInput":
         """The input an entry reading ``reads`` gets of an (H, W, N) feature map."""
-        if reads == "gram":
-            f = features.reshape(-1, features.shape[-1]).astype(jnp.float32)
-            return cls(features.shape, gram=jnp.matmul(f.T, f, precision=HIGHEST))
-        return cls(features.shape, features=features)
+        if reads == "features":
+            return cls(features.shape, features=features)
+        f = features.reshape(-1, features.shape[-1]).astype(jnp.float32)
+        gram = jnp.matmul(f.T, f, precision=HIGHEST)
+        return cls(features.shape, gram=gram, sums=jnp.sum(f, axis=0) if reads == "moments" else None)
 
 
 def _need_key(key, what: str) -> None:
@@ -187,6 +204,12 @@ def mean_cov(f: jax.Array) -> tuple[jax.Array, jax.Array]:
     mu = jnp.mean(f, axis=0)
     d = f - mu
     return mu, jnp.matmul(d.T, d, precision=HIGHEST) / float(f.shape[0])
+
+
+def moments_mean_cov(x: LayerInput) -> tuple[jax.Array, jax.Array]:
+    """μ and Σ = Fᵀ F / M − μ μᵀ from the sums over positions (what banded remat accumulates)."""
+    mu, second = x.mean_second_moment()
+    return mu, second - jnp.outer(mu, mu)
 
 
 def _sqrt0(x: jax.Array) -> jax.Array:
@@ -293,14 +316,15 @@ def gram_loss(x: LayerInput, a: jax.Array, hp: StyleHParams, key, opts: LayerLos
 # ---------------------------------------------------------------- mean_std (Li et al. 2017)
 
 
-def channel_mean_std(f: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """μ_c and the population σ_c = √((1/M) Σᵢ (f_ic − μ_c)²) of each channel of F (M, N)."""
-    mu = jnp.mean(f, axis=0)
-    return mu, _sqrt0(jnp.mean(jnp.square(f - mu), axis=0))
+def channel_mean_std(x: LayerInput) -> tuple[jax.Array, jax.Array]:
+    """μ_c and the population σ_c = √((1/M) Σᵢ f_ic² − μ_c²) of each channel, from the sums
+    Σᵢ fᵢ and diag(Fᵀ F)."""
+    mu, second = x.mean_second_moment()
+    return mu, _sqrt0(jnp.diagonal(second) - jnp.square(mu))
 
 
 def mean_std_targets(x: LayerInput, opts: LayerLossOptions):
-    return channel_mean_std(x.flat())
+    return channel_mean_std(x)
 
 
 def mean_std_loss(x: LayerInput, targets, hp: StyleHParams, key, opts: LayerLossOptions) -> jax.Array:
@@ -308,9 +332,10 @@ def mean_std_loss(x: LayerInput, targets, hp: StyleHParams, key, opts: LayerLoss
 
         E = (1/N) Σ_c [(μ_c − μ′_c)² + (σ_c − σ′_c)²]
 
-    μ, σ: mean and population standard deviation of each channel over positions.
+    μ, σ: mean and population standard deviation of each channel over positions,
+    from Σᵢ fᵢ and Σᵢ fᵢ² = diag(Fᵀ F) (sums over positions: banded remat works).
     """
-    mu, sd = channel_mean_std(x.flat())
+    mu, sd = channel_mean_std(x)
     mu_s, sd_s = targets
     return jnp.mean(jnp.square(mu - mu_s) + jnp.square(sd - sd_s))
 
@@ -320,7 +345,7 @@ def mean_std_loss(x: LayerInput, targets, hp: StyleHParams, key, opts: LayerLoss
 
 def gaussian_w2_targets(x: LayerInput, opts: LayerLossOptions):
     """(μ′, Σ′^½, tr Σ′) of the style."""
-    mu, cov = mean_cov(x.flat())
+    mu, cov = moments_mean_cov(x)
     return mu, psd_sqrtm(cov), jnp.trace(cov)
 
 
@@ -330,12 +355,13 @@ def gaussian_w2_loss(x: LayerInput, targets, hp: StyleHParams, key, opts: LayerL
 
         E = ‖μ − μ′‖² + tr(Σ + Σ′ − 2 (Σ′^½ Σ Σ′^½)^½)
 
-    Σ = (1/M) Σᵢ (fᵢ − μ)(fᵢ − μ)ᵀ. Square roots by eigendecomposition with the
+    Σ = (1/M) Σᵢ (fᵢ − μ)(fᵢ − μ)ᵀ = Fᵀ F / M − μ μᵀ, from the sums over
+    positions Σᵢ fᵢ and Fᵀ F (banded remat works). Square roots by eigendecomposition with the
     eigenvalues clamped at 0 (:func:`trace_sqrtm`: finite gradients for a
     rank-deficient Σ). crowsonkb averages over channels instead of summing and
     adds 1e-4·I to both covariances; here the formula is exact.
     """
-    mu, cov = mean_cov(x.flat())
+    mu, cov = moments_mean_cov(x)
     mu_s, cov_s_sqrt, trace_s = targets
     cross = jnp.matmul(jnp.matmul(cov_s_sqrt, cov, precision=HIGHEST), cov_s_sqrt, precision=HIGHEST)
     return jnp.sum(jnp.square(mu - mu_s)) + jnp.trace(cov) + trace_s - 2.0 * trace_sqrtm(cross)
@@ -349,19 +375,21 @@ def mmd_is_exact(opts: LayerLossOptions) -> bool:
     return opts.mmd_kernel == "linear" or (opts.mmd_kernel == "poly" and opts.mmd_degree <= EXACT_POLY_DEGREE)
 
 
-def _moment_tensor(f: jax.Array, k: int) -> jax.Array:
-    """T_k = (1/M) Σᵢ fᵢ^⊗k for k = 1 (μ) or 2 (Fᵀ F / M)."""
-    if k == 1:
-        return jnp.mean(f, axis=0)
-    return jnp.matmul(f.T, f, precision=HIGHEST) / float(f.shape[0])
+def _moment_tensors(x: LayerInput, d: int) -> tuple[jax.Array, ...]:
+    """(T_1, …, T_d), T_k = (1/M) Σᵢ fᵢ^⊗k: T_1 = μ, T_2 = Fᵀ F / M (d ≤ 2), from the sums."""
+    return x.mean_second_moment()[:d]
+
+
+def _mmd_reads(opts: LayerLossOptions) -> str:
+    return "moments" if mmd_is_exact(opts) else "features"
 
 
 def mmd_targets(x: LayerInput, opts: LayerLossOptions):
     """Exact kernels: the style's moment tensors (T_1, …, T_d). Sampled kernels: (S, the mean squared
     distance between distinct style vectors, (1/(M′(M′−1))) Σᵢⱼ ‖sᵢ − sⱼ‖² = 2 M′/(M′−1) tr Σ′)."""
-    s = x.flat()
     if mmd_is_exact(opts):
-        return tuple(_moment_tensor(s, k) for k in range(1, _exact_degree(opts) + 1))
+        return _moment_tensors(x, _exact_degree(opts))
+    s = x.flat()
     m = s.shape[0]
     return s, 2.0 * m / max(m - 1, 1) * jnp.trace(mean_cov(s)[1])
 
@@ -399,18 +427,19 @@ def mmd_loss(x: LayerInput, targets, hp: StyleHParams, key, opts: LayerLossOptio
         E = Σ_{k=1..d} C(d, k) c^(d−k) ‖T_k(F) − T_k(S)‖²
 
     (linear: ‖μ_F − μ_S‖²; d = 2, c = 0: ‖mean f fᵀ − mean s sᵀ‖²_F, the Gram
-    loss up to scale). The Gaussian kernel and polynomials of degree > 2 (whose
-    T_k hold N^k values) use ``loss.style_positions`` positions of F and of S,
-    drawn from ``key`` at every evaluation.
+    loss up to scale), from the sums over positions Σᵢ fᵢ and Fᵀ F (banded remat
+    works). The Gaussian kernel and polynomials of degree > 2 (whose T_k hold N^k
+    values) use ``loss.style_positions`` positions of F and of S, drawn from
+    ``key`` at every evaluation.
     """
-    f = x.flat()
     if mmd_is_exact(opts):
         d = _exact_degree(opts)
         total = 0.0
-        for k, t_s in enumerate(targets, 1):
+        for k, (t, t_s) in enumerate(zip(_moment_tensors(x, d), targets), 1):
             coeff = 1.0 if opts.mmd_kernel == "linear" else math.comb(d, k) * hp.mmd_c ** (d - k)
-            total = total + coeff * jnp.sum(jnp.square(_moment_tensor(f, k) - t_s))
+            total = total + coeff * jnp.sum(jnp.square(t - t_s))
         return total
+    f = x.flat()
     _need_key(key, f"loss.style_loss='mmd' with mmd_kernel={opts.mmd_kernel!r}")
     s_all, mean_sq_distance = targets
     key_f, key_s = jax.random.split(key)
@@ -598,31 +627,35 @@ class StyleLoss(NamedTuple):
 
     targets(style: LayerInput, opts) -> pytree: computed once per run from the style's feature map.
     loss(image: LayerInput, targets, hp: StyleHParams, key | None, opts) -> scalar E_l.
-    reads: 'features' (the layer loss gets the (H, W, N) map) or 'gram' (only Fᵀ F).
+    reads(opts) -> 'features' (the layer loss gets the (H, W, N) map), 'gram' (only Fᵀ F) or
+        'moments' (Fᵀ F and Σᵢ fᵢ): with 'gram' and 'moments' the image enters only through
+        sums over positions, which banded remat accumulates band by band.
     samples(opts) -> bool: it draws random samples (needs a typed PRNG key at every evaluation).
-    sums_over_positions(opts) -> bool: the image enters only through sums over positions
-        (Gram matrices, moments), so its feature map could be computed in bands.
     """
 
     targets: Callable[[LayerInput, LayerLossOptions], Any]
     loss: Callable[[LayerInput, Any, StyleHParams, Any, LayerLossOptions], jax.Array]
-    reads: str
+    reads: Callable[[LayerLossOptions], str]
     samples: Callable[[LayerLossOptions], bool]
-    sums_over_positions: Callable[[LayerLossOptions], bool]
+
+
+def _reads(what: str) -> Callable[[LayerLossOptions], str]:
+    return lambda opts: what
 
 
 STYLE_LOSSES: dict[str, StyleLoss] = {
-    "gram": StyleLoss(gram_targets, gram_loss, "gram", _never, _always),
-    "mean_std": StyleLoss(mean_std_targets, mean_std_loss, "features", _never, _always),
-    "mmd": StyleLoss(mmd_targets, mmd_loss, "features", lambda o: not mmd_is_exact(o), mmd_is_exact),
-    "gaussian_w2": StyleLoss(gaussian_w2_targets, gaussian_w2_loss, "features", _never, _always),
-    "sliced_wasserstein": StyleLoss(style_features_targets, sliced_wasserstein_loss, "features",
-                                    _always, _never),
-    "histogram": StyleLoss(histogram_targets, histogram_loss, "features", _never, _never),
-    "mrf": StyleLoss(mrf_targets, mrf_loss, "features", _never, _never),
-    "remd": StyleLoss(remd_targets, remd_loss, "features", _always, _never),
+    "gram": StyleLoss(gram_targets, gram_loss, _reads("gram"), _never),
+    "mean_std": StyleLoss(mean_std_targets, mean_std_loss, _reads("moments"), _never),
+    "mmd": StyleLoss(mmd_targets, mmd_loss, _mmd_reads, lambda o: not mmd_is_exact(o)),
+    "gaussian_w2": StyleLoss(gaussian_w2_targets, gaussian_w2_loss, _reads("moments"), _never),
+    "sliced_wasserstein": StyleLoss(style_features_targets, sliced_wasserstein_loss, _reads("features"),
+                                    _always),
+    "histogram": StyleLoss(histogram_targets, histogram_loss, _reads("features"), _never),
+    "mrf": StyleLoss(mrf_targets, mrf_loss, _reads("features"), _never),
+    "remd": StyleLoss(remd_targets, remd_loss, _reads("features"), _always),
 }
 """The style losses by ``loss.style_loss`` name."""
+
 
 
 def layer_loss(features: jax.Array, style_features: jax.Array, opts: Optional[LayerLossOptions] = None,
@@ -633,8 +666,8 @@ def layer_loss(features: jax.Array, style_features: jax.Array, opts: Optional[La
     opts = LayerLossOptions() if opts is None else opts
     entry = opts.style
     hp = StyleHParams.create() if hp is None else hp
-    targets = entry.targets(LayerInput.of(style_features, entry.reads), opts)
-    return entry.loss(LayerInput.of(features, entry.reads), targets, hp, key, opts)
+    targets = entry.targets(LayerInput.of(style_features, opts.style_reads), opts)
+    return entry.loss(LayerInput.of(features, opts.style_reads), targets, hp, key, opts)
 
 
 # ---------------------------------------------------------------- content losses

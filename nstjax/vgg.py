@@ -260,11 +260,18 @@ def gram_matrix(features: jax.Array) -> jax.Array:
     return jnp.einsum("nmi,nmj->nij", f, f, precision=jax.lax.Precision.HIGHEST)
 
 
+def channel_sums(features: jax.Array) -> jax.Array:
+    """Σᵢ fᵢ per image for features (n, H, W, N): (n, N), float32."""
+    return jnp.sum(features.astype(jnp.float32), axis=(1, 2))
+
+
 class Features(NamedTuple):
-    """What :meth:`VGG19.features` returns: activations and Gram matrices by layer name."""
+    """What :meth:`VGG19.features` returns by layer name: activations, Gram matrices Fᵀ F and
+    per-channel sums Σᵢ fᵢ."""
 
     acts: dict[str, jax.Array]
     grams: dict[str, jax.Array]
+    sums: dict[str, jax.Array]
 
 
 def _run_convs(x, convs, block: int, stop: str, precision: str, conv: str, keep=None):
@@ -289,14 +296,15 @@ def _run_convs(x, convs, block: int, stop: str, precision: str, conv: str, keep=
     return x, acts, False
 
 
-def _run_block(x, convs, block: int, names: tuple[str, ...], grams: tuple[str, ...], stop: str,
-               pooling: str, precision: str, conv: str):
-    """Run block ``block`` up to activation ``stop``; return (x, Features of names and grams)."""
+def _run_block(x, convs, block: int, names: tuple[str, ...], grams: tuple[str, ...], sums: tuple[str, ...],
+               stop: str, pooling: str, precision: str, conv: str):
+    """Run block ``block`` up to activation ``stop``; return (x, Features of names, grams and sums)."""
     x, acts, stopped = _run_convs(x, convs, block, stop, precision, conv)
     if not stopped:
         x = _pool(x, pooling)
         acts[f"pool{block}"] = x
-    return x, Features({n: acts[n] for n in names}, {n: gram_matrix(acts[n]) for n in grams})
+    return x, Features({n: acts[n] for n in names}, {n: gram_matrix(acts[n]) for n in grams},
+                       {n: channel_sums(acts[n]) for n in sums})
 
 
 def _convs_run(block: int, stop: str) -> int:
@@ -314,8 +322,9 @@ def _band_rows(height: int, width: int, channels: int, band_elements: int) -> in
     return rows + rows % 2
 
 
-def _run_block_banded(x, convs, block: int, names: tuple[str, ...], grams: tuple[str, ...], stop: str,
-                      pooling: str, precision: str, conv: str, band_elements: int):
+def _run_block_banded(x, convs, block: int, names: tuple[str, ...], grams: tuple[str, ...],
+                      sums: tuple[str, ...], stop: str, pooling: str, precision: str, conv: str,
+                      band_elements: int):
     """:func:`_run_block` computed in horizontal bands, each rematerialised.
 
     A block of k 3×3 convolutions sees k rows beyond each band, so band i is
@@ -323,10 +332,10 @@ def _run_block_banded(x, convs, block: int, names: tuple[str, ...], grams: tuple
     exact (rows outside the image are zeroed after every ReLU, as the 'SAME'
     padding of the whole image would). The bands run one after another
     (``lax.map``) under ``jax.checkpoint``: the backward pass keeps only the
-    input bands and recomputes one band at a time. Gram matrices are summed
-    over the bands (G = Σ_bands F_bᵀ F_b), so a layer used only for its Gram
-    matrix is never held whole: a block needs the memory of one band, not of
-    the image.
+    input bands and recomputes one band at a time. Gram matrices and channel
+    sums are summed over the bands (G = Σ_bands F_bᵀ F_b, Σf = Σ_bands Σ f_b),
+    so a layer used only for these statistics is never held whole: a block
+    needs the memory of one band, not of the image.
     """
     n, height, width, _ = x.shape
     k = _convs_run(block, stop)
@@ -350,11 +359,12 @@ def _run_block_banded(x, convs, block: int, names: tuple[str, ...], grams: tuple
             inside_pooled = (index * (rows // 2) + jnp.arange(rows // 2) < height // 2).astype(
                 y.dtype)[None, :, None, None]
 
-        def inside_only(name):  # rows past the image's end would add to the Gram matrix
+        def inside_only(name):  # rows past the image's end would add to the Gram matrix and sums
             return acts[name] * (inside_pooled if name == pooled_name else inside[:, k: k + rows])
 
         return y, Features({name: acts[name] for name in names},
-                           {name: gram_matrix(inside_only(name)) for name in grams})
+                           {name: gram_matrix(inside_only(name)) for name in grams},
+                           {name: channel_sums(inside_only(name)) for name in sums})
 
     y, feats = jax.lax.map(jax.checkpoint(band), (jnp.arange(count), bands))
 
@@ -364,7 +374,8 @@ def _run_block_banded(x, convs, block: int, names: tuple[str, ...], grams: tuple
         return a.reshape(n, -1, *a.shape[3:])[:, :full_rows]
 
     return unband(y), Features({name: unband(a) for name, a in feats.acts.items()},
-                               {name: g.sum(axis=0) for name, g in feats.grams.items()})
+                               {name: g.sum(axis=0) for name, g in feats.grams.items()},
+                               {name: t.sum(axis=0) for name, t in feats.sums.items()})
 
 
 def _block_of(name: str) -> int:
@@ -417,14 +428,16 @@ class VGG19(nn.Module):
         return self.features(rgb, layers).acts
 
     @nn.compact
-    def features(self, rgb: jax.Array, layers: Sequence[str] = (), grams: Sequence[str] = ()) -> Features:
-        """Activations of ``layers`` and Gram matrices Fᵀ F (n, N, N) of ``grams``, in one pass.
+    def features(self, rgb: jax.Array, layers: Sequence[str] = (), grams: Sequence[str] = (),
+                 sums: Sequence[str] = ()) -> Features:
+        """Activations of ``layers``, Gram matrices Fᵀ F (n, N, N) of ``grams`` and channel sums
+        Σᵢ fᵢ (n, N) of ``sums``, in one pass.
 
-        With ``remat`` a layer asked for only as a Gram matrix is never held
-        whole in memory.
+        With ``remat`` a layer asked for only as a Gram matrix or sums is never
+        held whole in memory.
         """
-        layers, grams = check_layers(layers), check_layers(grams)
-        if not layers + grams:
+        layers, grams, sums = check_layers(layers), check_layers(grams), check_layers(sums)
+        if not layers + grams + sums:
             raise ValueError("no layers asked for")
         if self.pooling not in ("max", "avg"):
             raise ValueError(f"pooling must be 'max' or 'avg', not {self.pooling!r}")
@@ -436,14 +449,15 @@ class VGG19(nn.Module):
             raise ValueError("conv='winograd' computes in float32: use precision='float32' or conv='direct'")
         shapes = conv_shapes()
         params = {name: _ConvParams(shapes[name][0], name=name)() for name in CONV_LAYERS}
-        deepest = max(layers + grams, key=LAYER_NAMES.index)
+        deepest = max(layers + grams + sums, key=LAYER_NAMES.index)
         x = self.preprocessing(rgb.astype(jnp.float32))
-        out = Features({}, {})
+        out = Features({}, {}, {})
         for b in range(1, _block_of(deepest) + 1):
             run = functools.partial(_run_block_banded, band_elements=self.band_elements) if self.remat else _run_block
             block = functools.partial(
                 run, block=b, names=tuple(n for n in layers if _block_of(n) == b),
                 grams=tuple(n for n in grams if _block_of(n) == b),
+                sums=tuple(n for n in sums if _block_of(n) == b),
                 stop=deepest if b == _block_of(deepest) else f"pool{b}",
                 pooling=self.pooling, precision=self.precision, conv=self.conv,
             )
@@ -451,4 +465,6 @@ class VGG19(nn.Module):
             x, feats = block(x, convs)
             out.acts.update(feats.acts)
             out.grams.update(feats.grams)
-        return Features({name: out.acts[name] for name in layers}, {name: out.grams[name] for name in grams})
+            out.sums.update(feats.sums)
+        return Features({name: out.acts[name] for name in layers}, {name: out.grams[name] for name in grams},
+                        {name: out.sums[name] for name in sums})

@@ -407,3 +407,66 @@ def test_objective_with_each_loss_has_finite_value_and_gradient(synthetic_params
     else:
         np.testing.assert_allclose(jax.jit(objective)(x, synthetic_params, targets, hparams).total, terms.total,
                                    rtol=1e-6)
+
+
+# ---------------------------------------------------------------- banded remat
+
+BANDED = [("gram", {}), ("mean_std", {}), ("gaussian_w2", {}), ("mmd", {"mmd_kernel": "linear"}),
+          ("mmd", {"mmd_kernel": "poly"})]
+BANDED_HP = {"mmd": {"mmd_c": 0.5}}  # poly: both T_1 (μ) and T_2 (Fᵀ F / M) count
+BANDS = 64 * 36 * 8  # band_elements: relu1_1 of a 40×36 image in 5 bands, block 2 in 3
+
+
+@pytest.mark.parametrize("config", BANDED, ids=config_id)
+def test_sums_over_positions_losses_are_the_same_with_banded_remat(synthetic_params, config):
+    """gram, mean_std, gaussian_w2 and exact mmd read Fᵀ F and Σᵢ fᵢ, which the model sums band by
+    band under remat: value and gradient equal the plain pass's up to the summation order."""
+    name, options = config
+    # conv2_1 (no ReLU: no dead channels) with more positions than channels (M = 360, 352 > N = 128):
+    # full-rank covariances, so gaussian_w2's matrix square roots are well conditioned
+    spec = LossSpec(content_layers=("relu2_1",), style_layers=("relu1_1", "conv2_1"), style_loss=name,
+                    **options)
+    assert spec.style_sums_over_positions
+    rng = np.random.default_rng(4)
+    x, content, style = (jnp.asarray(rng.random(s), jnp.float32) for s in ((40, 36, 3), (40, 36, 3), (44, 32, 3)))
+    hparams = HParams.create(spec, beta=1.0, **BANDED_HP.get(name, {}))
+
+    def run(remat):
+        model = VGG19(CAFFE, "avg", remat=remat, band_elements=BANDS)
+        targets = compute_targets(model, synthetic_params, content, style, spec)
+        objective = make_objective(model, spec)
+        return jax.jit(jax.value_and_grad(lambda p: objective(p, synthetic_params, targets, hparams).style))(x)
+
+    (plain, plain_grad), (banded, banded_grad) = run(False), run(True)
+    assert plain > 0
+    np.testing.assert_allclose(banded, plain, rtol=1e-4)
+    scale = float(jnp.abs(plain_grad).max())
+    assert scale > 0
+    np.testing.assert_allclose(banded_grad, plain_grad, rtol=1e-3, atol=1e-4 * scale)
+
+
+def _shapes_in(jaxpr) -> set:
+    shapes = set()
+    for eqn in jaxpr.eqns:
+        shapes.update(tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape"))
+        for value in eqn.params.values():
+            for item in value if isinstance(value, (tuple, list)) else (value,):
+                sub = getattr(item, "jaxpr", item)
+                if hasattr(sub, "eqns"):
+                    shapes |= _shapes_in(sub)
+    return shapes
+
+
+@pytest.mark.parametrize("style_loss,held", [("mean_std", False), ("gaussian_w2", False), ("histogram", True)])
+def test_banded_remat_never_holds_a_style_layer_of_a_sums_loss_whole(synthetic_params, style_loss, held):
+    """With remat, relu1_1 (40×36×64) appears in the program of loss + gradient only in bands, unless
+    the loss reads the feature map itself."""
+    spec = LossSpec(content_layers=("relu2_1",), style_layers=("relu1_1", "relu2_1"), style_loss=style_loss)
+    model = VGG19(CAFFE, "avg", remat=True, band_elements=BANDS)
+    x = jnp.zeros((40, 36, 3), jnp.float32)
+    targets = jax.eval_shape(lambda: compute_targets(model, synthetic_params, x, x, spec))
+    objective = make_objective(model, spec)
+    jaxpr = jax.make_jaxpr(jax.grad(lambda p, t: objective(p, synthetic_params, t, HParams.create(spec)).total))(
+        x, targets)
+    assert ((1, 40, 36, 64) in _shapes_in(jaxpr.jaxpr)) is held
+
