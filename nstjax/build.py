@@ -29,7 +29,7 @@ from nstjax import images
 from nstjax.errors import UserError
 from nstjax.losses import HParams, LossSpec, compute_targets, make_objective
 from nstjax.optimize import Loop, OptimSpec, Problem
-from nstjax.style_losses import StyleHParams
+from nstjax.style_losses import StyleHParams, banded_remat_refusal
 from nstjax.vgg import VGG19, Preprocessing, UnknownLayerError, default_conv, layer_stride, prepare_params
 from nstjax.weights import SOURCES, VGGWeights, load_weights, resolve
 from nstjax.yardstick import YARDSTICK_LAYERS, yardstick_targets
@@ -195,7 +195,23 @@ def validate(cfg: DictConfig) -> Inputs:
     if str(cfg.model.weights) not in SOURCES:
         resolve(cfg.model.weights)  # a file path, or an unknown name: refused, listing the names
     content, style = load_inputs(cfg, spec)
+    check_loss_shapes(cfg, spec, content.shape, style.shape)
     return Inputs(spec, content, style)
+
+
+def check_loss_shapes(cfg: DictConfig, spec: LossSpec, content_shape, style_shape) -> None:
+    """Refuse a style or content loss that needs whole feature maps with banded remat, and
+    feature maps smaller than the style loss compares."""
+    if use_remat(cfg, content_shape):
+        remat = ("model.remat=on" if enum_value(cfg.model.remat) == "on" else
+                 f"model.remat=auto, on from model.remat_pixels={cfg.model.remat_pixels} pixels")
+        why = banded_remat_refusal(spec, remat)
+        if why:
+            raise UserError(why)
+    try:
+        spec.check_shapes(content_shape, style_shape)
+    except ValueError as e:
+        raise UserError(str(e)) from e
 
 
 def structure_key(cfg: DictConfig, inputs: Inputs) -> str:

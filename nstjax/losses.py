@@ -79,6 +79,20 @@ class LossSpec(LayerLossOptions):
         """Whether the objective draws random samples: then it needs a key at every evaluation."""
         return self.style_samples or self.content_samples
 
+    def check_shapes(self, image_shape, style_shape) -> None:
+        """A ValueError naming the layer when a style layer's feature map of the image (the
+        content's shape) or of the style is smaller than the style loss compares (mrf: 3×3)."""
+        least = self.style.least_size
+        for name in self.style_layers:
+            stride = layer_stride(name)
+            for what, (h, w) in (("content", image_shape[:2]), ("style", style_shape[:2])):
+                if min(h // stride, w // stride) < least:
+                    raise ValueError(
+                        f"loss.style_loss={self.style_loss} compares {least}×{least} patches, but {name} "
+                        f"of the {what} image is {w // stride}×{h // stride}: raise image.size"
+                        f"{' or image.style_scale' if what == 'style' else ''} or use shallower "
+                        "loss.style_layers")
+
 
 class HParams(NamedTuple):
     """The numeric hyperparameters: arrays, so they can be traced and vmapped."""

@@ -637,6 +637,7 @@ class StyleLoss(NamedTuple):
     loss: Callable[[LayerInput, Any, StyleHParams, Any, LayerLossOptions], jax.Array]
     reads: Callable[[LayerLossOptions], str]
     samples: Callable[[LayerLossOptions], bool]
+    least_size: int = 1  # the smallest feature map (positions a side) it compares
 
 
 def _reads(what: str) -> Callable[[LayerLossOptions], str]:
@@ -651,11 +652,30 @@ STYLE_LOSSES: dict[str, StyleLoss] = {
     "sliced_wasserstein": StyleLoss(style_features_targets, sliced_wasserstein_loss, _reads("features"),
                                     _always),
     "histogram": StyleLoss(histogram_targets, histogram_loss, _reads("features"), _never),
-    "mrf": StyleLoss(mrf_targets, mrf_loss, _reads("features"), _never),
+    "mrf": StyleLoss(mrf_targets, mrf_loss, _reads("features"), _never, MRF_PATCH),
     "remd": StyleLoss(remd_targets, remd_loss, _reads("features"), _always),
 }
 """The style losses by ``loss.style_loss`` name."""
 
+
+def banded_remat_refusal(opts: LayerLossOptions, remat: str) -> Optional[str]:
+    """Why these losses cannot run with banded remat (described by ``remat``, e.g. 'model.remat=on'),
+    and what to choose instead, in one line; None when they can (they read sums over positions only)."""
+    if opts.style_reads == "features":
+        what = f"loss.style_loss={opts.style_loss}"
+        if opts.style_loss == "mmd":
+            what += f" with mmd_kernel={opts.mmd_kernel}" + (
+                f" and mmd_degree={opts.mmd_degree}" if opts.mmd_kernel == "poly" else "")
+        banded = [name for name, entry in STYLE_LOSSES.items()
+                  if entry.reads(LayerLossOptions(style_loss=name)) != "features"]
+        instead = (f"a style loss that reads only sums over positions ({', '.join(banded)}, or mmd with "
+                   f"mmd_kernel=linear, or poly with mmd_degree ≤ {EXACT_POLY_DEGREE})")
+    elif opts.content_samples:
+        what, instead = f"loss.content_loss={opts.content_loss}", "loss.content_loss=mse"
+    else:
+        return None
+    return (f"{what} compares whole feature maps, which banded remat ({remat}) never holds: "
+            f"set model.remat=off, or choose {instead}")
 
 
 def layer_loss(features: jax.Array, style_features: jax.Array, opts: Optional[LayerLossOptions] = None,

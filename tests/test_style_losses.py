@@ -470,3 +470,50 @@ def test_banded_remat_never_holds_a_style_layer_of_a_sums_loss_whole(synthetic_p
         x, targets)
     assert ((1, 40, 36, 64) in _shapes_in(jaxpr.jaxpr)) is held
 
+
+def _validate(*overrides):
+    from cli import EXAMPLES
+    from nstjax import config
+    from nstjax.build import validate
+
+    return validate(config.compose([f"content={EXAMPLES / 'tubingen.jpg'}", f"style={EXAMPLES / 'starry_night.jpg'}",
+                                    "image.size=32", "loss.style_layers=[relu1_1,relu2_1,relu3_1]",
+                                    "loss.style_layer_weights=null", *overrides]))
+
+
+WHOLE_MAP = [["loss.style_loss=sliced_wasserstein"], ["loss.style_loss=histogram"], ["loss.style_loss=mrf"],
+             ["loss.style_loss=remd"], ["loss.style_loss=mmd", "loss.mmd_kernel=gaussian"],
+             ["loss.style_loss=mmd", "loss.mmd_kernel=poly", "loss.mmd_degree=3"],
+             ["loss.content_loss=self_similarity"]]
+
+
+@pytest.mark.parametrize("remat", [["model.remat=on"], ["model.remat=auto", "model.remat_pixels=100"]],
+                         ids=["on", "auto"])
+@pytest.mark.parametrize("overrides", WHOLE_MAP, ids=lambda o: " ".join(v.split("=")[1] for v in o))
+def test_losses_that_need_whole_maps_are_refused_with_banded_remat(overrides, remat):
+    from nstjax.errors import UserError
+
+    with pytest.raises(UserError) as e:
+        _validate(*overrides, *remat)
+    message = str(e.value)
+    assert "\n" not in message and overrides[0] in message
+    assert all(o.removeprefix("loss.") in message for o in overrides[1:])
+    assert "whole feature maps" in message and remat[0] in message and "model.remat=off" in message
+    assert ("loss.content_loss=mse" if "content" in overrides[0] else "gram, mean_std, gaussian_w2") in message
+    _validate(*overrides, "model.remat=off")  # the same loss without remat is fine
+
+
+@pytest.mark.parametrize("overrides", [o for name, opts in BANDED
+                                       for o in [[f"loss.style_loss={name}", *(f"loss.{k}={v}" for k, v in opts.items())]]],
+                         ids=lambda o: "-".join(v.split("=")[1] for v in o))
+def test_sums_over_positions_losses_are_accepted_with_banded_remat(overrides):
+    _validate(*overrides, "model.remat=on")
+
+
+def test_mrf_on_maps_smaller_than_its_patches_is_refused_naming_the_layer():
+    from nstjax.errors import UserError
+
+    with pytest.raises(UserError, match=r"loss.style_loss=mrf compares 3×3 patches, but relu5_1 of the content "
+                                        r"image is 2×1: raise image.size"):
+        _validate("loss.style_loss=mrf", "loss.style_layers=[relu1_1,relu5_1]")  # 32×24 px
+    _validate("loss.style_loss=mrf", "loss.style_layers=[relu1_1,relu5_1]", "image.size=96")
