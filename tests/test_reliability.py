@@ -61,6 +61,15 @@ def bad_inputs(tmp):
          ["model.conv=winograd", "model.precision=float32", "model.conv=direct"]),
         ("more memory than is free", ["optim=lbfgs", "optim.memory_size=100000000"],
          ["GiB is free", "optim.memory_size", "memory_check=false"]),
+        ("unknown style loss", ["loss.style_loss=wasserstein"],
+         ["loss.style_loss", "wasserstein", "gram", "sliced_wasserstein", "remd"]),
+        ("unknown mmd kernel", ["loss.mmd_kernel=rbf"], ["loss.mmd_kernel", "rbf", "linear", "poly", "gaussian"]),
+        ("non-positive bandwidth", ["loss.style_loss=mmd", "loss.mmd_bandwidth=0"],
+         ["loss.mmd_bandwidth", "must be positive"]),
+        ("non-positive projection count", ["loss.style_loss=sliced_wasserstein", "loss.sw_projections=0"],
+         ["loss.sw_projections", "≥ 1"]),
+        ("style_positions below 2", ["loss.style_loss=remd", "loss.style_positions=1"],
+         ["loss.style_positions", "≥ 2"]),
     ]
 
 
