@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from nstjax.sweep import SUMMARY_COLUMNS
 
@@ -38,11 +38,9 @@ def _number(text: str) -> str:
         return text
 
 
-def run(preset: str, sweep: Sequence[str], out: Path, extra: Sequence[str],
-        labels: dict[str, str] | None = None) -> list[dict]:
-    """Run the sweep (unless OUT/runs holds it already), write OUT/table.md and OUT/sheet.png,
-    print the table; ``labels`` names the swept keys in the table's header."""
-    runs = out / "runs"
+def sweep_rows(preset: str, sweep: Sequence[str], runs: Path, extra: Sequence[str]) -> list[dict]:
+    """Run ``python -m nstjax.run -m +experiment=PRESET SWEEP... EXTRA...`` into ``runs`` (unless it
+    holds the sweep already) and return its sweep.csv rows."""
     if not (runs / "sweep.csv").exists():
         cmd = [sys.executable, "-m", "nstjax.run", "-m", f"+experiment={preset}", *sweep,
                f"hydra.sweep.dir={runs}", *extra]
@@ -50,13 +48,25 @@ def run(preset: str, sweep: Sequence[str], out: Path, extra: Sequence[str],
         if code not in (0, 3):  # 3: a point diverged, which the table shows
             sys.exit(code)
     with open(runs / "sweep.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
+        return list(csv.DictReader(f))
+
+
+def run(preset: str, sweep: Sequence[str], out: Path, extra: Sequence[str],
+        labels: dict[str, str] | None = None,
+        columns: Sequence[tuple[str, Callable[[dict], str]]] = ()) -> list[dict]:
+    """Run the sweep (unless OUT/runs holds it already), write OUT/table.md and OUT/sheet.png,
+    print the table; ``labels`` names the swept keys in the table's header, ``columns`` adds
+    (header, cell of a sweep.csv row) columns after them."""
+    runs = out / "runs"
+    rows = sweep_rows(preset, sweep, runs, extra)
     swept = list(rows[0])[1:len(rows[0]) - len(SUMMARY_COLUMNS)]
     labels = labels or {}
-    head = ["n", *(labels.get(k, k) for k in swept), *(name for _, name in TABLE_COLUMNS)]
+    head = ["n", *(labels.get(k, k) for k in swept), *(name for name, _ in columns),
+            *(name for _, name in TABLE_COLUMNS)]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
-        cells = [r["n"], *(r[k] for k in swept), *(_number(r[k]) for k, _ in TABLE_COLUMNS)]
+        cells = [r["n"], *(r[k] for k in swept), *(cell(r) for _, cell in columns),
+                 *(_number(r[k]) for k, _ in TABLE_COLUMNS)]
         lines.append("| " + " | ".join(cells) + " |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
     shutil.copyfile(runs / "sheet.png", out / "sheet.png")
