@@ -36,3 +36,16 @@ def start_cli(args, cache: Path, cwd: Path | None = None) -> subprocess.Popen:
         [sys.executable, "-m", "nstjax.run", *args], cwd=cwd or ROOT, env=env(cache),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
+
+
+def wait_for_files(folder: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
+    """Wait until ``folder`` holds a file (a snapshot, a checkpoint) while ``proc`` runs."""
+    import time
+
+    end = time.time() + timeout
+    while time.time() < end:
+        if folder.exists() and any(folder.iterdir()):
+            return
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        time.sleep(0.05)
+    raise AssertionError(f"{folder} never appeared")

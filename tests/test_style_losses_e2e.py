@@ -5,7 +5,6 @@ import csv
 import json
 import math
 import signal
-import time
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +13,7 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from cli import EXAMPLES, run_cli, start_cli
+from cli import EXAMPLES, run_cli, start_cli, wait_for_files
 from nstjax import config, images, stylize, sweep
 from nstjax.build import build_group, structure_key, validate
 from nstjax.style_losses import STYLE_LOSSES
@@ -34,16 +33,6 @@ def common(weights, *extra):
             f"style={EXAMPLES / 'starry_night.jpg'}", "image.size=32", *SHALLOW, "loss.style_positions=64",
             "optim=adam", "optim.lr=0.05", f"optim.steps={STEPS}", "chunk_steps=1", "checkpoint_every=0",
             "progress=false", *extra]
-
-
-def _wait_for(path, proc, timeout=240):
-    end = time.time() + timeout
-    while time.time() < end:
-        if path.exists() and any(path.iterdir()):
-            return
-        assert proc.poll() is None, proc.communicate()[1][-2000:]
-        time.sleep(0.05)
-    raise AssertionError(f"{path} never appeared")
 
 
 def test_every_style_loss_runs_through_the_cli_and_a_sampled_one_resumes_bitwise(
@@ -76,7 +65,7 @@ def test_every_style_loss_runs_through_the_cli_and_a_sampled_one_resumes_bitwise
     run_dir = tmp_path / "run"
     running = start_cli([*common(synthetic_weights_file, f"loss.style_loss={SAMPLED}", "save_every=1"),
                          f"hydra.run.dir={run_dir}"], nstjax_cache)
-    _wait_for(run_dir / "snapshots", running)
+    wait_for_files(run_dir / "snapshots", running)
     running.send_signal(signal.SIGINT)
     _, stderr = running.communicate(timeout=120)
     assert running.returncode == 130, stderr[-2000:]

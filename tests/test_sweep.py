@@ -15,7 +15,7 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from cli import EXAMPLES, ROOT, env, run_cli, start_cli
+from cli import EXAMPLES, ROOT, env, run_cli, start_cli, wait_for_files
 from nstjax import config, stylize, sweep
 from nstjax.optimize import HistoryRow
 from nstjax.outputs import read_history
@@ -150,18 +150,6 @@ def test_a_diverging_member_stops_alone(tmp_path, synthetic_weights_file, nstjax
     assert [r["status"] for r in read_csv(sweep_dir / "sweep.csv")] == ["finished", "diverged"]
 
 
-def _wait_for_snapshot(path, proc, timeout=240):
-    import time
-
-    end = time.time() + timeout
-    while time.time() < end:
-        if path.exists() and any(path.iterdir()):
-            return
-        assert proc.poll() is None, proc.communicate()[1][-2000:]
-        time.sleep(0.05)
-    raise AssertionError(f"{path} never appeared")
-
-
 def test_interrupted_sweep_resumes_to_the_uninterrupted_result(tmp_path, synthetic_weights_file,
                                                                nstjax_cache):
     """Two groups (two image sizes) of two β each; SIGINT during the first group."""
@@ -173,7 +161,7 @@ def test_interrupted_sweep_resumes_to_the_uninterrupted_result(tmp_path, synthet
 
     sweep_dir = tmp_path / "interrupted"
     running = start_cli(args + [f"hydra.sweep.dir={sweep_dir}"], nstjax_cache)
-    _wait_for_snapshot(sweep_dir / "0" / "snapshots", running)
+    wait_for_files(sweep_dir / "0" / "snapshots", running)
     running.send_signal(signal.SIGINT)
     _, stderr = running.communicate(timeout=120)
     assert running.returncode == 130, stderr[-2000:]
