@@ -7,8 +7,11 @@ a valid picture) and evaluates the objective at the new image, whose weighted
 terms become that step's history row. ``K`` steps run inside one compiled
 ``lax.scan``; Python only runs between chunks.
 
-A step whose loss, gradient or pixels are not finite is not taken: the state
-keeps the last finite image and its ``status`` says why the run stopped.
+The loop takes a batch of problems (:class:`Problem`, every leaf with a leading
+member axis): a sweep's members are optimised together, each exactly as it
+would be alone, and a single run is a batch of one. A step whose loss, gradient
+or pixels are not finite is not taken: that member keeps its last finite image,
+its ``status`` says why it stopped, and the others go on.
 """
 
 from __future__ import annotations
@@ -284,8 +287,8 @@ class Loop:
 
 
 def _select(which: jax.Array, a, b):
-    """Per member (the leading axis of ``which``, or a scalar): leaves of ``a`` where ``which``,
-    else of ``b``; PRNG keys through their data."""
+    """Leaves of ``a`` where ``which`` (a scalar, or one flag per member along the leading
+    axis), else of ``b``; PRNG keys through their data; None leaves stay None."""
     def pick(x, y):
         if x is None:
             return None
