@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, NamedTuple
 
 import jax
@@ -282,8 +283,8 @@ class Loop:
             chunk = jax.jit(jax.shard_map(self.chunk, mesh=mesh, in_specs=(m, m, r, r, r), out_specs=m),
                             donate_argnums=(0,))
         state = jax.eval_shape(init, problems, params)
-        return Program(init.lower(problems, params).compile(),
-                       chunk.lower(state, problems, params, jnp.int32(0), jnp.int32(0)).compile(), state)
+        lowered = (init.lower(problems, params), chunk.lower(state, problems, params, jnp.int32(0), jnp.int32(0)))
+        return Program(*compile_all(lowered), state)
 
 
 def _select(which: jax.Array, a, b):
@@ -298,6 +299,12 @@ def _select(which: jax.Array, a, b):
         return jnp.where(which.reshape(which.shape + (1,) * (x.ndim - which.ndim)), x, y)
 
     return jax.tree.map(pick, a, b, is_leaf=lambda x: x is None)
+
+
+def compile_all(lowered) -> list:
+    """Compile lowered programs side by side (XLA compiles each on one thread, outside the GIL)."""
+    with ThreadPoolExecutor(len(lowered)) as pool:
+        return list(pool.map(lambda program: program.compile(), lowered))
 
 
 def member_mesh(devices=None) -> Mesh:

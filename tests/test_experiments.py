@@ -1,5 +1,6 @@
 """The research studies in experiments/ run end to end on synthetic weights."""
 
+import csv
 import subprocess
 import sys
 
@@ -9,9 +10,9 @@ from PIL import Image
 from cli import EXAMPLES, ROOT, env
 
 STUDIES = {
-    "beta_sweep": (["--betas", "1e2,1e6"], [("β", ["1e+02", "1e+06"])]),
+    "beta_sweep": (["--betas", "1e2,1e6"], [("β", ["100.0", "1000000.0"])]),  # as Hydra writes them
     "alpha_beta": (["--betas", "1e2,1e4", "--depths", "2"],
-                   [("β (α = 1)", ["1e+02", "1e+02", "1e+04", "1e+04"]),
+                   [("β (α = 1)", ["100.0", "100.0", "10000.0", "10000.0"]),
                     ("w_l (relu1_1 … relu5_1)", ["[1.0,0,0,0,0]", "[0.5,0.5,0,0,0]"] * 2)]),
     "layer_ablation": ([], [("w_l (relu1_1 … relu5_1)",
                              ["[1,0,0,0,0]", "[0,1,0,0,0]", "[0,0,1,0,0]", "[0,0,0,1,0]", "[0,0,0,0,1]",
@@ -38,8 +39,10 @@ def test_study_writes_its_table_and_sheet(name, tmp_path, synthetic_weights_file
         got = [r[head.index(column)] for r in rows]
         assert [v.replace(" ", "") for v in got] == values, (column, got)
     assert {r[head.index("status")] for r in rows} == {"finished"}
-    yardsticks = [float(r[head.index("style yardstick")]) for r in rows]
-    assert len(set(yardsticks)) == len(rows)  # the points differ
+    assert all(float(r[head.index("style yardstick")]) > 0 for r in rows)
+    with open(out / "runs" / "sweep.csv", newline="") as f:
+        totals = [float(r["total"]) for r in csv.DictReader(f)]
+    assert len(set(totals)) == len(rows)  # the points differ
     sheet = Image.open(out / "sheet.png")
     tile = Image.open(out / "runs" / "0" / "result.png")
     assert sheet.width > len({r[head.index(columns[0][0])] for r in rows}) * tile.width
