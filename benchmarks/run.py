@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import RESULTS, ROOT, SETUPS, deepest_conv, flop_counts, write_json
+from benchmarks.common import RESULTS, ROOT, SETUPS, deepest_conv, flop_counts, run_killable, write_json
 
 GiB = 2**30
 
@@ -45,14 +45,15 @@ def log(*a):
 
 
 def worker(task: str, args: dict, timeout: float = 1800, env_extra: dict | None = None) -> dict:
-    """Run one measurement in a fresh process; return its JSON (with 'rc', and 'error' on failure)."""
+    """Run one measurement in a fresh process, killed after ``timeout`` seconds; return its JSON (with
+    'rc', None on a timeout, and 'error' on failure)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out.json"
         env = dict(os.environ, PYTHONWARNINGS="ignore", **(env_extra or {}))
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
         try:
-            p = subprocess.run([sys.executable, "-m", "benchmarks.workers", task, json.dumps(args), str(out)],
-                               cwd=ROOT, env=env, timeout=timeout, capture_output=True, text=True)
+            p = run_killable([sys.executable, "-m", "benchmarks.workers", task, json.dumps(args), str(out)],
+                             cwd=ROOT, env=env, timeout=timeout)
             rc, stderr = p.returncode, p.stderr
         except subprocess.TimeoutExpired:
             return {"rc": None, "error": f"timed out after {timeout:.0f} s"}
