@@ -140,19 +140,9 @@ def main(argv=None) -> int:
     # ---------------------------------------------------------------- (a) agreement, then timing
     if "eval" not in skip:
         log(f"\n== (a) agreement of the two sides (Gatys objective, VGG19 up to {last}, {report['weights']} weights)")
-        agreement = []
-        for i, s in enumerate(sizes):
-            r = worker("agree", {"size": s, "objective": "gatys", "grad": i == 0, **common})
-            agreement.append(r)
-            if "error" in r:
-                log(f"agreement check at {s}px failed to run: {r['error']}")
-                return 1
-            log(f"{s}px: loss jax {r['loss_jax']:.7g}  torch {r['loss_torch']:.7g}  rel diff {r['rel_diff']:.2e}"
-                + (f"  grad rel L2 {r['grad_rel_l2']:.2e}" if "grad_rel_l2" in r else ""))
-            if not r["agree"]:
-                log(f"REFUSING TO REPORT: the losses differ by {r['rel_diff']:.2e} relative at {s}px "
-                    f"(> 1e-4): the two sides do not compute the same objective.")
-                return 2
+        agreement, status = check_agreement(sizes, common)
+        if status:
+            return status
         report["agreement"] = agreement
 
         log("\n== (a) per evaluation: one loss + gradient")
@@ -203,10 +193,7 @@ def main(argv=None) -> int:
             log("tutorial loop failed:", tut["error"])
             return 1
         target = tut["best_loss"]
-        log(f"tutorial loop (torch.optim.LBFGS defaults, {tut['evaluations']} evaluations, image {tut['shape']}): "
-            f"{tut['run_s']:.1f} s; loss {tut['losses'][0]:.4g} → final {tut['final_loss']:.4g}, best "
-            f"{tut['best_loss']:.4g} at evaluation {tut['best_evaluation']} ({tut['best_time_s']:.1f} s); "
-            f"target = best = {target:.6g}")
+        log(_tutorial_line(tut))
         names = set(a.ttq_settings.split(",")) if a.ttq_settings else None
         settings = [(n, s) for n, s in TTQ_SETTINGS if names is None or n in names]
         if quick and not names:
@@ -216,11 +203,8 @@ def main(argv=None) -> int:
         cap = a.ttq_cap * tut["run_s"]
         for v in variants[:1] or ["nstjax"]:
             for name, s in settings:
-                args = {"name": name, "size": ttq_size, "target": target, "variant": v, "time_cap_s": cap,
-                        "max_evaluations": 2 * ttq_evals, "chunk_steps": 5, **s, **common}
-                if "coarse" in args and args["coarse"]["size"] >= ttq_size:
-                    args["coarse"] = {"size": ttq_size // 2, "evaluations": args["coarse"]["evaluations"] // 3}
-                r = worker("ttq_jax", args, timeout=cap * 3 + 600)
+                r = worker("ttq_jax", ttq_args(name, s, ttq_size, target, cap, 2 * ttq_evals, v, common),
+                           timeout=cap * 3 + 600)
                 runs.append(r)
                 log(_ttq_line(r, tut))
         # nstjax as is, for the settings that reached the target fastest with the first variant
@@ -229,20 +213,11 @@ def main(argv=None) -> int:
                           key=lambda r: r["reached"]["time_s"])[:1 if quick else 2]
             for r0 in done:
                 s = dict(next(s for n, s in settings if n == r0["name"]))
-                args = {"name": r0["name"], "size": ttq_size, "target": target, "variant": "nstjax",
-                        "time_cap_s": 1.5 * tut["run_s"], "max_evaluations": 2 * ttq_evals, "chunk_steps": 5,
-                        **s, **common}
-                if "coarse" in args and args["coarse"]["size"] >= ttq_size:
-                    args["coarse"] = {"size": ttq_size // 2, "evaluations": args["coarse"]["evaluations"] // 3}
-                r = worker("ttq_jax", args, timeout=tut["run_s"] * 5 + 600)
+                r = worker("ttq_jax", ttq_args(r0["name"], s, ttq_size, target, 1.5 * tut["run_s"], 2 * ttq_evals,
+                                               "nstjax", common), timeout=tut["run_s"] * 5 + 600)
                 runs.append(r)
                 log(_ttq_line(r, tut))
-        for r in runs:
-            if r.get("reached"):
-                r["ratio_vs_tutorial_run"] = r["reached"]["time_s"] / tut["run_s"]
-                r["ratio_vs_tutorial_best"] = r["reached"]["time_s"] / tut["best_time_s"]
-                r["cpu_ratio_vs_tutorial_run"] = r["reached"]["cpu_s"] / tut["run_cpu_s"]
-        report["ttq_jax"] = runs
+        report["ttq_jax"] = ttq_ratios(runs, tut)
 
     # ---------------------------------------------------------------- (c) memory at large sizes
     if "memory" not in skip:
@@ -293,6 +268,54 @@ def main(argv=None) -> int:
     write_json(out_path, report)
     log(f"\nwrote {out_path} ({report['wall_s'] / 60:.1f} min)")
     return 0
+
+
+def check_agreement(sizes, common, variant="nstjax", run=worker) -> tuple[list, int | None]:
+    """The gate before any timing: both sides' losses on the same inputs at every size (the gradient
+    too at the first), through ``run`` (``worker`` or one with a time budget). Returns the checks and
+    None, or the checks so far and the exit status: 1 when a check could not run, 2 when the sides
+    disagree by more than 1e-4 relative (the caller then writes no report)."""
+    checks = []
+    for i, s in enumerate(sizes):
+        r = run("agree", {"size": s, "objective": "gatys", "grad": i == 0, "variant": variant, **common})
+        checks.append(r)
+        if "error" in r:
+            log(f"agreement check at {s}px failed to run: {r['error']}")
+            return checks, 1
+        log(f"{s}px: loss jax {r['loss_jax']:.7g}  torch {r['loss_torch']:.7g}  rel diff {r['rel_diff']:.2e}"
+            + (f"  grad rel L2 {r['grad_rel_l2']:.2e}" if "grad_rel_l2" in r else ""))
+        if not r["agree"]:
+            log(f"REFUSING TO REPORT: the losses differ by {r['rel_diff']:.2e} relative at {s}px "
+                f"(> 1e-4): the two sides do not compute the same objective.")
+            return checks, 2
+    return checks, None
+
+
+def ttq_args(name, setting, size, target, cap_s, max_evaluations, variant, common) -> dict:
+    """workers.ttq_jax's arguments for one of TTQ_SETTINGS (a coarse stage at or above ``size`` is
+    replaced by one at half the size and a third of the evaluations)."""
+    args = {"name": name, "size": size, "target": target, "variant": variant, "time_cap_s": cap_s,
+            "max_evaluations": max_evaluations, "chunk_steps": 5, **setting, **common}
+    if "coarse" in args and args["coarse"]["size"] >= size:
+        args["coarse"] = {"size": size // 2, "evaluations": args["coarse"]["evaluations"] // 3}
+    return args
+
+
+def ttq_ratios(runs, tut) -> list:
+    """Add each nstjax run's time to the target over the tutorial loop's times."""
+    for r in runs:
+        if r.get("reached"):
+            r["ratio_vs_tutorial_run"] = r["reached"]["time_s"] / tut["run_s"]
+            r["ratio_vs_tutorial_best"] = r["reached"]["time_s"] / tut["best_time_s"]
+            r["cpu_ratio_vs_tutorial_run"] = r["reached"]["cpu_s"] / tut["run_cpu_s"]
+    return runs
+
+
+def _tutorial_line(tut):
+    return (f"tutorial loop (torch.optim.LBFGS defaults, {tut['evaluations']} evaluations, image {tut['shape']}, "
+            f"{tut['device']}): {tut['run_s']:.1f} s; loss {tut['losses'][0]:.4g} → final {tut['final_loss']:.4g}, "
+            f"best {tut['best_loss']:.4g} at evaluation {tut['best_evaluation']} ({tut['best_time_s']:.1f} s); "
+            f"target = best = {tut['best_loss']:.6g}")
 
 
 def _ttq_line(r, tut):
