@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     p.add_argument("--skip", default="", help="comma-separated parts to skip: eval,ttq,memory,profile,gpu")
     p.add_argument("--weights", help="a torchvision VGG19 state dict (.pth) instead of random weights")
     p.add_argument("--out", help="JSON path (default benchmarks/results/cpu.json, quick: quick.json, "
-                                 "gpu.json on a GPU)")
+                                 "run-gpu.json on a GPU)")
     a = p.parse_args(argv)
 
     quick = a.quick
@@ -132,7 +132,8 @@ def main(argv=None) -> int:
         f"{m['gemm_n']}² matmul {m['gemm_gflops_measured']:.0f} GFLOP/s; load average {m['loadavg'][0]:.2f}; "
         f"jax {m['jax']} on {m['platform']}")
     on_gpu = bool(m.get("gpus"))
-    out_path = Path(a.out) if a.out else RESULTS / ("quick.json" if quick else ("gpu.json" if on_gpu else "cpu.json"))
+    out_path = Path(a.out) if a.out else RESULTS / ("quick.json" if quick else
+                                                    ("run-gpu.json" if on_gpu else "cpu.json"))
 
     gatys = SETUPS["gatys"]()
     last = deepest_conv(gatys["spec"].layers)
@@ -329,32 +330,17 @@ def _ttq_line(r, tut):
 
 
 def gpu_section(quick, common):
-    """float32 / tf32 / bfloat16 per-iteration times at 512 and 1024, PyTorch CUDA float32 beside them,
-    and the largest square image whose evaluation fits (doubling until it fails), without and with remat."""
+    """benchmarks.gpu's per-evaluation and fit parts (float32 / tf32 / bfloat16 at 512 and 1024 px,
+    PyTorch CUDA beside them; the largest square image that fits without and with remat), without
+    its time budget; quick: 256 px, fit search up to 2048 px."""
+    import dataclasses
+
+    from benchmarks import gpu
+
     log("\n== GPU")
-    out = {"per_iteration": [], "largest": {}}
-    sizes = [256] if quick else [512, 1024]
-    for s in sizes:
-        row = {"size": s}
-        for prec in ("float32", "tf32", "bfloat16"):
-            row[prec] = worker("eval_jax", {"size": s, "objective": "gatys", "reps": 3 if quick else 10,
-                                            "precision": prec, **common})
-        row["torch_float32"] = worker("eval_torch", {"size": s, "objective": "gatys", "reps": 3 if quick else 10,
-                                                     **common})
-        out["per_iteration"].append(row)
-        log(f"{s}px: " + ", ".join(f"{k} {fmt(v.get('eval_s'), '.4f')} s" for k, v in row.items() if k != "size"))
-    for remat in (False, True):
-        size, largest = 1024, None
-        while size <= (2048 if quick else 32768):
-            r = worker("gpu_fit", {"size": size, "objective": "gatys", "remat": remat, **common}, timeout=1800)
-            ok = "error" not in r
-            log(f"fit {size}px remat={remat}: " + ("ok" if ok else r["error"][:200]))
-            if not ok:
-                break
-            largest = {"size": size, "first_call_s": r["first_call_s"], "compile_s": r["compile_s"]}
-            size *= 2
-        out["largest"]["remat" if remat else "plain"] = largest
-    return out
+    plan = gpu.GPU if not quick else dataclasses.replace(gpu.GPU, sizes=(256,), reps=3, fit_cap=2048)
+    part = gpu.Part("gpu", 4 * 3600)
+    return {"per_iteration": gpu.per_evaluation(plan, part.run, common), "largest": gpu.fit_part(plan, part, common)}
 
 
 def summary(rep) -> str:

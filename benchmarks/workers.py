@@ -383,11 +383,12 @@ GEMM_PRECISIONS = {"float32": ("float32", "highest"), "tf32": ("float32", "defau
 
 def machine(args):
     """CPU model and estimated peak, and a measured n×n matmul rate (jnp.dot, best of ``reps``) as a
-    practical ceiling: float32, and for each of ``precisions`` (keys of GEMM_PRECISIONS) if given."""
+    practical ceiling: float32, and for each of ``precisions`` (keys of GEMM_PRECISIONS) if given;
+    ``n_by_platform`` ({'gpu': n, 'cpu': n}) picks n by jax's default backend."""
     import jax
     import jax.numpy as jnp
 
-    n = args.get("n", 2048)
+    n = args.get("n_by_platform", {}).get(jax.default_backend(), args.get("n", 2048))
     rates = {}
     for name in args.get("precisions", ["float32"]):
         dtype, precision = GEMM_PRECISIONS[name]
