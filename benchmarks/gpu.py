@@ -42,7 +42,7 @@ import tomllib
 from importlib import metadata
 from pathlib import Path
 
-from benchmarks.common import RESULTS, ROOT, SETUPS, deepest_conv, flop_counts, write_json
+from benchmarks.common import RESULTS, ROOT, SETUPS, deepest_conv, flop_counts, run_killable, write_json
 from benchmarks.run import (TTQ_SETTINGS, _ttq_line, _tutorial_line, check_agreement, fmt, log, table, ttq_args,
                             ttq_ratios, worker)
 
@@ -211,9 +211,10 @@ def _why(r: dict) -> str:
 
 
 def fit_search(probe, start: int, cap: int, can_try) -> dict:
-    """The largest square size whose evaluation fits: ``probe(size)`` (a result with 'fits') from
-    ``start``, doubling while it fits and the size is at most ``cap``, then, if ``can_try()``, once
-    halfway (a multiple of 64) between the last size that fit and the first that did not."""
+    """The largest square size whose evaluation fits: ``probe(size)`` (a result with 'fits', and
+    'out_of_time' when it was stopped) from ``start``, doubling while it fits, the size is at most
+    ``cap`` and ``can_try()``, then, if ``can_try()``, once halfway (a multiple of 64) between the last
+    size that fit and the first that did not."""
     tried, largest, failed, size = [], None, None, start
     while True:
         if size > cap:
@@ -224,6 +225,9 @@ def fit_search(probe, start: int, cap: int, can_try) -> dict:
             break
         r = probe(size)
         tried.append(r)
+        if r.get("out_of_time"):  # killed at the end of its time: neither a fit nor a failure
+            stopped = f"out of time at {size} px"
+            break
         if not r["fits"]:
             failed, stopped = size, f"{size} px failed"
             break
@@ -235,8 +239,9 @@ def fit_search(probe, start: int, cap: int, can_try) -> dict:
             if can_try():
                 r = probe(mid)
                 tried.append(r)
-                largest, failed = (mid, failed) if r["fits"] else (largest, mid)
-                bisect = mid
+                if not r.get("out_of_time"):
+                    largest, failed = (mid, failed) if r["fits"] else (largest, mid)
+                    bisect = mid
             else:
                 stopped += f"; no time to try {mid} px"
     return {"largest": largest, "first_failure": failed, "stopped": stopped, "bisected_at": bisect, "tried": tried}
@@ -273,9 +278,8 @@ def estimate_one_by_one(measured: list, k: int) -> dict:
     return out
 
 
-def missing_for_cli() -> list:
-    """nstjax's declared dependencies (pyproject.toml) that are not installed, and 'nstjax' itself when
-    it is not installed: the sweep runs the CLI (python -m nstjax.run), which needs them all."""
+def not_installed() -> list:
+    """nstjax (as an installed package) and its declared dependencies (pyproject.toml) not installed here."""
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     missing = []
     for name in ["nstjax"] + [re.split(r"[<>=!~ ;\[]", d, maxsplit=1)[0] for d in deps]:
@@ -286,6 +290,22 @@ def missing_for_cli() -> list:
     return missing
 
 
+# What `python -m nstjax.run -m hydra/sweeper=...` imports and reads before it runs a point.
+CLI_PROBE = ("import importlib.resources, nstjax.run, nstjax.sweep, nstjax.weights, hydra_plugins.nstjax_sweeper; "
+             "assert importlib.resources.files('nstjax.configs').joinpath('config.yaml').is_file()")
+
+
+def cli_problem() -> str | None:
+    """Why nstjax's CLI cannot run here (its imports fail, nstjax is not installed), or None."""
+    try:
+        proc = run_killable([sys.executable, "-c", CLI_PROBE], timeout=120, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return "importing nstjax's CLI timed out"
+    if proc.returncode == 0:
+        return None
+    return (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+
+
 def sweep_part(plan: Plan, part: Part) -> dict:
     """benchmarks.sweep's measurement (the same K points through both sweepers) for plan.sweep_points,
     the last K's one-by-one side estimated from the K before it."""
@@ -293,10 +313,11 @@ def sweep_part(plan: Plan, part: Part) -> dict:
 
     out = {"size": plan.sweep_size, "steps": plan.sweep_steps, "overrides": list(plan.sweep_overrides),
            "one_by_one_estimated_for": plan.sweep_points[-1:] if len(plan.sweep_points) > 1 else [], "rows": []}
-    missing = missing_for_cli()
-    if missing:
-        out["error"] = ("not run: the sweep runs nstjax's CLI, which needs " + ", ".join(missing)
-                        + " (not installed here: carry their wheels and pip install --no-deps them)")
+    problem = cli_problem()
+    if problem:
+        out["error"] = (f"not run: the sweep runs nstjax's CLI, which fails to start here ({problem}); not "
+                        f"installed: {', '.join(not_installed()) or 'none'} (carry their wheels, pip install "
+                        "--no-deps them, and pip install --no-deps --no-build-isolation -e .)")
         log(out["error"])
         return out
     with tempfile.TemporaryDirectory() as tmp:
@@ -522,7 +543,7 @@ def main(argv=None) -> int:
         + ", ".join(f"{k} {v:.4g}" for k, v in peak["tflops"].items()))
     report = {"command": " ".join([Path(sys.executable).name, "-m", "benchmarks.gpu"] + sys.argv[1:]),
               "started": started, "dry_run": dry, "plan": dataclasses.asdict(plan), "machine": m, "peak": peak,
-              "missing_for_cli": missing_for_cli()}
+              "not_installed": not_installed()}
     common = {}
 
     part = budget.begin("agreement")
