@@ -242,9 +242,11 @@ class Structure:
     steps: int
     max_evaluations: int
 
+    members: str = "vmap"  # Loop's member batching: vmap | map
+
     @functools.cached_property
     def loop(self) -> Loop:
-        return Loop(make_objective(self.model, self.loss), self.optim, self.chunk_steps)
+        return Loop(make_objective(self.model, self.loss), self.optim, self.chunk_steps, self.members)
 
 
 @dataclasses.dataclass
@@ -286,7 +288,8 @@ def build_group(cfgs: Sequence[DictConfig], inputs: Sequence[Inputs] | None = No
                   enum_value(first.model.precision), use_remat(first, inputs[0].content.shape),
                   conv=conv_algorithm(first))
     structure = Structure(model, spec, optim_spec(first), int(first.chunk_steps), int(first.optim.steps),
-                          min(first.optim.max_evaluations or 2**31 - 1, 2**31 - 1))
+                          min(first.optim.max_evaluations or 2**31 - 1, 2**31 - 1),
+                          enum_value(first.member_batching))
     params = prepare_params(jax.tree.map(jnp.asarray, weights.params), model.conv,
                             spec.layers + YARDSTICK_LAYERS)
     targets_fn = jax.jit(functools.partial(compute_targets, model, spec=spec))

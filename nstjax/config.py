@@ -15,6 +15,7 @@ from typing import List, Optional, Sequence
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from nstjax.optimize import MEMBER_BATCHING
 from nstjax.images import DEFAULT_MAX_PIXELS
 from nstjax.losses import TV_NORMS, LossSpec
 from nstjax.style_losses import (CONTENT_LOSSES, CONTENT_REDUCTIONS, GRAM_NORMS, MMD_KERNELS,
@@ -63,6 +64,10 @@ StyleLoss = _choices("StyleLoss", STYLE_LOSSES, "The per-layer style loss (nstja
 MMDKernel = _choices("MMDKernel", MMD_KERNELS, "The kernel of the mmd style loss.")
 ContentLoss = _choices("ContentLoss", CONTENT_LOSSES,
                        "The per-layer content loss (nstjax.style_losses.CONTENT_LOSSES).")
+
+MemberBatching = _choices("MemberBatching", MEMBER_BATCHING,
+                          "How the members of a group share one program: batched (vmap) or one after another "
+                          "inside it (map); see nstjax.optimize.Loop.")
 
 
 class Linesearch(enum.Enum):
@@ -177,6 +182,7 @@ class Config:
     progress: bool = True  # progress bar on the terminal
     memory_check: bool = True  # refuse a run whose compiled programs need more memory than is free
     max_members: Optional[int] = None  # sweep members per compiled program (null: as many as fit)
+    member_batching: MemberBatching = MemberBatching.vmap  # vmap | map: how a group's members share a program
     sweep_group: Optional[int] = None  # set by the nstjax sweeper: the group a sweep job runs
     image: ImageConfig = field(default_factory=ImageConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
