@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from nstjax import images
+from nstjax import images, inits
 from nstjax.errors import UserError
 from nstjax.losses import HParams, LossSpec, compute_targets, make_objective
 from nstjax.optimize import Loop, OptimSpec, Problem
@@ -146,17 +146,20 @@ def load_inputs(cfg: DictConfig, spec: LossSpec) -> tuple[np.ndarray, np.ndarray
 
 def initial_image(cfg: DictConfig, content: np.ndarray, style: np.ndarray,
                   preprocessing: Preprocessing, key: jax.Array) -> np.ndarray:
-    """init: content (Gatys et al.), noise (mean pixel + seeded Gaussian), style, or a file."""
-    h, w = content.shape[:2]
-    if cfg.init == "content":
-        return content
-    if cfg.init == "noise":
-        mean = np.asarray(preprocessing.mean_rgb(), np.float32)
-        noise = np.asarray(jax.random.normal(key, content.shape, jnp.float32))
-        return np.clip(mean + cfg.init_noise_std * noise, 0.0, 1.0).astype(np.float32)
-    if cfg.init == "style":
-        return images.resize_to(style, h, w)
-    return images.resize_to(images.load_image(cfg.init, cfg.image.max_pixels), h, w)
+    """x₀ for ``init`` (:mod:`nstjax.inits`): content, noise (the weights' mean pixel + seeded
+    Gaussian), style, gray, uniform, style_stats, or a file."""
+    return inits.initial_image(cfg.init, content, [style], [1.0], key, noise_mean=preprocessing.mean_rgb(),
+                               noise_std=cfg.init_noise_std, max_pixels=cfg.image.max_pixels)
+
+
+def check_init(cfg: DictConfig) -> None:
+    """``init`` is one of :data:`nstjax.inits.INITS` or a readable image file."""
+    if cfg.init not in inits.INITS:
+        try:
+            images.load_image(cfg.init, cfg.image.max_pixels)
+        except UserError as e:
+            raise UserError(f"init={cfg.init}: {e} (init is one of {', '.join(inits.INITS)} "
+                            "or an image file)") from e
 
 
 def use_remat(cfg: DictConfig, shape) -> bool:
@@ -192,6 +195,7 @@ def validate(cfg: DictConfig) -> Inputs:
     hparams(cfg, spec)
     optim_spec(cfg)
     conv_algorithm(cfg)
+    check_init(cfg)
     if str(cfg.model.weights) not in SOURCES:
         resolve(cfg.model.weights)  # a file path, or an unknown name: refused, listing the names
     content, style = load_inputs(cfg, spec)

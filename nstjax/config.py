@@ -167,7 +167,7 @@ class LBFGSConfig(OptimConfig):
 class Config:
     content: Optional[str] = None  # content image; None: the bundled example
     style: Optional[str] = None  # style image; None: the bundled example
-    init: str = "content"  # content | noise | style | a path to an image
+    init: str = "content"  # a name of nstjax.inits.INITS (content, noise, style, gray, uniform, style_stats) or an image file
     init_noise_std: float = 0.25  # init=noise: clip(mean pixel + std·N(0, 1), 0, 1)
     seed: int = 0
     save_every: int = 0  # snapshot image every N steps (0: none)
