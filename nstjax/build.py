@@ -25,9 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from nstjax import images, inits
+from nstjax import blend, images, inits
 from nstjax.errors import UserError
-from nstjax.losses import HParams, LossSpec, compute_targets, make_objective
+from nstjax.losses import HParams, LossSpec, Targets, compute_targets, make_objective
 from nstjax.optimize import Loop, OptimSpec, Problem
 from nstjax.style_losses import StyleHParams
 from nstjax.vgg import VGG19, Preprocessing, UnknownLayerError, default_conv, layer_stride, prepare_params
@@ -36,7 +36,7 @@ from nstjax.yardstick import YARDSTICK_LAYERS, yardstick_targets
 
 DEFAULT_CONTENT = "tubingen.jpg"
 DEFAULT_STYLE = "starry_night.jpg"
-MEMBER_KEYS = ("content", "style", "init", "init_noise_std", "seed", "loss.alpha", "loss.beta",
+MEMBER_KEYS = ("content", "style", "style_blend_weights", "init", "init_noise_std", "seed", "loss.alpha", "loss.beta",
                "loss.tv_weight", "loss.content_layer_weights", "loss.style_layer_weights", "optim.lr",
                *(f"loss.{k}" for k in StyleHParams._fields))
 """The keys in which the members of one group may differ: they become arrays of the Problem."""
@@ -109,14 +109,15 @@ def preprocessing_override(cfg: DictConfig) -> Preprocessing | None:
     return Preprocessing(enum_value(p.channel_order), p.scale, tuple(p.mean), tuple(p.std))
 
 
-def input_paths(cfg: DictConfig) -> tuple[str, str]:
-    """The content and style files: as given, or the bundled examples."""
+def input_paths(cfg: DictConfig) -> tuple[str, list[str]]:
+    """The content file and the style files (``style``: one or a list): as given, or the
+    bundled examples."""
     return (str(cfg.content or example_image(DEFAULT_CONTENT)),
-            str(cfg.style or example_image(DEFAULT_STYLE)))
+            blend.style_paths(cfg.style, str(example_image(DEFAULT_STYLE))))
 
 
-def load_inputs(cfg: DictConfig, spec: LossSpec) -> tuple[np.ndarray, np.ndarray]:
-    """Content resized to longest side image.size; style to size × style_scale.
+def load_inputs(cfg: DictConfig, spec: LossSpec) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The content resized to longest side image.size; each style image to size × style_scale.
 
     An input file, or a resized image, smaller than the deepest layer needs is refused.
     """
@@ -126,7 +127,8 @@ def load_inputs(cfg: DictConfig, spec: LossSpec) -> tuple[np.ndarray, np.ndarray
     sizes = {"content": cfg.image.size, "style": max(1, round(cfg.image.size * cfg.image.style_scale))}
     keys = {"content": "image.size", "style": "image.style_scale"}
     loaded = []
-    for what, path in zip(("content", "style"), input_paths(cfg)):
+    content_path, style_paths = input_paths(cfg)
+    for what, path in [("content", content_path)] + [("style", p) for p in style_paths]:
         img = images.load_image(path, limit)
         if min(img.shape[:2]) < least:
             raise UserError(
@@ -141,14 +143,15 @@ def load_inputs(cfg: DictConfig, spec: LossSpec) -> tuple[np.ndarray, np.ndarray
                 "or use shallower layers"
             )
         loaded.append(img)
-    return loaded[0], loaded[1]
+    return loaded[0], loaded[1:]
 
 
-def initial_image(cfg: DictConfig, content: np.ndarray, style: np.ndarray,
+def initial_image(cfg: DictConfig, content: np.ndarray, styles: Sequence[np.ndarray],
                   preprocessing: Preprocessing, key: jax.Array) -> np.ndarray:
     """x₀ for ``init`` (:mod:`nstjax.inits`): content, noise (the weights' mean pixel + seeded
-    Gaussian), style, gray, uniform, style_stats, or a file."""
-    return inits.initial_image(cfg.init, content, [style], [1.0], key, noise_mean=preprocessing.mean_rgb(),
+    Gaussian), style, gray, uniform, style_stats, or a file; ``styles`` with the blend weights."""
+    weights = blend.blend_weights(cfg.style_blend_weights, len(styles))
+    return inits.initial_image(cfg.init, content, styles, weights, key, noise_mean=preprocessing.mean_rgb(),
                                noise_std=cfg.init_noise_std, max_pixels=cfg.image.max_pixels)
 
 
@@ -184,7 +187,12 @@ class Inputs:
 
     spec: LossSpec
     content: np.ndarray
-    style: np.ndarray
+    styles: list[np.ndarray]
+
+    @property
+    def style(self) -> np.ndarray:
+        """The style image (the first, with several)."""
+        return self.styles[0]
 
 
 def validate(cfg: DictConfig) -> Inputs:
@@ -196,10 +204,13 @@ def validate(cfg: DictConfig) -> Inputs:
     optim_spec(cfg)
     conv_algorithm(cfg)
     check_init(cfg)
+    styles = input_paths(cfg)[1]
+    blend.check_style_loss(spec.style_loss, len(styles))
+    blend.blend_weights(cfg.style_blend_weights, len(styles))
     if str(cfg.model.weights) not in SOURCES:
         resolve(cfg.model.weights)  # a file path, or an unknown name: refused, listing the names
-    content, style = load_inputs(cfg, spec)
-    return Inputs(spec, content, style)
+    content, styles = load_inputs(cfg, spec)
+    return Inputs(spec, content, styles)
 
 
 def structure_key(cfg: DictConfig, inputs: Inputs) -> str:
@@ -237,12 +248,13 @@ class Structure:
 
 @dataclasses.dataclass
 class Member:
-    """One point of a group: its config, its images and where it came from."""
+    """One point of a group: its config, its images, where they came from, the blend weights."""
 
     cfg: DictConfig
     content: np.ndarray
-    style: np.ndarray
-    paths: tuple[str, str]
+    styles: list[np.ndarray]
+    paths: tuple[str, list[str]]
+    blend: np.ndarray
 
 
 @dataclasses.dataclass
@@ -282,13 +294,24 @@ def build_group(cfgs: Sequence[DictConfig], inputs: Sequence[Inputs] | None = No
     problems, yards, members = [], [], []
     for cfg, inp in zip(cfgs, inputs):
         key = jax.random.key(cfg.seed)
-        x0 = initial_image(cfg, inp.content, inp.style, weights.preprocessing, key)
-        content, style = jnp.asarray(inp.content), jnp.asarray(inp.style)
-        problems.append(Problem(jnp.asarray(x0), targets_fn(params, content, style), hparams(cfg, spec),
-                                jnp.float32(cfg.optim.lr), key))
-        yards.append(yard_fn(params, content, style))
-        members.append(Member(cfg, inp.content, inp.style, input_paths(cfg)))
+        mix = blend.blend_weights(cfg.style_blend_weights, len(inp.styles))
+        x0 = initial_image(cfg, inp.content, inp.styles, weights.preprocessing, key)
+        content = jnp.asarray(inp.content)
+        targets = blended_targets(targets_fn, params, content, inp.styles, mix)
+        problems.append(Problem(jnp.asarray(x0), targets, hparams(cfg, spec), jnp.float32(cfg.optim.lr), key))
+        yard = [yard_fn(params, content, jnp.asarray(s)) for s in inp.styles]
+        yards.append(yard[0]._replace(grams=blend.blend([y.grams for y in yard], mix)))
+        members.append(Member(cfg, inp.content, inp.styles, input_paths(cfg), mix))
     return Group(structure, members, weights, params, stack(problems), stack(yards))
+
+
+def blended_targets(targets_fn, params, content: jax.Array, styles: Sequence[np.ndarray],
+                    weights: Sequence[float]) -> Targets:
+    """The content's targets and the style targets of each layer blended over the style images,
+    A = Σ_k w_k A_k (:mod:`nstjax.blend`); ``targets_fn(params, content, style)`` computes them
+    for one style image."""
+    each = [targets_fn(params, content, jnp.asarray(s)) for s in styles]
+    return each[0]._replace(style=blend.blend([t.style for t in each], weights))
 
 
 def stack(trees: Sequence) -> object:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -166,8 +166,9 @@ class LBFGSConfig(OptimConfig):
 @dataclass
 class Config:
     content: Optional[str] = None  # content image; None: the bundled example
-    style: Optional[str] = None  # style image; None: the bundled example
-    init: str = "content"  # a name of nstjax.inits.INITS (content, noise, style, gray, uniform, style_stats) or an image file
+    style: Any = None  # a style image or a list of them (nstjax.blend); None: the bundled example
+    style_blend_weights: Optional[List[float]] = None  # one per style image, normalised to sum 1; None: equal
+    init: str = "content"  # content | noise | style | gray | uniform | style_stats (nstjax.inits) | an image file
     init_noise_std: float = 0.25  # init=noise: clip(mean pixel + std·N(0, 1), 0, 1)
     seed: int = 0
     save_every: int = 0  # snapshot image every N steps (0: none)
