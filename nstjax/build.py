@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from nstjax import blend, images, inits
+from nstjax import blend, colors, images, inits
 from nstjax.errors import UserError
 from nstjax.losses import HParams, LossSpec, Targets, compute_targets, make_objective
 from nstjax.optimize import Loop, OptimSpec, Problem
@@ -240,10 +240,12 @@ class Structure:
     chunk_steps: int
     steps: int
     max_evaluations: int
+    color: str = "none"  # color_control (nstjax.colors): what the pixels optimised are
 
     @functools.cached_property
     def loop(self) -> Loop:
-        return Loop(make_objective(self.model, self.loss), self.optim, self.chunk_steps)
+        objective = colors.objective(make_objective(self.model, self.loss), self.color)
+        return Loop(objective, self.optim, self.chunk_steps)
 
 
 @dataclasses.dataclass
@@ -272,6 +274,10 @@ class Group:
     def shape(self) -> tuple[int, int]:
         return tuple(self.members[0].content.shape[:2])
 
+    def output_image(self, i: int, pixels: np.ndarray) -> np.ndarray:
+        """Member ``i``'s RGB image in [0, 1] from its optimised pixels (:func:`nstjax.colors.finish`)."""
+        return colors.finish(self.structure.color, pixels, self.members[i].content)
+
 
 def build_group(cfgs: Sequence[DictConfig], inputs: Sequence[Inputs] | None = None) -> Group:
     """Load the weights once, each member's images, targets and initial image, and stack them.
@@ -286,7 +292,8 @@ def build_group(cfgs: Sequence[DictConfig], inputs: Sequence[Inputs] | None = No
                   enum_value(first.model.precision), use_remat(first, inputs[0].content.shape),
                   conv=conv_algorithm(first))
     structure = Structure(model, spec, optim_spec(first), int(first.chunk_steps), int(first.optim.steps),
-                          min(first.optim.max_evaluations or 2**31 - 1, 2**31 - 1))
+                          min(first.optim.max_evaluations or 2**31 - 1, 2**31 - 1),
+                          enum_value(first.color_control))
     params = prepare_params(jax.tree.map(jnp.asarray, weights.params), model.conv,
                             spec.layers + YARDSTICK_LAYERS)
     targets_fn = jax.jit(functools.partial(compute_targets, model, spec=spec))
@@ -295,9 +302,10 @@ def build_group(cfgs: Sequence[DictConfig], inputs: Sequence[Inputs] | None = No
     for cfg, inp in zip(cfgs, inputs):
         key = jax.random.key(cfg.seed)
         mix = blend.blend_weights(cfg.style_blend_weights, len(inp.styles))
-        x0 = initial_image(cfg, inp.content, inp.styles, weights.preprocessing, key)
+        shown, styles = colors.prepare(structure.color, inp.content, inp.styles)  # what the targets are of
+        x0 = colors.optimized(structure.color, initial_image(cfg, shown, styles, weights.preprocessing, key))
+        targets = blended_targets(targets_fn, params, jnp.asarray(shown), styles, mix)
         content = jnp.asarray(inp.content)
-        targets = blended_targets(targets_fn, params, content, inp.styles, mix)
         problems.append(Problem(jnp.asarray(x0), targets, hparams(cfg, spec), jnp.float32(cfg.optim.lr), key))
         yard = [yard_fn(params, content, jnp.asarray(s)) for s in inp.styles]
         yards.append(yard[0]._replace(grams=blend.blend([y.grams for y in yard], mix)))

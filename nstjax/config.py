@@ -15,6 +15,7 @@ from typing import Any, List, Optional, Sequence
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from nstjax.colors import COLOR_CONTROLS
 from nstjax.images import DEFAULT_MAX_PIXELS
 from nstjax.losses import TV_NORMS, LossSpec
 from nstjax.style_losses import (CONTENT_LOSSES, CONTENT_REDUCTIONS, GRAM_NORMS, MMD_KERNELS,
@@ -61,6 +62,8 @@ ContentReduction = _choices("ContentReduction", CONTENT_REDUCTIONS, "How the mse
 TVNorm = _choices("TVNorm", TV_NORMS, "Total variation of squared or absolute differences.")
 StyleLoss = _choices("StyleLoss", STYLE_LOSSES, "The per-layer style loss (nstjax.style_losses.STYLE_LOSSES).")
 MMDKernel = _choices("MMDKernel", MMD_KERNELS, "The kernel of the mmd style loss.")
+ColorControl = _choices("ColorControl", COLOR_CONTROLS,
+                        "Colour control (nstjax.colors): none, luminance, histogram or original_colors.")
 ContentLoss = _choices("ContentLoss", CONTENT_LOSSES,
                        "The per-layer content loss (nstjax.style_losses.CONTENT_LOSSES).")
 
@@ -168,6 +171,7 @@ class Config:
     content: Optional[str] = None  # content image; None: the bundled example
     style: Any = None  # a style image or a list of them (nstjax.blend); None: the bundled example
     style_blend_weights: Optional[List[float]] = None  # one per style image, normalised to sum 1; None: equal
+    color_control: ColorControl = ColorControl.none  # none | luminance | histogram | original_colors (nstjax.colors)
     init: str = "content"  # content | noise | style | gray | uniform | style_stats (nstjax.inits) | an image file
     init_noise_std: float = 0.25  # init=noise: clip(mean pixel + std·N(0, 1), 0, 1)
     seed: int = 0

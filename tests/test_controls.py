@@ -138,22 +138,132 @@ def test_several_styles_are_validated_before_anything_runs():
         build.validate(config.compose(["image.size=32", two, "loss.style_loss=mean_std"]))
 
 
-def test_a_sweep_over_blend_weights_is_one_group(tmp_path, synthetic_weights_file, nstjax_cache):
+# ---------------------------------------------------------------- colour control
+
+# The standard matrices as published (NTSC 1953 YIQ; analogue BT.601 YUV as torch7's image.rgb2yuv)
+# and their published inverses, rounded to three and five digits.
+YIQ = np.array([[0.299, 0.587, 0.114], [0.5959, -0.2746, -0.3213], [0.2115, -0.5227, 0.3112]])
+YIQ_INV = np.array([[1, 0.956, 0.619], [1, -0.272, -0.647], [1, -1.106, 1.703]])
+YUV = np.array([[0.299, 0.587, 0.114], [-0.14713, -0.28886, 0.436], [0.615, -0.51499, -0.10001]])
+YUV_INV = np.array([[1, 0, 1.13983], [1, -0.39465, -0.58060], [1, 2.03211, 0]])
+
+
+@pytest.mark.parametrize("forward,back,matrix,inverse,digits", [
+    ("rgb_to_yiq", "yiq_to_rgb", YIQ, YIQ_INV, 3), ("rgb_to_yuv", "yuv_to_rgb", YUV, YUV_INV, 5)])
+def test_colour_conversions_are_the_standard_matrices(forward, back, matrix, inverse, digits):
+    from nstjax import colors
+
+    rgb = np.random.default_rng(3).random((7, 5, 3))
+    converted = getattr(colors, forward)(rgb)
+    np.testing.assert_allclose(converted, np.einsum("ij,hwj->hwi", matrix, rgb), atol=1e-12)
+    np.testing.assert_allclose(getattr(colors, back)(converted), rgb, atol=1e-12)
+    np.testing.assert_allclose(getattr(colors, back)(converted), np.einsum("ij,hwj->hwi", inverse, converted),
+                               atol=2 * 10.0**-digits)
+    grey = np.full((1, 1, 3), 0.4)
+    np.testing.assert_allclose(getattr(colors, forward)(grey)[0, 0], [0.4, 0, 0], atol=1e-4)
+    np.testing.assert_allclose(colors.luminance(rgb), converted[..., 0], atol=1e-12)
+
+
+def test_histogram_matching_gives_the_style_the_contents_mean_and_covariance(images):
+    from nstjax import colors
+
+    content, a, b = images
+    for style in (a, b):
+        mapped = colors.match_histogram(style, content).reshape(-1, 3)
+        c = content.reshape(-1, 3).astype(np.float64)
+        np.testing.assert_allclose(mapped.mean(0), c.mean(0), atol=1e-4)
+        np.testing.assert_allclose(np.cov(mapped, rowvar=False, bias=True), np.cov(c, rowvar=False, bias=True),
+                                   atol=1e-4)
+    # x′ = A x + b with A = Σc^½ Σs^−½: the symmetric square roots, from scipy.
+    from scipy.linalg import sqrtm
+
+    cov = [np.cov(x.reshape(-1, 3).astype(np.float64), rowvar=False, bias=True) for x in (content, a)]
+    a_ref = np.real(sqrtm(cov[0]) @ np.linalg.inv(sqrtm(cov[1])))
+    x = a.reshape(-1, 3).astype(np.float64)
+    want = (x - x.mean(0)) @ a_ref.T + content.reshape(-1, 3).mean(0, dtype=np.float64)
+    np.testing.assert_allclose(colors.match_histogram(a, content).reshape(-1, 3), want, atol=1e-6)
+
+
+def test_luminance_control_prepares_grey_images_and_keeps_the_contents_chrominance(images):
+    from nstjax import colors
+
+    content, a, b = images
+    shown, (sa, sb) = colors.prepare("luminance", content, [a, b])
+    y_c = colors.luminance(content)
+    for grey in (shown, sa, sb):
+        assert grey.shape[-1] == 3 and np.array_equal(grey[..., 0], grey[..., 2])
+    np.testing.assert_allclose(shown[..., 0], y_c, atol=1e-6)
+    for s in (sa, sb):  # L_s′ = σc/σs (L_s − μs) + μc: the content's mean and std
+        assert abs(s[..., 0].mean() - y_c.mean()) < 1e-5 and abs(s[..., 0].std() - y_c.std()) < 1e-5
+    x0 = colors.optimized("luminance", content)
+    assert x0.shape == content.shape[:2] + (1,)
+    y = np.clip(y_c[..., None] + 0.05 * np.sin(np.arange(y_c.size)).reshape(x0.shape), 0.2, 0.8)
+    out = colors.finish("luminance", y, content)
+    inside = np.all((out > 0) & (out < 1), axis=-1)  # pixels the final clip leaves alone
+    assert inside.mean() > 0.5
+    yiq_out, yiq_c = colors.rgb_to_yiq(out), colors.rgb_to_yiq(content)
+    np.testing.assert_allclose(yiq_out[inside][:, 0], y[inside][:, 0], atol=1e-6)
+    np.testing.assert_allclose(yiq_out[inside][:, 1:], yiq_c[inside][:, 1:], atol=1e-6)
+    view = colors.network_view("luminance")(jax.numpy.asarray(y))
+    assert view.shape == content.shape and np.array_equal(np.asarray(view[..., 1]), y[..., 0].astype(np.float32))
+
+
+def test_original_colors_keep_the_results_luminance_and_the_contents_uv(images):
+    from nstjax import colors
+
+    content = images[0]
+    result = np.clip(0.6 * np.random.default_rng(4).random(content.shape) + 0.2, 0, 1)
+    out = colors.finish("original_colors", result, content)
+    inside = np.all((out > 0) & (out < 1), axis=-1)
+    assert inside.mean() > 0.5
+    yuv_out, yuv_c = colors.rgb_to_yuv(out), colors.rgb_to_yuv(content)
+    np.testing.assert_allclose(yuv_out[inside][:, 0], colors.luminance(result)[inside], atol=1e-6)
+    np.testing.assert_allclose(yuv_out[inside][:, 1:], yuv_c[inside][:, 1:], atol=1e-6)
+    np.testing.assert_array_equal(colors.finish("none", result, content), result.astype(np.float32))
+
+
+def test_unknown_colour_control_names_the_key_and_the_choices():
+    from nstjax.colors import COLOR_CONTROLS
+
+    with pytest.raises(Exception) as info:
+        config.compose(["color_control=sepia"])
+    message = str(info.value.__cause__)
+    assert "color_control" in message and all(c in message for c in COLOR_CONTROLS)
+
+
+def test_a_sweep_over_colour_controls_and_blend_weights(tmp_path, synthetic_weights_file, nstjax_cache):
+    """One process: three colour controls (three groups), each with two blend weights (members
+    of one group, one program); the outputs keep the content's chrominance."""
     import json
+
+    from PIL import Image
+
+    from nstjax import colors
 
     sweep_dir = tmp_path / "multirun"
     styles = f"style=[{EXAMPLES / 'starry_night.jpg'},{EXAMPLES / 'the_scream.jpg'}]"
-    args = [a for a in small_run_args(synthetic_weights_file, tmp_path, "optim.steps=2")
+    args = [a for a in small_run_args(synthetic_weights_file, tmp_path, "optim.steps=2", "model.conv=direct")
             if not a.startswith(("style=", "hydra.run.dir"))]
-    proc = run_cli(["-m", *args, styles, "style_blend_weights=[0.7,0.3],[1,3]", f"hydra.sweep.dir={sweep_dir}"],
-                   nstjax_cache)
+    proc = run_cli(["-m", *args, styles, "color_control=luminance,original_colors,histogram",
+                    "style_blend_weights=[0.7,0.3],[1,3]", f"hydra.sweep.dir={sweep_dir}"], nstjax_cache)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "2 points in 1 group(s)" in proc.stderr
-    metrics = [json.loads((sweep_dir / n / "metrics.json").read_text()) for n in ("0", "1")]
-    assert [m["style_blend_weights"] for m in metrics] == [pytest.approx([0.7, 0.3]), pytest.approx([0.25, 0.75])]
+    assert "6 points in 3 group(s) of 2, 2, 2 member(s)" in proc.stderr
+    metrics = [json.loads((sweep_dir / str(n) / "metrics.json").read_text()) for n in range(6)]
+    assert [m["group"] for m in metrics] == [0, 0, 1, 1, 2, 2]
     assert all(m["status"] == "finished" and m["members"] == 2 and len(m["style_image"]) == 2 for m in metrics)
-    first = [float((sweep_dir / n / "history.csv").read_text().splitlines()[1].split(",")[3]) for n in ("0", "1")]
-    assert first[0] != first[1]  # other targets: another style loss at the same initial image
+    assert [m["style_blend_weights"] for m in metrics[:2]] == [pytest.approx([0.7, 0.3]), pytest.approx([0.25, 0.75])]
+    for pair in ((0, 1), (2, 3), (4, 5)):  # other blend weights, other targets: another style loss at step 0
+        first = [float((sweep_dir / str(n) / "history.csv").read_text().splitlines()[1].split(",")[3]) for n in pair]
+        assert first[0] != first[1]
+    content = np.asarray(Image.open(sweep_dir / "0" / "result.png"), np.float32)  # the content's size
+    from nstjax.images import load_image, resize_to
+
+    content = resize_to(load_image(EXAMPLES / "tubingen.jpg"), *content.shape[:2])
+    for n, convert in ((0, colors.rgb_to_yiq), (2, colors.rgb_to_yuv)):
+        out = np.asarray(Image.open(sweep_dir / str(n) / "result.png"), np.float32) / 255
+        inside = np.all((out > 0.02) & (out < 0.98), axis=-1)
+        chroma = np.abs(convert(out)[..., 1:] - convert(content)[..., 1:])[inside]
+        assert inside.mean() > 0.5 and np.median(chroma) < 0.005, (n, np.median(chroma))
     bad = run_cli([*args, styles, "style_blend_weights=[1,1,1]", f"hydra.run.dir={tmp_path / 'bad'}"],
                   nstjax_cache)
     lines = [ln for ln in bad.stderr.splitlines() if ln.strip()]
