@@ -81,10 +81,10 @@ def hparams(cfg: DictConfig, spec: LossSpec) -> HParams:
 def optim_spec(cfg: DictConfig) -> OptimSpec:
     o = cfg.optim
     if o.name == "adam":
-        return OptimSpec("adam", b1=o.b1, b2=o.b2, eps=o.eps, epsilon_hat=o.epsilon_hat)
+        return OptimSpec("adam", b1=o.b1, b2=o.b2, eps=o.eps, epsilon_hat=o.epsilon_hat, clip=o.clip)
     if o.name == "lbfgs":
         return OptimSpec("lbfgs", memory_size=o.memory_size, linesearch=enum_value(o.linesearch),
-                         max_linesearch_steps=o.max_linesearch_steps)
+                         max_linesearch_steps=o.max_linesearch_steps, clip=o.clip)
     raise UserError(f"optim.name {o.name!r} is unknown: use optim=adam or optim=lbfgs")
 
 

@@ -18,6 +18,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from nstjax.colors import COLOR_CONTROLS
 from nstjax.images import DEFAULT_MAX_PIXELS
 from nstjax.losses import TV_NORMS, LossSpec
+from nstjax.optimize import OptimSpec
 from nstjax.style_losses import (CONTENT_LOSSES, CONTENT_REDUCTIONS, GRAM_NORMS, MMD_KERNELS,
                                  STYLE_LOSSES, STYLE_REDUCTIONS, StyleHParams)
 
@@ -143,6 +144,7 @@ class OptimConfig:
     steps: int = 500
     lr: float = 1.0
     max_evaluations: Optional[int] = None  # stop once this many objective evaluations are spent
+    clip: bool = OptimSpec.clip  # pixels clipped to [0, 1] after each step; false: only the saved image
 
 
 @dataclass

@@ -268,3 +268,31 @@ def test_a_sweep_over_colour_controls_and_blend_weights(tmp_path, synthetic_weig
                   nstjax_cache)
     lines = [ln for ln in bad.stderr.splitlines() if ln.strip()]
     assert bad.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: style_blend_weights"), bad.stderr
+
+
+# ---------------------------------------------------------------- clamping and gradient normalisation
+
+
+@pytest.mark.parametrize("clip", [True, False])
+def test_optim_clip_false_leaves_the_pixels_unclamped(clip):
+    """Minimising Σ (x − 2)² from x = 0.5: clamped, the pixels stop at 1; not, they pass it."""
+    import jax.numpy as jnp
+
+    from nstjax.losses import Terms
+    from nstjax.optimize import Loop, OptimSpec, Problem
+
+    def objective(pixels, params, targets, hp, key=None):
+        total = jnp.sum(jnp.square(pixels - 2.0))
+        return Terms(total, total, jnp.float32(0), jnp.float32(0))
+
+    loop = Loop(objective, OptimSpec("adam", clip=clip), chunk_steps=20)
+    problems = build.stack([Problem(jnp.full((4, 4, 3), 0.5), {}, jnp.float32(0), jnp.float32(0.1),
+                                    jax.random.key(0))])
+    state, _, _ = jax.jit(loop.chunk)(loop.init(problems, None), problems, None, jnp.int32(20), jnp.int32(10**6))
+    pixels = np.asarray(state.pixels)
+    assert (pixels.max() == 1.0) if clip else (pixels.min() > 1.5)
+    from nstjax import colors
+
+    assert colors.finish("none", pixels[0], pixels[0]).max() == 1.0  # the saved image is clamped
+    cfg = config.compose(["optim=adam", f"optim.clip={str(clip).lower()}"])
+    assert build.optim_spec(cfg).clip is clip and build.optim_spec(config.compose([])).clip is True
