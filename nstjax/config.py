@@ -136,6 +136,7 @@ class LossConfig:
     sw_projections: Optional[int] = LossSpec.sw_projections  # sliced_wasserstein directions; None: N
     mrf_stride: int = LossSpec.mrf_stride  # mrf: stride of the 3×3 patches
     remd_moment_weight: float = _HP["remd_moment_weight"]  # remd: weight of the moment term (STROTSS: 1)
+    normalize_gradients: bool = LossSpec.normalize_gradients  # each term's gradient ÷ its L1 norm (neural-style)
 
 
 @dataclass

@@ -296,3 +296,46 @@ def test_optim_clip_false_leaves_the_pixels_unclamped(clip):
     assert colors.finish("none", pixels[0], pixels[0]).max() == 1.0  # the saved image is clamped
     cfg = config.compose(["optim=adam", f"optim.clip={str(clip).lower()}"])
     assert build.optim_spec(cfg).clip is clip and build.optim_spec(config.compose([])).clip is True
+
+
+def test_normalized_gradients_follow_neural_style(synthetic_params):
+    """∇x of α c Σ C + β Σ w_l E_l with each term's gradient in its layer's activations divided by
+    its L1 norm: against the analytic ∂C/∂F = F − P and ∂E/∂F = F (G − A) / (N² M²) (Gatys et al.
+    2016, eq. 6), normalised in numpy and pulled back through the network by its VJP."""
+    import jax.numpy as jnp
+
+    from nstjax.losses import HParams, LossSpec, compute_targets, make_objective
+    from nstjax.vgg import VGG19
+
+    rng = np.random.default_rng(6)
+    content, style, x = (jnp.asarray(rng.random((32, 32, 3)), jnp.float32) for _ in range(3))
+    model = VGG19(CAFFE, "avg")
+    spec = LossSpec(content_layers=("relu2_1",), style_layers=("relu1_1", "relu2_1"), normalize_gradients=True)
+    plain = LossSpec(content_layers=("relu2_1",), style_layers=("relu1_1", "relu2_1"))
+    targets = compute_targets(model, synthetic_params, content, style, plain)
+    hp = HParams.create(spec, alpha=2.0, beta=1e3, style_layer_weights=[0.3, 0.7])
+    value, grad = jax.jit(jax.value_and_grad(
+        lambda p: make_objective(model, spec)(p, synthetic_params, targets, hp).total))(x)
+    plain_value = jax.jit(make_objective(model, plain))(x, synthetic_params, targets, hp).total
+    assert float(value) == pytest.approx(float(plain_value), rel=1e-6)
+    feats = jax.jit(lambda p: model.apply({"params": synthetic_params}, p[None], spec.layers))
+
+    def acts(p, name):
+        return feats(p)[name][0]
+
+    def pulled_back(name, g):
+        return np.asarray(jax.vjp(lambda p: acts(p, name), x)[1](jnp.asarray(g, jnp.float32))[0], np.float64)
+
+    want = 0
+    f = np.asarray(acts(x, "relu2_1"), np.float64)
+    g = f - np.asarray(targets.content["relu2_1"], np.float64)
+    want = want + 2.0 * pulled_back("relu2_1", g / (np.abs(g).sum() + 1e-8))
+    for w, name in zip((0.3, 0.7), spec.style_layers):
+        f = np.asarray(acts(x, name), np.float64)
+        h, wd, n = f.shape
+        m = h * wd
+        flat = f.reshape(m, n)
+        g = (flat @ (flat.T @ flat - np.asarray(targets.style[name], np.float64)) / (n**2 * m**2)).reshape(f.shape)
+        want = want + 1e3 * w * pulled_back(name, g / (np.abs(g).sum() + 1e-8))
+    np.testing.assert_allclose(np.asarray(grad), want, atol=1e-4 * np.abs(want).max())
+    assert build.loss_spec(config.compose(["loss.normalize_gradients=true"])).normalize_gradients
