@@ -25,13 +25,13 @@ import jax.numpy as jnp
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from nstjax import blend, colors, images, inits
+from nstjax import blend, colors, images, inits, normalize
 from nstjax.errors import UserError
 from nstjax.losses import HParams, LossSpec, Targets, compute_targets, make_objective
 from nstjax.optimize import Loop, OptimSpec, Problem
 from nstjax.style_losses import StyleHParams
 from nstjax.vgg import VGG19, Preprocessing, UnknownLayerError, default_conv, layer_stride, prepare_params
-from nstjax.weights import SOURCES, VGGWeights, load_weights, resolve
+from nstjax.weights import SOURCES, VGGWeights, cache_dir, load_weights, resolve
 from nstjax.yardstick import YARDSTICK_LAYERS, yardstick_targets
 
 DEFAULT_CONTENT = "tubingen.jpg"
@@ -93,6 +93,7 @@ def check_numbers(cfg: DictConfig) -> None:
     if math.isnan(o.lr) or o.lr <= 0:
         raise UserError(f"optim.lr = {o.lr} must be a positive number")
     for key, value, least in (("optim.steps", o.steps, 0), ("image.size", cfg.image.size, 1),
+                              ("model.normalize_size", cfg.model.normalize_size, 16),
                               ("chunk_steps", cfg.chunk_steps, 1), ("save_every", cfg.save_every, 0),
                               ("checkpoint_every", cfg.checkpoint_every, 0),
                               ("max_members", cfg.max_members or 1, 1)):
@@ -165,6 +166,18 @@ def check_init(cfg: DictConfig) -> None:
                             "or an image file)") from e
 
 
+def normalized_weights(cfg: DictConfig, weights: VGGWeights) -> dict:
+    """The params of Gatys et al.'s normalised VGG19 (:mod:`nstjax.normalize`) for this pooling."""
+    return normalize.normalized_params(VGG19(weights.preprocessing, enum_value(cfg.model.pooling)), weights.params,
+                                       weights.sha256, normalize_folder(cfg), cfg.model.normalize_size,
+                                       cache_dir(), cfg.image.max_pixels)
+
+
+def normalize_folder(cfg: DictConfig) -> Path:
+    """model.normalize_images, or the bundled examples' folder."""
+    return Path(cfg.model.normalize_images or example_image(DEFAULT_CONTENT).parent)
+
+
 def use_remat(cfg: DictConfig, shape) -> bool:
     mode = enum_value(cfg.model.remat)
     return mode == "on" or (mode == "auto" and shape[0] * shape[1] >= cfg.model.remat_pixels)
@@ -204,6 +217,8 @@ def validate(cfg: DictConfig) -> Inputs:
     optim_spec(cfg)
     conv_algorithm(cfg)
     check_init(cfg)
+    if cfg.model.normalize:
+        normalize.image_files(normalize_folder(cfg))
     styles = input_paths(cfg)[1]
     blend.check_style_loss(spec.style_loss, len(styles))
     blend.blend_weights(cfg.style_blend_weights, len(styles))
@@ -288,6 +303,8 @@ def build_group(cfgs: Sequence[DictConfig], inputs: Sequence[Inputs] | None = No
     inputs = list(inputs) if inputs is not None else [validate(c) for c in cfgs]
     first, spec = cfgs[0], inputs[0].spec
     weights = load_weights(first.model.weights, preprocessing=preprocessing_override(first))
+    if first.model.normalize:
+        weights = dataclasses.replace(weights, params=normalized_weights(first, weights))
     model = VGG19(weights.preprocessing, enum_value(first.model.pooling),
                   enum_value(first.model.precision), use_remat(first, inputs[0].content.shape),
                   conv=conv_algorithm(first))

@@ -105,6 +105,9 @@ class ModelConfig:
     remat: Remat = Remat.auto
     remat_pixels: int = 2048 * 2048  # with remat=auto: recompute from this many pixels up
     preprocessing: Optional[PreprocessingConfig] = None  # override for a local weights file
+    normalize: bool = False  # Gatys et al.'s normalised VGG: each filter's mean activation 1 (nstjax.normalize)
+    normalize_images: Optional[str] = None  # normalize: the folder of images the means are taken over; None: examples/
+    normalize_size: int = 512  # normalize: the images' longest side
 
 
 _HP = StyleHParams._field_defaults

@@ -233,7 +233,8 @@ def test_unknown_colour_control_names_the_key_and_the_choices():
 
 def test_a_sweep_over_colour_controls_and_blend_weights(tmp_path, synthetic_weights_file, nstjax_cache):
     """One process: three colour controls (three groups), each with two blend weights (members
-    of one group, one program); the outputs keep the content's chrominance."""
+    of one group, one program), on the normalised network; the outputs keep the content's
+    chrominance."""
     import json
 
     from PIL import Image
@@ -244,9 +245,21 @@ def test_a_sweep_over_colour_controls_and_blend_weights(tmp_path, synthetic_weig
     styles = f"style=[{EXAMPLES / 'starry_night.jpg'},{EXAMPLES / 'the_scream.jpg'}]"
     args = [a for a in small_run_args(synthetic_weights_file, tmp_path, "optim.steps=2", "model.conv=direct")
             if not a.startswith(("style=", "hydra.run.dir"))]
-    proc = run_cli(["-m", *args, styles, "color_control=luminance,original_colors,histogram",
+    # The normalised network too, its means over two of the examples at 32 px (cached by the first group).
+    folder = tmp_path / "normalize"
+    folder.mkdir()
+    for name in ("chelsea.png", "coffee.png"):
+        (folder / name).write_bytes((EXAMPLES / name).read_bytes())
+    normalized = ["model.normalize=true", f"model.normalize_images={folder}", "model.normalize_size=32"]
+    proc = run_cli(["-m", *args, styles, *normalized, "color_control=luminance,original_colors,histogram",
                     "style_blend_weights=[0.7,0.3],[1,3]", f"hydra.sweep.dir={sweep_dir}"], nstjax_cache)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    from nstjax import normalize
+    from nstjax.weights import load_weights
+
+    key = normalize.cache_key(load_weights(synthetic_weights_file).sha256, "avg",
+                              normalize.image_files(folder), 32)
+    assert (nstjax_cache / "normalize" / f"{key}.json").is_file()
     assert "6 points in 3 group(s) of 2, 2, 2 member(s)" in proc.stderr
     metrics = [json.loads((sweep_dir / str(n) / "metrics.json").read_text()) for n in range(6)]
     assert [m["group"] for m in metrics] == [0, 0, 1, 1, 2, 2]
@@ -339,3 +352,52 @@ def test_normalized_gradients_follow_neural_style(synthetic_params):
         want = want + 1e3 * w * pulled_back(name, g / (np.abs(g).sum() + 1e-8))
     np.testing.assert_allclose(np.asarray(grad), want, atol=1e-4 * np.abs(want).max())
     assert build.loss_spec(config.compose(["loss.normalize_gradients=true"])).normalize_gradients
+
+
+# ---------------------------------------------------------------- the normalised VGG
+
+
+def test_normalized_vgg_has_mean_activation_one_and_caches_its_means(synthetic_params, tmp_path, monkeypatch):
+    import jax.numpy as jnp
+    from PIL import Image
+
+    from nstjax import normalize
+    from nstjax.vgg import VGG19
+
+    rng = np.random.default_rng(7)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name, shape in (("a.png", (48, 40, 3)), ("b.jpg", (40, 48, 3))):
+        Image.fromarray((rng.random(shape) * 255).astype(np.uint8)).save(folder / name)
+    (folder / "notes.txt").write_text("not an image")
+    model = VGG19(CAFFE, "avg")
+    params = jax.tree.map(np.asarray, synthetic_params)
+    got = normalize.normalized_params(model, params, "sha", folder, 32, tmp_path / "cache")
+
+    imgs = [build.images.resize_longest(build.images.load_image(folder / n), 32) for n in ("a.png", "b.jpg")]
+
+    def relus(p):  # numpy: each image's mean over positions, then the mean over the images
+        acts = [model.apply({"params": p}, jnp.asarray(x)[None], normalize.RELU_LAYERS) for x in imgs]
+        return {k: np.mean([np.asarray(a[k][0], np.float64).mean(axis=(0, 1)) for a in acts], axis=0)
+                for k in normalize.RELU_LAYERS}, acts
+
+    (before, acts0), (after, acts1) = relus(params), relus(got)
+    for name in normalize.RELU_LAYERS:
+        live = before[name] > 1e-2 * before[name].max()  # rarely active filters: float32 noise
+        assert live.mean() > 0.5, name
+        np.testing.assert_allclose(after[name][live], 1.0, rtol=1e-4)
+        # the same network up to each filter's scale: every activation the original's ÷ its mean
+        np.testing.assert_allclose(np.asarray(acts1[0][name][0])[..., live],
+                                   np.asarray(acts0[0][name][0])[..., live] / before[name][live],
+                                   rtol=1e-3, atol=1e-4)
+
+    cached = list((tmp_path / "cache" / "normalize").iterdir())
+    assert len(cached) == 1
+    monkeypatch.setattr(normalize, "filter_means", lambda *a: pytest.fail("the cached means were not used"))
+    again = normalize.normalized_params(model, params, "sha", folder, 32, tmp_path / "cache")
+    for conv in got:
+        np.testing.assert_array_equal(again[conv]["kernel"], got[conv]["kernel"])
+    with pytest.raises(BaseException, match="cached means were not used"):  # another size: another key
+        normalize.normalized_params(model, params, "sha", folder, 40, tmp_path / "cache")
+    with pytest.raises(UserError, match="^model.normalize_images"):
+        build.validate(config.compose(["model.normalize=true", f"model.normalize_images={tmp_path / 'none'}"]))
