@@ -7,6 +7,8 @@ import os
 import platform
 import re
 import resource
+import signal
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -205,3 +207,21 @@ def write_json(path: Path, data) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=1, default=float))
     tmp.replace(path)
+
+
+def run_killable(cmd, timeout: float | None = None, **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, capture_output=True, text=True)`` in a session of its own: on a timeout (or
+    an interrupt of this process) the whole process group is killed before the exception propagates,
+    so no child is left holding a device. Raises ``subprocess.TimeoutExpired`` on a timeout."""
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                          **kwargs) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except BaseException:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.communicate()
+            raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import RESULTS, ROOT, SETUPS, deepest_conv, flop_counts, write_json
+from benchmarks.common import RESULTS, ROOT, SETUPS, deepest_conv, flop_counts, run_killable, write_json
 
 GiB = 2**30
 
@@ -45,14 +45,15 @@ def log(*a):
 
 
 def worker(task: str, args: dict, timeout: float = 1800, env_extra: dict | None = None) -> dict:
-    """Run one measurement in a fresh process; return its JSON (with 'rc', and 'error' on failure)."""
+    """Run one measurement in a fresh process, killed after ``timeout`` seconds; return its JSON (with
+    'rc', None on a timeout, and 'error' on failure)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out.json"
         env = dict(os.environ, PYTHONWARNINGS="ignore", **(env_extra or {}))
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
         try:
-            p = subprocess.run([sys.executable, "-m", "benchmarks.workers", task, json.dumps(args), str(out)],
-                               cwd=ROOT, env=env, timeout=timeout, capture_output=True, text=True)
+            p = run_killable([sys.executable, "-m", "benchmarks.workers", task, json.dumps(args), str(out)],
+                             cwd=ROOT, env=env, timeout=timeout)
             rc, stderr = p.returncode, p.stderr
         except subprocess.TimeoutExpired:
             return {"rc": None, "error": f"timed out after {timeout:.0f} s"}
@@ -102,7 +103,7 @@ def main(argv=None) -> int:
     p.add_argument("--skip", default="", help="comma-separated parts to skip: eval,ttq,memory,profile,gpu")
     p.add_argument("--weights", help="a torchvision VGG19 state dict (.pth) instead of random weights")
     p.add_argument("--out", help="JSON path (default benchmarks/results/cpu.json, quick: quick.json, "
-                                 "gpu.json on a GPU)")
+                                 "run-gpu.json on a GPU)")
     a = p.parse_args(argv)
 
     quick = a.quick
@@ -131,7 +132,8 @@ def main(argv=None) -> int:
         f"{m['gemm_n']}² matmul {m['gemm_gflops_measured']:.0f} GFLOP/s; load average {m['loadavg'][0]:.2f}; "
         f"jax {m['jax']} on {m['platform']}")
     on_gpu = bool(m.get("gpus"))
-    out_path = Path(a.out) if a.out else RESULTS / ("quick.json" if quick else ("gpu.json" if on_gpu else "cpu.json"))
+    out_path = Path(a.out) if a.out else RESULTS / ("quick.json" if quick else
+                                                    ("run-gpu.json" if on_gpu else "cpu.json"))
 
     gatys = SETUPS["gatys"]()
     last = deepest_conv(gatys["spec"].layers)
@@ -139,19 +141,9 @@ def main(argv=None) -> int:
     # ---------------------------------------------------------------- (a) agreement, then timing
     if "eval" not in skip:
         log(f"\n== (a) agreement of the two sides (Gatys objective, VGG19 up to {last}, {report['weights']} weights)")
-        agreement = []
-        for i, s in enumerate(sizes):
-            r = worker("agree", {"size": s, "objective": "gatys", "grad": i == 0, **common})
-            agreement.append(r)
-            if "error" in r:
-                log(f"agreement check at {s}px failed to run: {r['error']}")
-                return 1
-            log(f"{s}px: loss jax {r['loss_jax']:.7g}  torch {r['loss_torch']:.7g}  rel diff {r['rel_diff']:.2e}"
-                + (f"  grad rel L2 {r['grad_rel_l2']:.2e}" if "grad_rel_l2" in r else ""))
-            if not r["agree"]:
-                log(f"REFUSING TO REPORT: the losses differ by {r['rel_diff']:.2e} relative at {s}px "
-                    f"(> 1e-4): the two sides do not compute the same objective.")
-                return 2
+        agreement, status = check_agreement(sizes, common)
+        if status:
+            return status
         report["agreement"] = agreement
 
         log("\n== (a) per evaluation: one loss + gradient")
@@ -202,10 +194,7 @@ def main(argv=None) -> int:
             log("tutorial loop failed:", tut["error"])
             return 1
         target = tut["best_loss"]
-        log(f"tutorial loop (torch.optim.LBFGS defaults, {tut['evaluations']} evaluations, image {tut['shape']}): "
-            f"{tut['run_s']:.1f} s; loss {tut['losses'][0]:.4g} → final {tut['final_loss']:.4g}, best "
-            f"{tut['best_loss']:.4g} at evaluation {tut['best_evaluation']} ({tut['best_time_s']:.1f} s); "
-            f"target = best = {target:.6g}")
+        log(_tutorial_line(tut))
         names = set(a.ttq_settings.split(",")) if a.ttq_settings else None
         settings = [(n, s) for n, s in TTQ_SETTINGS if names is None or n in names]
         if quick and not names:
@@ -215,11 +204,8 @@ def main(argv=None) -> int:
         cap = a.ttq_cap * tut["run_s"]
         for v in variants[:1] or ["nstjax"]:
             for name, s in settings:
-                args = {"name": name, "size": ttq_size, "target": target, "variant": v, "time_cap_s": cap,
-                        "max_evaluations": 2 * ttq_evals, "chunk_steps": 5, **s, **common}
-                if "coarse" in args and args["coarse"]["size"] >= ttq_size:
-                    args["coarse"] = {"size": ttq_size // 2, "evaluations": args["coarse"]["evaluations"] // 3}
-                r = worker("ttq_jax", args, timeout=cap * 3 + 600)
+                r = worker("ttq_jax", ttq_args(name, s, ttq_size, target, cap, 2 * ttq_evals, v, common),
+                           timeout=cap * 3 + 600)
                 runs.append(r)
                 log(_ttq_line(r, tut))
         # nstjax as is, for the settings that reached the target fastest with the first variant
@@ -228,20 +214,11 @@ def main(argv=None) -> int:
                           key=lambda r: r["reached"]["time_s"])[:1 if quick else 2]
             for r0 in done:
                 s = dict(next(s for n, s in settings if n == r0["name"]))
-                args = {"name": r0["name"], "size": ttq_size, "target": target, "variant": "nstjax",
-                        "time_cap_s": 1.5 * tut["run_s"], "max_evaluations": 2 * ttq_evals, "chunk_steps": 5,
-                        **s, **common}
-                if "coarse" in args and args["coarse"]["size"] >= ttq_size:
-                    args["coarse"] = {"size": ttq_size // 2, "evaluations": args["coarse"]["evaluations"] // 3}
-                r = worker("ttq_jax", args, timeout=tut["run_s"] * 5 + 600)
+                r = worker("ttq_jax", ttq_args(r0["name"], s, ttq_size, target, 1.5 * tut["run_s"], 2 * ttq_evals,
+                                               "nstjax", common), timeout=tut["run_s"] * 5 + 600)
                 runs.append(r)
                 log(_ttq_line(r, tut))
-        for r in runs:
-            if r.get("reached"):
-                r["ratio_vs_tutorial_run"] = r["reached"]["time_s"] / tut["run_s"]
-                r["ratio_vs_tutorial_best"] = r["reached"]["time_s"] / tut["best_time_s"]
-                r["cpu_ratio_vs_tutorial_run"] = r["reached"]["cpu_s"] / tut["run_cpu_s"]
-        report["ttq_jax"] = runs
+        report["ttq_jax"] = ttq_ratios(runs, tut)
 
     # ---------------------------------------------------------------- (c) memory at large sizes
     if "memory" not in skip:
@@ -294,6 +271,54 @@ def main(argv=None) -> int:
     return 0
 
 
+def check_agreement(sizes, common, variant="nstjax", run=worker) -> tuple[list, int | None]:
+    """The gate before any timing: both sides' losses on the same inputs at every size (the gradient
+    too at the first), through ``run`` (``worker`` or one with a time budget). Returns the checks and
+    None, or the checks so far and the exit status: 1 when a check could not run, 2 when the sides
+    disagree by more than 1e-4 relative (the caller then writes no report)."""
+    checks = []
+    for i, s in enumerate(sizes):
+        r = run("agree", {"size": s, "objective": "gatys", "grad": i == 0, "variant": variant, **common})
+        checks.append(r)
+        if "error" in r:
+            log(f"agreement check at {s}px failed to run: {r['error']}")
+            return checks, 1
+        log(f"{s}px: loss jax {r['loss_jax']:.7g}  torch {r['loss_torch']:.7g}  rel diff {r['rel_diff']:.2e}"
+            + (f"  grad rel L2 {r['grad_rel_l2']:.2e}" if "grad_rel_l2" in r else ""))
+        if not r["agree"]:
+            log(f"REFUSING TO REPORT: the losses differ by {r['rel_diff']:.2e} relative at {s}px "
+                f"(> 1e-4): the two sides do not compute the same objective.")
+            return checks, 2
+    return checks, None
+
+
+def ttq_args(name, setting, size, target, cap_s, max_evaluations, variant, common) -> dict:
+    """workers.ttq_jax's arguments for one of TTQ_SETTINGS (a coarse stage at or above ``size`` is
+    replaced by one at half the size and a third of the evaluations)."""
+    args = {"name": name, "size": size, "target": target, "variant": variant, "time_cap_s": cap_s,
+            "max_evaluations": max_evaluations, "chunk_steps": 5, **setting, **common}
+    if "coarse" in args and args["coarse"]["size"] >= size:
+        args["coarse"] = {"size": size // 2, "evaluations": args["coarse"]["evaluations"] // 3}
+    return args
+
+
+def ttq_ratios(runs, tut) -> list:
+    """Add each nstjax run's time to the target over the tutorial loop's times."""
+    for r in runs:
+        if r.get("reached"):
+            r["ratio_vs_tutorial_run"] = r["reached"]["time_s"] / tut["run_s"]
+            r["ratio_vs_tutorial_best"] = r["reached"]["time_s"] / tut["best_time_s"]
+            r["cpu_ratio_vs_tutorial_run"] = r["reached"]["cpu_s"] / tut["run_cpu_s"]
+    return runs
+
+
+def _tutorial_line(tut):
+    return (f"tutorial loop (torch.optim.LBFGS defaults, {tut['evaluations']} evaluations, image {tut['shape']}, "
+            f"{tut['device']}): {tut['run_s']:.1f} s; loss {tut['losses'][0]:.4g} → final {tut['final_loss']:.4g}, "
+            f"best {tut['best_loss']:.4g} at evaluation {tut['best_evaluation']} ({tut['best_time_s']:.1f} s); "
+            f"target = best = {tut['best_loss']:.6g}")
+
+
 def _ttq_line(r, tut):
     if "error" in r:
         return f"{r.get('name', '?')}: failed: {r['error']}"
@@ -305,32 +330,17 @@ def _ttq_line(r, tut):
 
 
 def gpu_section(quick, common):
-    """float32 / tf32 / bfloat16 per-iteration times at 512 and 1024, PyTorch CUDA float32 beside them,
-    and the largest square image whose evaluation fits (doubling until it fails), without and with remat."""
+    """benchmarks.gpu's per-evaluation and fit parts (float32 / tf32 / bfloat16 at 512 and 1024 px,
+    PyTorch CUDA beside them; the largest square image that fits without and with remat), without
+    its time budget; quick: 256 px, fit search up to 2048 px."""
+    import dataclasses
+
+    from benchmarks import gpu
+
     log("\n== GPU")
-    out = {"per_iteration": [], "largest": {}}
-    sizes = [256] if quick else [512, 1024]
-    for s in sizes:
-        row = {"size": s}
-        for prec in ("float32", "tf32", "bfloat16"):
-            row[prec] = worker("eval_jax", {"size": s, "objective": "gatys", "reps": 3 if quick else 10,
-                                            "precision": prec, **common})
-        row["torch_float32"] = worker("eval_torch", {"size": s, "objective": "gatys", "reps": 3 if quick else 10,
-                                                     **common})
-        out["per_iteration"].append(row)
-        log(f"{s}px: " + ", ".join(f"{k} {fmt(v.get('eval_s'), '.4f')} s" for k, v in row.items() if k != "size"))
-    for remat in (False, True):
-        size, largest = 1024, None
-        while size <= (2048 if quick else 32768):
-            r = worker("gpu_fit", {"size": size, "objective": "gatys", "remat": remat, **common}, timeout=1800)
-            ok = "error" not in r
-            log(f"fit {size}px remat={remat}: " + ("ok" if ok else r["error"][:200]))
-            if not ok:
-                break
-            largest = {"size": size, "first_call_s": r["first_call_s"], "compile_s": r["compile_s"]}
-            size *= 2
-        out["largest"]["remat" if remat else "plain"] = largest
-    return out
+    plan = gpu.GPU if not quick else dataclasses.replace(gpu.GPU, sizes=(256,), reps=3, fit_cap=2048)
+    part = gpu.Part("gpu", 4 * 3600)
+    return {"per_iteration": gpu.per_evaluation(plan, part.run, common), "largest": gpu.fit_part(plan, part, common)}
 
 
 def summary(rep) -> str:

@@ -20,13 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import RESULTS, ROOT, random_params, write_json
+from benchmarks.common import RESULTS, ROOT, random_params, run_killable, write_json
 
 EXAMPLES = ROOT / "examples"
 
@@ -40,7 +39,14 @@ def synthetic_weights(path: Path) -> Path:
     return path
 
 
-def one_side(sweeper: str, size: int, points: int, steps: int, weights: Path, work: Path) -> dict:
+class SweepFailed(SystemExit):
+    """A sweep command exited with an error (its message is the command's stderr)."""
+
+
+def one_side(sweeper: str, size: int, points: int, steps: int, weights: Path, work: Path, extra=(),
+             timeout: float | None = None) -> dict:
+    """One sweep command of ``points`` values of β through ``sweeper`` ('nstjax' or 'basic'), with
+    ``extra`` overrides; killed after ``timeout`` seconds (subprocess.TimeoutExpired)."""
     betas = ",".join(f"{10 ** (2 + 4 * i / max(1, points - 1)):.4g}" for i in range(points))
     sweep_dir = work / f"{sweeper}-{size}-{points}"
     cache = work / f"cache-{sweeper}-{size}-{points}"
@@ -48,13 +54,13 @@ def one_side(sweeper: str, size: int, points: int, steps: int, weights: Path, wo
            f"content={EXAMPLES / 'tubingen.jpg'}", f"style={EXAMPLES / 'starry_night.jpg'}",
            f"image.size={size}", f"optim.steps={steps}", "optim.linesearch=none", "optim.lr=0.5",
            "optim.memory_size=30", "progress=false", "checkpoint_every=0", f"loss.beta={betas}",
-           f"hydra.sweep.dir={sweep_dir}"]
+           f"hydra.sweep.dir={sweep_dir}", *extra]
     env = dict(os.environ, NSTJAX_CACHE=str(cache), PYTHONWARNINGS="ignore")
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    proc = run_killable(cmd, timeout=timeout, cwd=ROOT, env=env)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
-        raise SystemExit(f"{sweeper} sweep failed ({proc.returncode}): {proc.stderr[-2000:]}")
+        raise SweepFailed(f"{sweeper} sweep failed ({proc.returncode}): {proc.stderr[-2000:]}")
     metrics = [json.loads((sweep_dir / str(n) / "metrics.json").read_text()) for n in range(points)]
     # One entry per compiled program run: a wave of a group (its members share its run_seconds),
     # or one job of the basic sweeper.
@@ -63,6 +69,13 @@ def one_side(sweeper: str, size: int, points: int, steps: int, weights: Path, wo
     return {"wall_s": wall, "run_s": run_s, "members_steps_per_s": points * steps / run_s,
             "compile_s": sum(m["compile_seconds"] for m in programs.values()),
             "device": metrics[0]["device"], "totals": [m["total"] for m in metrics]}
+
+
+def compare(row: dict) -> dict:
+    """Add the batched side over the one-by-one side: wall-time and throughput ratios."""
+    row["wall_ratio"] = row["nstjax"]["wall_s"] / row["basic"]["wall_s"]
+    row["throughput_ratio"] = row["nstjax"]["members_steps_per_s"] / row["basic"]["members_steps_per_s"]
+    return row
 
 
 def main(argv=None) -> int:
@@ -85,9 +98,7 @@ def main(argv=None) -> int:
                     row[sweeper] = one_side(sweeper, size, k, args.steps, weights, Path(tmp))
                     print(f"{size} px, K={k}, {sweeper}: {row[sweeper]['wall_s']:.1f} s wall, "
                           f"{row[sweeper]['members_steps_per_s']:.2f} members·steps/s", flush=True)
-                row["wall_ratio"] = row["nstjax"]["wall_s"] / row["basic"]["wall_s"]
-                row["throughput_ratio"] = row["nstjax"]["members_steps_per_s"] / row["basic"]["members_steps_per_s"]
-                rows.append(row)
+                rows.append(compare(row))
     write_json(args.out, {"platform": jax.default_backend(), "rows": rows})
     print("| px | K | batched wall s | basic wall s | wall ratio | batched m·s/s | basic m·s/s | throughput × |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")

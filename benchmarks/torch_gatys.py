@@ -34,6 +34,16 @@ def _layer_names() -> tuple[str, ...]:
 LAYER_NAMES = _layer_names()
 
 
+def set_precision(precision: str) -> None:
+    """'float32': IEEE float32 convolutions and matrix products on CUDA (PyTorch's default lets cuDNN
+    compute float32 convolutions in TF32); 'tf32': TF32 for both. No effect on a CPU."""
+    mode = {"float32": "ieee", "tf32": "tf32"}[precision]
+    if hasattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision"):  # torch >= 2.9
+        torch.backends.cudnn.conv.fp32_precision = torch.backends.cuda.matmul.fp32_precision = mode
+    else:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = mode == "tf32"
+
+
 def params_to_torch(params: dict, device="cpu") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``{name: {kernel HWIO, bias}}`` numpy arrays → ``{name: (weight OIHW, bias)}`` float32 tensors
     (frozen: ``requires_grad=False``)."""

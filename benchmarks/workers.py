@@ -110,20 +110,25 @@ def agree(args):
     setup = SETUPS[args["objective"]]()
     params, _ = load_params(args.get("weights"))
     content, style, x = bench_images(args["size"])
-    _, obj, jp, targets, hp = _jax_problem(setup, params, content, style)
+    variant = args.get("variant", "nstjax")
+    _, obj, jp, targets, hp = _jax_problem(setup, params, content, style, variant=variant)
     h = setup["hp"]
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    tg.set_precision("float32")
     tobj = tg.GatysObjective(tg.params_to_torch(params, device), setup["spec"], setup["prep"], setup["pooling"],
                              content, style, h["alpha"], h["beta"], h["content_layer_weights"],
                              h["style_layer_weights"])
-    out = {"size": args["size"], "objective": args["objective"]}
+    out = {"size": args["size"], "objective": args["objective"], "variant": variant, "device": device}
+    with _variant(variant):
+        if args.get("grad"):
+            lj, gj = jax.jit(jax.value_and_grad(lambda x: obj(x, jp, targets, hp).total))(jnp.asarray(x))
+        else:
+            lj = jax.jit(lambda x: obj(x, jp, targets, hp).total)(jnp.asarray(x))
     if args.get("grad"):
-        lj, gj = jax.jit(jax.value_and_grad(lambda x: obj(x, jp, targets, hp).total))(jnp.asarray(x))
         lt, gt = tg.loss_and_grad(tobj, x)
         gj = np.asarray(gj)
         out["grad_rel_l2"] = float(np.linalg.norm(gj - gt) / max(np.linalg.norm(gt), 1e-30))
     else:
-        lj = jax.jit(lambda x: obj(x, jp, targets, hp).total)(jnp.asarray(x))
         lt = tg.loss_only(tobj, x)
     out.update(loss_jax=float(lj), loss_torch=float(lt), rel_diff=_rel(float(lj), float(lt)))
     out["agree"] = bool(out["rel_diff"] <= AGREEMENT_RTOL)
@@ -131,14 +136,15 @@ def agree(args):
 
 
 def _problems(x, targets, hp, lr):
-    """A batch of one problem for nstjax's Loop."""
+    """A batch of one problem for nstjax's Loop (a leading member axis of 1; without nstjax.build, so
+    that the measurements need none of the CLI's dependencies)."""
     import jax
     import jax.numpy as jnp
 
-    from nstjax.build import stack
     from nstjax.optimize import Problem
 
-    return stack([Problem(jnp.asarray(x), targets, hp, jnp.float32(lr), jax.random.key(0))])
+    return jax.tree.map(lambda leaf: leaf[None], Problem(jnp.asarray(x), targets, hp, jnp.float32(lr),
+                                                          jax.random.key(0)))
 
 
 def eval_jax(args):
@@ -215,7 +221,8 @@ def eval_jax(args):
 
 
 def eval_torch(args):
-    """Per-evaluation time (loss + gradient, eager) and peak RSS of the PyTorch side."""
+    """Per-evaluation time (loss + gradient, eager) and peak RSS of the PyTorch side; ``precision``
+    'float32' (IEEE, the default) or 'tf32' (TF32 convolutions on CUDA, PyTorch's own default there)."""
     import torch
 
     from benchmarks import torch_gatys as tg
@@ -225,11 +232,14 @@ def eval_torch(args):
     params, _ = load_params(args.get("weights"))
     content, style, x = bench_images(size)
     device = args.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    precision = args.get("precision", "float32")
+    tg.set_precision(precision)
     h = setup["hp"]
     obj = tg.GatysObjective(tg.params_to_torch(params, device), setup["spec"], setup["prep"], setup["pooling"],
                             content, style, h["alpha"], h["beta"], h["content_layer_weights"],
                             h["style_layer_weights"])
-    out = {"size": size, "device": device, "threads": torch.get_num_threads(), "torch": torch.__version__}
+    out = {"size": size, "device": device, "precision": precision, "threads": torch.get_num_threads(),
+           "torch": torch.__version__}
     t0 = time.perf_counter()
     loss, _ = tg.loss_and_grad(obj, x)
     out["first_call_s"] = time.perf_counter() - t0
@@ -256,6 +266,7 @@ def ttq_torch(args):
     params, _ = load_params(args.get("weights"))
     content, style = _ttq_images(args["size"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    tg.set_precision("float32")
     h = setup["hp"]
     obj = tg.GatysObjective(tg.params_to_torch(params, device), setup["spec"], setup["prep"], setup["pooling"],
                             content, style, h["alpha"], h["beta"], h["content_layer_weights"],
@@ -365,23 +376,35 @@ def memory_jax(args):
     return eval_jax(args)
 
 
+# A matrix product in each model.precision: (input dtype, lax precision), accumulating in float32.
+GEMM_PRECISIONS = {"float32": ("float32", "highest"), "tf32": ("float32", "default"),
+                   "bfloat16": ("bfloat16", "default")}
+
+
 def machine(args):
-    """CPU model and estimated peak, and a measured fp32 matmul rate (jnp.dot, n×n) as a practical ceiling."""
+    """CPU model and estimated peak, and a measured n×n matmul rate (jnp.dot, best of ``reps``) as a
+    practical ceiling: float32, and for each of ``precisions`` (keys of GEMM_PRECISIONS) if given;
+    ``n_by_platform`` ({'gpu': n, 'cpu': n}) picks n by jax's default backend."""
     import jax
     import jax.numpy as jnp
 
-    n = args.get("n", 2048)
-    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), np.float32))
-    f = jax.jit(lambda a: jnp.dot(a, a, precision="highest"))
-    jax.block_until_ready(f(a))
-    best = float("inf")
-    for _ in range(args.get("reps", 5)):
-        t0 = time.perf_counter()
+    n = args.get("n_by_platform", {}).get(jax.default_backend(), args.get("n", 2048))
+    rates = {}
+    for name in args.get("precisions", ["float32"]):
+        dtype, precision = GEMM_PRECISIONS[name]
+        a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), np.float32), dtype)
+        f = jax.jit(lambda a: jnp.dot(a, a, precision=precision, preferred_element_type=jnp.float32))
         jax.block_until_ready(f(a))
-        best = min(best, time.perf_counter() - t0)
+        best = float("inf")
+        for _ in range(args.get("reps", 5)):
+            t0 = time.perf_counter()
+            jax.block_until_ready(f(a))
+            best = min(best, time.perf_counter() - t0)
+        rates[name] = 2 * n**3 / best / 1e9
     info = cpu_info()
     info["gemm_n"] = n
-    info["gemm_gflops_measured"] = 2 * n**3 / best / 1e9
+    info["gemm_gflops_measured"] = rates.get("float32")
+    info["gemm_gflops_measured_by_precision"] = rates
     info["loadavg"] = os.getloadavg()
     info.update(_device_info())
     try:

@@ -255,12 +255,13 @@ class Structure:
     chunk_steps: int
     steps: int
     max_evaluations: int
+    members: str = "vmap"  # Loop's member batching: vmap | map
     color: str = "none"  # color_control (nstjax.colors): what the pixels optimised are
 
     @functools.cached_property
     def loop(self) -> Loop:
         objective = colors.objective(make_objective(self.model, self.loss), self.color)
-        return Loop(objective, self.optim, self.chunk_steps)
+        return Loop(objective, self.optim, self.chunk_steps, self.members)
 
 
 @dataclasses.dataclass
@@ -310,7 +311,7 @@ def build_group(cfgs: Sequence[DictConfig], inputs: Sequence[Inputs] | None = No
                   conv=conv_algorithm(first))
     structure = Structure(model, spec, optim_spec(first), int(first.chunk_steps), int(first.optim.steps),
                           min(first.optim.max_evaluations or 2**31 - 1, 2**31 - 1),
-                          enum_value(first.color_control))
+                          color=enum_value(first.color_control), members=enum_value(first.member_batching))
     params = prepare_params(jax.tree.map(jnp.asarray, weights.params), model.conv,
                             spec.layers + YARDSTICK_LAYERS)
     targets_fn = jax.jit(functools.partial(compute_targets, model, spec=spec))

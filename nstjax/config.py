@@ -18,7 +18,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from nstjax.colors import COLOR_CONTROLS
 from nstjax.images import DEFAULT_MAX_PIXELS
 from nstjax.losses import TV_NORMS, LossSpec
-from nstjax.optimize import OptimSpec
+from nstjax.optimize import MEMBER_BATCHING, OptimSpec
 from nstjax.style_losses import (CONTENT_LOSSES, CONTENT_REDUCTIONS, GRAM_NORMS, MMD_KERNELS,
                                  STYLE_LOSSES, STYLE_REDUCTIONS, StyleHParams)
 
@@ -67,6 +67,10 @@ ColorControl = _choices("ColorControl", COLOR_CONTROLS,
                         "Colour control (nstjax.colors): none, luminance, histogram or original_colors.")
 ContentLoss = _choices("ContentLoss", CONTENT_LOSSES,
                        "The per-layer content loss (nstjax.style_losses.CONTENT_LOSSES).")
+
+MemberBatching = _choices("MemberBatching", MEMBER_BATCHING,
+                          "How the members of a group share one program: batched (vmap) or one after another "
+                          "inside it (map); see nstjax.optimize.Loop.")
 
 
 class Linesearch(enum.Enum):
@@ -188,6 +192,7 @@ class Config:
     progress: bool = True  # progress bar on the terminal
     memory_check: bool = True  # refuse a run whose compiled programs need more memory than is free
     max_members: Optional[int] = None  # sweep members per compiled program (null: as many as fit)
+    member_batching: MemberBatching = MemberBatching.vmap  # vmap | map: how a group's members share a program
     sweep_group: Optional[int] = None  # set by the nstjax sweeper: the group a sweep job runs
     image: ImageConfig = field(default_factory=ImageConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

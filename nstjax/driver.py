@@ -132,7 +132,9 @@ def _take(tree, index):
 
 
 @dataclasses.dataclass
-class _Compiled:
+class Programs:
+    """A batch size's compiled programs: the loop's init and chunk, the yardstick, compile time."""
+
     program: Program
     yardstick: object
     seconds: float
@@ -159,7 +161,7 @@ class Driver:
         self.devices = self.mesh.size
         self.members = NamedSharding(self.mesh, P(MEMBERS))
         self.params = jax.device_put(group.params, NamedSharding(self.mesh, P()))
-        self._programs: dict[int, _Compiled] = {}
+        self._programs: dict[int, Programs] = {}
 
     # --- programs and waves ------------------------------------------------------------
     def _wave_problems(self, index: Sequence[int], size: int):
@@ -167,7 +169,7 @@ class Driver:
         return (jax.device_put(_take(self.group.problems, padded), self.members),
                 jax.device_put(_take(self.group.yardstick_targets, padded), self.members))
 
-    def _compile(self, size: int) -> _Compiled:
+    def programs(self, size: int) -> Programs:
         if size not in self._programs:
             t0 = time.perf_counter()
             problems, yards = self._wave_problems([0], size)
@@ -176,7 +178,7 @@ class Driver:
                                        in_axes=(None, 0, 0)))
             rgb = jax.ShapeDtypeStruct(problems.pixels.shape[:-1] + (3,), jnp.float32, sharding=self.members)
             measure = measure.lower(self.params, rgb, yards).compile()
-            self._programs[size] = _Compiled(program, measure, time.perf_counter() - t0)
+            self._programs[size] = Programs(program, measure, time.perf_counter() - t0)
         return self._programs[size]
 
     def wave_size(self) -> int:
@@ -186,7 +188,7 @@ class Driver:
         per = self.devices
         size = per * math.ceil(min(k, self.max_members or k) / per)
         while True:
-            compiled = self._compile(size)
+            compiled = self.programs(size)
             if not self.memory_check:
                 return size
             try:
@@ -225,7 +227,7 @@ class Driver:
 
     def _run_wave(self, index: list[int], size: int, wave: int, meta: dict | None) -> list[MemberResult]:
         s = self.group.structure
-        compiled = self._compile(size)
+        compiled = self.programs(size)
         problems, yards = self._wave_problems(index, size)
         t_run = time.perf_counter()
         state = compiled.program.init(problems, self.params)

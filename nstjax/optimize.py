@@ -8,14 +8,18 @@ evaluates the objective at the new image, whose weighted terms become that
 step's history row. ``K`` steps run inside one compiled
 ``lax.scan``; Python only runs between chunks.
 
-A step whose loss, gradient or pixels are not finite is not taken: the state
-keeps the last finite image and its ``status`` says why the run stopped.
+The loop takes a batch of problems (:class:`Problem`, every leaf with a leading
+member axis): a sweep's members are optimised together, each exactly as it
+would be alone, and a single run is a batch of one. A step whose loss, gradient
+or pixels are not finite is not taken: that member keeps its last finite image,
+its ``status`` says why it stopped, and the others go on.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, NamedTuple
 
 import jax
@@ -148,6 +152,7 @@ class HistoryRow(NamedTuple):
 Objective = Callable[[jax.Array, dict, Targets, HParams, jax.Array], Terms]
 MEMBERS = "members"
 """The name of the member axis of a device mesh."""
+MEMBER_BATCHING = ("vmap", "map")
 
 
 class Program(NamedTuple):
@@ -173,15 +178,25 @@ class Loop:
     shared. A single run is a batch of one. :meth:`compile` shards the member
     axis over a device mesh. ``n`` and ``max_evaluations`` are traced.
 
-    Each step is ``vmap`` of one member's step inside the chunk's ``lax.scan``
-    (on XLA:CPU 6× faster than a ``vmap`` of a per-member scan, whose ``cond``
-    becomes a select over a batched loop).
+    Inside the chunk's ``lax.scan`` each step runs every member's step
+    (``members``): ``'vmap'`` batches them (a member that has stopped is
+    computed and discarded; with the zoom line search each step waits for the
+    slowest member's while loop), ``'map'`` runs them one after another inside
+    the same program (``lax.map``: each member's working set stays that of a
+    solo run, a stopped member costs nothing and each line search runs only as
+    long as its own member needs; one compile and one process still serve them
+    all). A ``vmap`` of whole
+    per-member chunks instead of per-member steps is 6× slower on XLA:CPU (its
+    ``cond`` becomes a select over a batched loop).
     """
 
-    def __init__(self, objective: Objective, spec: OptimSpec, chunk_steps: int = 10):
+    def __init__(self, objective: Objective, spec: OptimSpec, chunk_steps: int = 10, members: str = "vmap"):
+        if members not in MEMBER_BATCHING:
+            raise ValueError(f"members must be one of {MEMBER_BATCHING}, not {members!r}")
         self.objective = objective
         self.spec = spec
         self.chunk_steps = int(chunk_steps)
+        self.members = members
 
     def _value_and_grad(self, pixels, params, problem: Problem, key):
         def total(x):
@@ -227,13 +242,26 @@ class Loop:
         return kept._replace(opt_state=opt_state, status=status, evaluations=new.evaluations)
 
     def init(self, problems: Problem, params) -> LoopState:
-        return jax.vmap(self._init_one, in_axes=(0, None))(problems, params)
+        if self.members == "vmap":
+            return jax.vmap(self._init_one, in_axes=(0, None))(problems, params)
+        return jax.lax.map(lambda p: self._init_one(p, params), problems)
+
+    def _steps(self, active, state: LoopState, problems: Problem, params) -> LoopState:
+        """One step of every ``active`` member; the others keep their state."""
+        if self.members == "vmap":  # every member computed, the inactive ones' discarded
+            stepped = jax.vmap(self._step_one, in_axes=(0, 0, None))(state, problems, params)
+            return _select(active, stepped, state)
+
+        def step_if(args):  # a stopped member costs nothing
+            a, s, p = args
+            return jax.lax.cond(a, lambda s: self._step_one(s, p, params), lambda s: s, s)
+
+        return jax.lax.map(step_if, (active, state, problems))
 
     def chunk(self, state: LoopState, problems: Problem, params, n, max_evaluations):
         def body(state, i):
             active = (i < n) & (state.status == Status.RUNNING) & (state.evaluations < max_evaluations)
-            stepped = jax.vmap(self._step_one, in_axes=(0, 0, None))(state, problems, params)
-            state = _select(active, stepped, state)
+            state = self._steps(active, state, problems, params)
             t = state.terms
             row = jnp.stack([state.step.astype(jnp.float32), t.total, t.content, t.style, t.tv,
                              state.evaluations.astype(jnp.float32)], axis=-1)
@@ -243,21 +271,29 @@ class Loop:
         return state, jnp.swapaxes(rows, 0, 1), jnp.swapaxes(valid, 0, 1)
 
     def compile(self, problems: Problem, params, mesh: Mesh | None = None) -> Program:
-        """Compile init and chunk for these shapes, members sharded over ``mesh`` (default:
-        all local devices; the member count must be a multiple of its size)."""
+        """Compile init and chunk for these shapes, the member axis sharded over ``mesh``
+        (default: all local devices; the member count must be a multiple of its size), the
+        params replicated: with ``'vmap'`` as shardings of the whole program (XLA partitions
+        it), with ``'map'`` each device mapping over its own members (``shard_map``)."""
         mesh = mesh or member_mesh()
-        members, replicated = NamedSharding(mesh, P(MEMBERS)), NamedSharding(mesh, P())
-        init = jax.jit(self.init, in_shardings=(members, replicated), out_shardings=members)
-        chunk = jax.jit(self.chunk, in_shardings=(members, members, replicated, replicated, replicated),
-                        out_shardings=members, donate_argnums=(0,))
+        m, r = P(MEMBERS), P()
+        if self.members == "vmap":
+            members, replicated = NamedSharding(mesh, m), NamedSharding(mesh, r)
+            init = jax.jit(self.init, in_shardings=(members, replicated), out_shardings=members)
+            chunk = jax.jit(self.chunk, in_shardings=(members, members, replicated, replicated, replicated),
+                            out_shardings=members, donate_argnums=(0,))
+        else:
+            init = jax.jit(jax.shard_map(self.init, mesh=mesh, in_specs=(m, r), out_specs=m))
+            chunk = jax.jit(jax.shard_map(self.chunk, mesh=mesh, in_specs=(m, m, r, r, r), out_specs=m),
+                            donate_argnums=(0,))
         state = jax.eval_shape(init, problems, params)
-        return Program(init.lower(problems, params).compile(),
-                       chunk.lower(state, problems, params, jnp.int32(0), jnp.int32(0)).compile(), state)
+        lowered = (init.lower(problems, params), chunk.lower(state, problems, params, jnp.int32(0), jnp.int32(0)))
+        return Program(*compile_all(lowered), state)
 
 
 def _select(which: jax.Array, a, b):
-    """Per member (the leading axis of ``which``, or a scalar): leaves of ``a`` where ``which``,
-    else of ``b``; PRNG keys through their data."""
+    """Leaves of ``a`` where ``which`` (a scalar, or one flag per member along the leading
+    axis), else of ``b``; PRNG keys through their data; None leaves stay None."""
     def pick(x, y):
         if x is None:
             return None
@@ -267,6 +303,12 @@ def _select(which: jax.Array, a, b):
         return jnp.where(which.reshape(which.shape + (1,) * (x.ndim - which.ndim)), x, y)
 
     return jax.tree.map(pick, a, b, is_leaf=lambda x: x is None)
+
+
+def compile_all(lowered) -> list:
+    """Compile lowered programs side by side (XLA compiles each on one thread, outside the GIL)."""
+    with ThreadPoolExecutor(len(lowered)) as pool:
+        return list(pool.map(lambda program: program.compile(), lowered))
 
 
 def member_mesh(devices=None) -> Mesh:

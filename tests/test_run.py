@@ -88,19 +88,21 @@ def test_history_step0_is_the_objective_at_the_initial_image(finished_runs):
         assert float(row0[name]) == pytest.approx(float(getattr(terms, name)), rel=1e-4, abs=1e-3)
 
 
-def test_multirun_writes_one_directory_per_point(tmp_path, synthetic_weights_file, nstjax_cache):
+def test_basic_sweeper_runs_one_job_per_point(tmp_path, synthetic_weights_file, nstjax_cache):
     sweep = tmp_path / "sweep"
     args = [a for a in small_run_args(synthetic_weights_file, tmp_path / "unused")
             if not a.startswith("hydra.run.dir")]
-    proc = run_cli(["-m", *args, "optim.steps=2", "loss.beta=1e3,1e5",
+    proc = run_cli(["-m", "hydra/sweeper=basic", *args, "optim.steps=2", "loss.beta=1e3,1e5",
                     f"hydra.sweep.dir={sweep}"], nstjax_cache, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     dirs = sorted(p for p in sweep.iterdir() if p.is_dir() and (p / "result.png").exists())
     assert [d.name for d in dirs] == ["0", "1"]
     betas = [OmegaConf.load(d / "config.yaml").loss.beta for d in dirs]
     assert betas == [1e3, 1e5]
-    styles = [json.loads((d / "metrics.json").read_text())["style"] for d in dirs]
-    assert styles[0] != styles[1]
+    metrics = [json.loads((d / "metrics.json").read_text()) for d in dirs]
+    assert metrics[0]["style"] != metrics[1]["style"]
+    assert [m["members"] for m in metrics] == [1, 1]  # one job, one program, per point
+    assert not (sweep / "sweep.csv").exists()
 
 
 def test_no_argument_run_uses_the_bundled_images(tmp_path, synthetic_weights_file):

@@ -229,9 +229,12 @@ SHARDED = textwrap.dedent("""
     import jax
     from nstjax import config, stylize
     assert jax.local_device_count() == 4
-    cfgs = [config.compose(json.loads(sys.argv[1]) + [f"loss.beta={b}"]) for b in (1e2, 1e3, 1e4)]
-    results = stylize.optimize(cfgs)
-    print(json.dumps([[list(r) for r in m.history] for m in results]))
+    out = {}
+    for mode in ("vmap", "map"):
+        cfgs = [config.compose(json.loads(sys.argv[1]) + [f"loss.beta={b}", f"member_batching={mode}"])
+                for b in (1e2, 1e3, 1e4)]
+        out[mode] = [[list(r) for r in m.history] for m in stylize.optimize(cfgs)]
+    print(json.dumps(out))
 """)
 
 
@@ -244,8 +247,9 @@ def test_members_sharded_over_four_devices_equal_unsharded(synthetic_weights_fil
     assert proc.returncode == 0, proc.stderr[-3000:]
     sharded = json.loads(proc.stdout.splitlines()[-1])
     cfgs = [config.compose(overrides + [f"loss.beta={b}"]) for b in (1e2, 1e3, 1e4)]
-    for got, want in zip(sharded, stylize.optimize(cfgs)):
-        assert_history_close([HistoryRow(*r) for r in got], want.history)
+    for mode in ("vmap", "map"):  # shardings of the whole program; shard_map over lax.map
+        for got, want in zip(sharded[mode], stylize.optimize(cfgs)):
+            assert_history_close([HistoryRow(*r) for r in got], want.history)
 
 
 def test_submitit_local_launcher_runs_each_group_as_a_job(tmp_path, synthetic_weights_file, nstjax_cache):
@@ -277,3 +281,23 @@ def test_yardsticks_follow_the_formulas(synthetic_params):
         g = fx.reshape(m, n).T @ fx.reshape(m, n)
         a = fs.reshape(-1, n).T @ fs.reshape(-1, n)
         np.testing.assert_allclose(float(got["style"][i]), np.sum((g - a) ** 2) / (4 * n**2 * m**2), rtol=1e-4)
+
+
+def test_a_group_larger_than_free_memory_runs_in_waves_that_fit(synthetic_weights_file, monkeypatch):
+    from nstjax import driver
+    from nstjax.build import build_group
+
+    cfgs = [config.compose(small(synthetic_weights_file, f"loss.beta={b}")) for b in (1e2, 1e3, 1e4, 1e5)]
+    logged = []
+    d = driver.Driver(build_group(cfgs), None, [None] * 4, log=logged.append)
+    need = {k: max(driver.program_bytes(p) for p in (d.programs(k).program.init, d.programs(k).program.chunk,
+                                                     d.programs(k).yardstick)) for k in (4, 2)}
+    assert need[2] < need[4]
+    monkeypatch.setattr(driver, "free_memory_bytes", lambda: (need[2] + need[4]) // 2)
+    assert d.wave_size() == 2
+    results = d.run(lambda *_: None)
+    assert sorted(results) == [0, 1, 2, 3] and {r.status for r in results.values()} == {"finished"}
+    assert any("4 members in 2 waves of at most 2" in m for m in logged)
+    monkeypatch.setattr(driver, "free_memory_bytes", lambda: need[2] // 4)  # not even one device's worth
+    with pytest.raises(driver.UserError, match="GiB is free"):
+        driver.Driver(build_group(cfgs[:2]), None, [None] * 2).wave_size()
