@@ -25,18 +25,18 @@ import jax.numpy as jnp
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from nstjax import images
+from nstjax import blend, colors, images, inits, normalize
 from nstjax.errors import UserError
-from nstjax.losses import HParams, LossSpec, compute_targets, make_objective
+from nstjax.losses import HParams, LossSpec, Targets, compute_targets, make_objective
 from nstjax.optimize import Loop, OptimSpec, Problem
 from nstjax.style_losses import StyleHParams, banded_remat_refusal
 from nstjax.vgg import VGG19, Preprocessing, UnknownLayerError, default_conv, layer_stride, prepare_params
-from nstjax.weights import SOURCES, VGGWeights, load_weights, resolve
+from nstjax.weights import SOURCES, VGGWeights, cache_dir, load_weights, resolve
 from nstjax.yardstick import YARDSTICK_LAYERS, yardstick_targets
 
 DEFAULT_CONTENT = "tubingen.jpg"
 DEFAULT_STYLE = "starry_night.jpg"
-MEMBER_KEYS = ("content", "style", "init", "init_noise_std", "seed", "loss.alpha", "loss.beta",
+MEMBER_KEYS = ("content", "style", "style_blend_weights", "init", "init_noise_std", "seed", "loss.alpha", "loss.beta",
                "loss.tv_weight", "loss.content_layer_weights", "loss.style_layer_weights", "optim.lr",
                *(f"loss.{k}" for k in StyleHParams._fields))
 """The keys in which the members of one group may differ: they become arrays of the Problem."""
@@ -81,10 +81,10 @@ def hparams(cfg: DictConfig, spec: LossSpec) -> HParams:
 def optim_spec(cfg: DictConfig) -> OptimSpec:
     o = cfg.optim
     if o.name == "adam":
-        return OptimSpec("adam", b1=o.b1, b2=o.b2, eps=o.eps, epsilon_hat=o.epsilon_hat)
+        return OptimSpec("adam", b1=o.b1, b2=o.b2, eps=o.eps, epsilon_hat=o.epsilon_hat, clip=o.clip)
     if o.name == "lbfgs":
         return OptimSpec("lbfgs", memory_size=o.memory_size, linesearch=enum_value(o.linesearch),
-                         max_linesearch_steps=o.max_linesearch_steps)
+                         max_linesearch_steps=o.max_linesearch_steps, clip=o.clip)
     raise UserError(f"optim.name {o.name!r} is unknown: use optim=adam or optim=lbfgs")
 
 
@@ -93,6 +93,7 @@ def check_numbers(cfg: DictConfig) -> None:
     if math.isnan(o.lr) or o.lr <= 0:
         raise UserError(f"optim.lr = {o.lr} must be a positive number")
     for key, value, least in (("optim.steps", o.steps, 0), ("image.size", cfg.image.size, 1),
+                              ("model.normalize_size", cfg.model.normalize_size, 16),
                               ("chunk_steps", cfg.chunk_steps, 1), ("save_every", cfg.save_every, 0),
                               ("checkpoint_every", cfg.checkpoint_every, 0),
                               ("max_members", cfg.max_members or 1, 1)):
@@ -109,14 +110,15 @@ def preprocessing_override(cfg: DictConfig) -> Preprocessing | None:
     return Preprocessing(enum_value(p.channel_order), p.scale, tuple(p.mean), tuple(p.std))
 
 
-def input_paths(cfg: DictConfig) -> tuple[str, str]:
-    """The content and style files: as given, or the bundled examples."""
+def input_paths(cfg: DictConfig) -> tuple[str, list[str]]:
+    """The content file and the style files (``style``: one or a list): as given, or the
+    bundled examples."""
     return (str(cfg.content or example_image(DEFAULT_CONTENT)),
-            str(cfg.style or example_image(DEFAULT_STYLE)))
+            blend.style_paths(cfg.style, str(example_image(DEFAULT_STYLE))))
 
 
-def load_inputs(cfg: DictConfig, spec: LossSpec) -> tuple[np.ndarray, np.ndarray]:
-    """Content resized to longest side image.size; style to size × style_scale.
+def load_inputs(cfg: DictConfig, spec: LossSpec) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The content resized to longest side image.size; each style image to size × style_scale.
 
     An input file, or a resized image, smaller than the deepest layer needs is refused.
     """
@@ -126,7 +128,8 @@ def load_inputs(cfg: DictConfig, spec: LossSpec) -> tuple[np.ndarray, np.ndarray
     sizes = {"content": cfg.image.size, "style": max(1, round(cfg.image.size * cfg.image.style_scale))}
     keys = {"content": "image.size", "style": "image.style_scale"}
     loaded = []
-    for what, path in zip(("content", "style"), input_paths(cfg)):
+    content_path, style_paths = input_paths(cfg)
+    for what, path in [("content", content_path)] + [("style", p) for p in style_paths]:
         img = images.load_image(path, limit)
         if min(img.shape[:2]) < least:
             raise UserError(
@@ -141,22 +144,38 @@ def load_inputs(cfg: DictConfig, spec: LossSpec) -> tuple[np.ndarray, np.ndarray
                 "or use shallower layers"
             )
         loaded.append(img)
-    return loaded[0], loaded[1]
+    return loaded[0], loaded[1:]
 
 
-def initial_image(cfg: DictConfig, content: np.ndarray, style: np.ndarray,
+def initial_image(cfg: DictConfig, content: np.ndarray, styles: Sequence[np.ndarray],
                   preprocessing: Preprocessing, key: jax.Array) -> np.ndarray:
-    """init: content (Gatys et al.), noise (mean pixel + seeded Gaussian), style, or a file."""
-    h, w = content.shape[:2]
-    if cfg.init == "content":
-        return content
-    if cfg.init == "noise":
-        mean = np.asarray(preprocessing.mean_rgb(), np.float32)
-        noise = np.asarray(jax.random.normal(key, content.shape, jnp.float32))
-        return np.clip(mean + cfg.init_noise_std * noise, 0.0, 1.0).astype(np.float32)
-    if cfg.init == "style":
-        return images.resize_to(style, h, w)
-    return images.resize_to(images.load_image(cfg.init, cfg.image.max_pixels), h, w)
+    """x₀ for ``init`` (:mod:`nstjax.inits`): content, noise (the weights' mean pixel + seeded
+    Gaussian), style, gray, uniform, style_stats, or a file; ``styles`` with the blend weights."""
+    weights = blend.blend_weights(cfg.style_blend_weights, len(styles))
+    return inits.initial_image(cfg.init, content, styles, weights, key, noise_mean=preprocessing.mean_rgb(),
+                               noise_std=cfg.init_noise_std, max_pixels=cfg.image.max_pixels)
+
+
+def check_init(cfg: DictConfig) -> None:
+    """``init`` is one of :data:`nstjax.inits.INITS` or a readable image file."""
+    if cfg.init not in inits.INITS:
+        try:
+            images.load_image(cfg.init, cfg.image.max_pixels)
+        except UserError as e:
+            raise UserError(f"init={cfg.init}: {e} (init is one of {', '.join(inits.INITS)} "
+                            "or an image file)") from e
+
+
+def normalized_weights(cfg: DictConfig, weights: VGGWeights) -> dict:
+    """The params of Gatys et al.'s normalised VGG19 (:mod:`nstjax.normalize`) for this pooling."""
+    return normalize.normalized_params(VGG19(weights.preprocessing, enum_value(cfg.model.pooling)), weights.params,
+                                       weights.sha256, normalize_folder(cfg), cfg.model.normalize_size,
+                                       cache_dir(), cfg.image.max_pixels)
+
+
+def normalize_folder(cfg: DictConfig) -> Path:
+    """model.normalize_images, or the bundled examples' folder."""
+    return Path(cfg.model.normalize_images or example_image(DEFAULT_CONTENT).parent)
 
 
 def use_remat(cfg: DictConfig, shape) -> bool:
@@ -181,7 +200,12 @@ class Inputs:
 
     spec: LossSpec
     content: np.ndarray
-    style: np.ndarray
+    styles: list[np.ndarray]
+
+    @property
+    def style(self) -> np.ndarray:
+        """The style image (the first, with several)."""
+        return self.styles[0]
 
 
 def validate(cfg: DictConfig) -> Inputs:
@@ -192,11 +216,18 @@ def validate(cfg: DictConfig) -> Inputs:
     hparams(cfg, spec)
     optim_spec(cfg)
     conv_algorithm(cfg)
+    check_init(cfg)
+    if cfg.model.normalize:
+        normalize.image_files(normalize_folder(cfg))
+    styles = input_paths(cfg)[1]
+    blend.check_style_loss(spec.style_loss, len(styles))
+    blend.blend_weights(cfg.style_blend_weights, len(styles))
     if str(cfg.model.weights) not in SOURCES:
         resolve(cfg.model.weights)  # a file path, or an unknown name: refused, listing the names
-    content, style = load_inputs(cfg, spec)
-    check_loss_shapes(cfg, spec, content.shape, style.shape)
-    return Inputs(spec, content, style)
+    content, styles = load_inputs(cfg, spec)
+    for style in styles:
+        check_loss_shapes(cfg, spec, content.shape, style.shape)
+    return Inputs(spec, content, styles)
 
 
 def check_loss_shapes(cfg: DictConfig, spec: LossSpec, content_shape, style_shape) -> None:
@@ -241,22 +272,24 @@ class Structure:
     chunk_steps: int
     steps: int
     max_evaluations: int
-
     members: str = "vmap"  # Loop's member batching: vmap | map
+    color: str = "none"  # color_control (nstjax.colors): what the pixels optimised are
 
     @functools.cached_property
     def loop(self) -> Loop:
-        return Loop(make_objective(self.model, self.loss), self.optim, self.chunk_steps, self.members)
+        objective = colors.objective(make_objective(self.model, self.loss), self.color)
+        return Loop(objective, self.optim, self.chunk_steps, self.members)
 
 
 @dataclasses.dataclass
 class Member:
-    """One point of a group: its config, its images and where it came from."""
+    """One point of a group: its config, its images, where they came from, the blend weights."""
 
     cfg: DictConfig
     content: np.ndarray
-    style: np.ndarray
-    paths: tuple[str, str]
+    styles: list[np.ndarray]
+    paths: tuple[str, list[str]]
+    blend: np.ndarray
 
 
 @dataclasses.dataclass
@@ -274,6 +307,10 @@ class Group:
     def shape(self) -> tuple[int, int]:
         return tuple(self.members[0].content.shape[:2])
 
+    def output_image(self, i: int, pixels: np.ndarray) -> np.ndarray:
+        """Member ``i``'s RGB image in [0, 1] from its optimised pixels (:func:`nstjax.colors.finish`)."""
+        return colors.finish(self.structure.color, pixels, self.members[i].content)
+
 
 def build_group(cfgs: Sequence[DictConfig], inputs: Sequence[Inputs] | None = None) -> Group:
     """Load the weights once, each member's images, targets and initial image, and stack them.
@@ -284,12 +321,14 @@ def build_group(cfgs: Sequence[DictConfig], inputs: Sequence[Inputs] | None = No
     inputs = list(inputs) if inputs is not None else [validate(c) for c in cfgs]
     first, spec = cfgs[0], inputs[0].spec
     weights = load_weights(first.model.weights, preprocessing=preprocessing_override(first))
+    if first.model.normalize:
+        weights = dataclasses.replace(weights, params=normalized_weights(first, weights))
     model = VGG19(weights.preprocessing, enum_value(first.model.pooling),
                   enum_value(first.model.precision), use_remat(first, inputs[0].content.shape),
                   conv=conv_algorithm(first))
     structure = Structure(model, spec, optim_spec(first), int(first.chunk_steps), int(first.optim.steps),
                           min(first.optim.max_evaluations or 2**31 - 1, 2**31 - 1),
-                          enum_value(first.member_batching))
+                          color=enum_value(first.color_control), members=enum_value(first.member_batching))
     params = prepare_params(jax.tree.map(jnp.asarray, weights.params), model.conv,
                             spec.layers + YARDSTICK_LAYERS)
     targets_fn = jax.jit(functools.partial(compute_targets, model, spec=spec))
@@ -297,13 +336,25 @@ def build_group(cfgs: Sequence[DictConfig], inputs: Sequence[Inputs] | None = No
     problems, yards, members = [], [], []
     for cfg, inp in zip(cfgs, inputs):
         key = jax.random.key(cfg.seed)
-        x0 = initial_image(cfg, inp.content, inp.style, weights.preprocessing, key)
-        content, style = jnp.asarray(inp.content), jnp.asarray(inp.style)
-        problems.append(Problem(jnp.asarray(x0), targets_fn(params, content, style), hparams(cfg, spec),
-                                jnp.float32(cfg.optim.lr), key))
-        yards.append(yard_fn(params, content, style))
-        members.append(Member(cfg, inp.content, inp.style, input_paths(cfg)))
+        mix = blend.blend_weights(cfg.style_blend_weights, len(inp.styles))
+        shown, styles = colors.prepare(structure.color, inp.content, inp.styles)  # what the targets are of
+        x0 = colors.optimized(structure.color, initial_image(cfg, shown, styles, weights.preprocessing, key))
+        targets = blended_targets(targets_fn, params, jnp.asarray(shown), styles, mix)
+        content = jnp.asarray(inp.content)
+        problems.append(Problem(jnp.asarray(x0), targets, hparams(cfg, spec), jnp.float32(cfg.optim.lr), key))
+        yard = [yard_fn(params, content, jnp.asarray(s)) for s in inp.styles]
+        yards.append(yard[0]._replace(grams=blend.blend([y.grams for y in yard], mix)))
+        members.append(Member(cfg, inp.content, inp.styles, input_paths(cfg), mix))
     return Group(structure, members, weights, params, stack(problems), stack(yards))
+
+
+def blended_targets(targets_fn, params, content: jax.Array, styles: Sequence[np.ndarray],
+                    weights: Sequence[float]) -> Targets:
+    """The content's targets and the style targets of each layer blended over the style images,
+    A = Σ_k w_k A_k (:mod:`nstjax.blend`); ``targets_fn(params, content, style)`` computes them
+    for one style image."""
+    each = [targets_fn(params, content, jnp.asarray(s)) for s in styles]
+    return each[0]._replace(style=blend.blend([t.style for t in each], weights))
 
 
 def stack(trees: Sequence) -> object:

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from nstjax.optimize import MEMBER_BATCHING
+from nstjax.colors import COLOR_CONTROLS
 from nstjax.images import DEFAULT_MAX_PIXELS
 from nstjax.losses import TV_NORMS, LossSpec
+from nstjax.optimize import MEMBER_BATCHING, OptimSpec
 from nstjax.style_losses import (CONTENT_LOSSES, CONTENT_REDUCTIONS, GRAM_NORMS, MMD_KERNELS,
                                  STYLE_LOSSES, STYLE_REDUCTIONS, StyleHParams)
 
@@ -62,6 +63,8 @@ ContentReduction = _choices("ContentReduction", CONTENT_REDUCTIONS, "How the mse
 TVNorm = _choices("TVNorm", TV_NORMS, "Total variation of squared or absolute differences.")
 StyleLoss = _choices("StyleLoss", STYLE_LOSSES, "The per-layer style loss (nstjax.style_losses.STYLE_LOSSES).")
 MMDKernel = _choices("MMDKernel", MMD_KERNELS, "The kernel of the mmd style loss.")
+ColorControl = _choices("ColorControl", COLOR_CONTROLS,
+                        "Colour control (nstjax.colors): none, luminance, histogram or original_colors.")
 ContentLoss = _choices("ContentLoss", CONTENT_LOSSES,
                        "The per-layer content loss (nstjax.style_losses.CONTENT_LOSSES).")
 
@@ -106,6 +109,9 @@ class ModelConfig:
     remat: Remat = Remat.auto
     remat_pixels: int = 2048 * 2048  # with remat=auto: recompute from this many pixels up
     preprocessing: Optional[PreprocessingConfig] = None  # override for a local weights file
+    normalize: bool = False  # Gatys et al.'s normalised VGG: each filter's mean activation 1 (nstjax.normalize)
+    normalize_images: Optional[str] = None  # normalize: the folder of images the means are taken over; None: examples/
+    normalize_size: int = 512  # normalize: the images' longest side
 
 
 _HP = StyleHParams._field_defaults
@@ -137,6 +143,7 @@ class LossConfig:
     sw_projections: Optional[int] = LossSpec.sw_projections  # sliced_wasserstein directions; None: N
     mrf_stride: int = LossSpec.mrf_stride  # mrf: stride of the 3×3 patches
     remd_moment_weight: float = _HP["remd_moment_weight"]  # remd: weight of the moment term (STROTSS: 1)
+    normalize_gradients: bool = LossSpec.normalize_gradients  # each term's gradient ÷ its L1 norm (neural-style)
 
 
 @dataclass
@@ -145,6 +152,7 @@ class OptimConfig:
     steps: int = 500
     lr: float = 1.0
     max_evaluations: Optional[int] = None  # stop once this many objective evaluations are spent
+    clip: bool = OptimSpec.clip  # pixels clipped to [0, 1] after each step; false: only the saved image
 
 
 @dataclass
@@ -171,8 +179,10 @@ class LBFGSConfig(OptimConfig):
 @dataclass
 class Config:
     content: Optional[str] = None  # content image; None: the bundled example
-    style: Optional[str] = None  # style image; None: the bundled example
-    init: str = "content"  # content | noise | style | a path to an image
+    style: Any = None  # a style image or a list of them (nstjax.blend); None: the bundled example
+    style_blend_weights: Optional[List[float]] = None  # one per style image, normalised to sum 1; None: equal
+    color_control: ColorControl = ColorControl.none  # none | luminance | histogram | original_colors (nstjax.colors)
+    init: str = "content"  # content | noise | style | gray | uniform | style_stats (nstjax.inits) | an image file
     init_noise_std: float = 0.25  # init=noise: clip(mean pixel + std·N(0, 1), 0, 1)
     seed: int = 0
     save_every: int = 0  # snapshot image every N steps (0: none)

@@ -176,7 +176,8 @@ class Driver:
             program = self.group.structure.loop.compile(problems, self.params, self.mesh)
             measure = jax.jit(jax.vmap(functools.partial(yardstick, self.group.structure.model),
                                        in_axes=(None, 0, 0)))
-            measure = measure.lower(self.params, problems.pixels, yards).compile()
+            rgb = jax.ShapeDtypeStruct(problems.pixels.shape[:-1] + (3,), jnp.float32, sharding=self.members)
+            measure = measure.lower(self.params, rgb, yards).compile()
             self._programs[size] = Programs(program, measure, time.perf_counter() - t0)
         return self._programs[size]
 
@@ -251,8 +252,8 @@ class Driver:
         run_seconds = seconds_before + time.perf_counter() - t_run
         signum = SIGNALS.received
         host = jax.device_get(state)
-        initial = jax.device_get(compiled.yardstick(self.params, problems.pixels, yards))
-        final = jax.device_get(compiled.yardstick(self.params, state.pixels, yards))
+        initial = jax.device_get(compiled.yardstick(self.params, self._outputs(index, size, problems.pixels), yards))
+        final = jax.device_get(compiled.yardstick(self.params, self._outputs(index, size, host.pixels), yards))
         out, interrupted = [], False
         for i in range(len(index)):
             status, reason = "finished", None
@@ -263,13 +264,19 @@ class Driver:
             elif signum is not None and not done:
                 status, reason, interrupted = "interrupted", f"stopped by {signal.Signals(signum).name}", True
             out.append(MemberResult(
-                np.asarray(host.pixels[i]), histories[i], status, reason, int(host.step[i]),
+                self.group.output_image(index[i], np.asarray(host.pixels[i])), histories[i], status, reason, int(host.step[i]),
                 int(host.evaluations[i]),
                 {"initial": as_metrics(_member(initial, i)), "final": as_metrics(_member(final, i))},
                 run_seconds, compiled.seconds))
         if interrupted and self.group_dir is not None:
             save_checkpoint(state)
         return out
+
+    def _outputs(self, index: list[int], size: int, pixels) -> jax.Array:
+        """The wave's RGB images (its members' outputs from their pixels, padded as the wave)."""
+        padded = list(index) + [index[-1]] * (size - len(index))
+        rgb = [self.group.output_image(n, np.asarray(pixels[j])) for j, n in enumerate(padded)]
+        return jax.device_put(np.stack(rgb), self.members)
 
     def _active(self, state: LoopState) -> np.ndarray:
         s = self.group.structure
@@ -306,7 +313,7 @@ class Driver:
         for i, n in enumerate(index):
             if new[i]:
                 images.save_image(Path(self.member_dirs[n]) / "snapshots" / f"step_{step:06d}.png",
-                                  np.asarray(state.pixels[i]))
+                                  self.group.output_image(n, np.asarray(state.pixels[i])))
 
 
 def _row(state: LoopState, i: int) -> HistoryRow:

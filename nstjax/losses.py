@@ -27,6 +27,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from nstjax import gradnorm
 from nstjax.style_losses import (CONTENT_REDUCTIONS, GRAM_NORMS, STYLE_REDUCTIONS, LayerInput,
                                  LayerLossOptions, StyleHParams, content_loss, gram_divisor,
                                  style_layer_loss)
@@ -51,6 +52,7 @@ class LossSpec(LayerLossOptions):
     content_layers: tuple[str, ...] = ("relu4_2",)
     style_layers: tuple[str, ...] = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
     tv_norm: str = "squared"
+    normalize_gradients: bool = False  # each term's gradient ÷ its L1 norm (nstjax.gradnorm)
 
     def __post_init__(self):
         super().__post_init__()
@@ -198,10 +200,14 @@ def make_objective(model: VGG19, spec: LossSpec) -> Callable[..., Terms]:
     model's pooling and preprocessing) is fixed here; all arrays are arguments.
     """
     style_entry, content_entry = spec.style, spec.content
+    read = spec.content_layers
+    if spec.normalize_gradients:  # neural-style's -normalize_gradients: the terms read activations
+        style_entry, content_entry = gradnorm.style_entry(style_entry), gradnorm.content_entry(content_entry)
+        read = read + spec.style_layers
     n_layers = len(spec.content_layers) + len(spec.style_layers)
 
     def objective(pixels, params, targets: Targets, hp: HParams, key=None) -> Terms:
-        feats = _style_features(model, params, pixels, spec, spec.content_layers)
+        feats = _style_features(model, params, pixels, spec, read)
         keys = [None] * n_layers if key is None else list(jax.random.split(key, n_layers))
         content_keys, style_keys = keys[:len(spec.content_layers)], keys[len(spec.content_layers):]
         l_content = sum(

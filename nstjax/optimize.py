@@ -3,8 +3,9 @@
 Each step computes an update from the gradient at the current image (L-BFGS
 with the zoom line search evaluates the objective more times on its own), adds
 it, clips the pixels to [0, 1] (projected gradient descent: the image is always
-a valid picture) and evaluates the objective at the new image, whose weighted
-terms become that step's history row. ``K`` steps run inside one compiled
+a valid picture; with ``OptimSpec.clip=False`` not, as neural-style) and
+evaluates the objective at the new image, whose weighted terms become that
+step's history row. ``K`` steps run inside one compiled
 ``lax.scan``; Python only runs between chunks.
 
 The loop takes a batch of problems (:class:`Problem`, every leaf with a leading
@@ -44,6 +45,8 @@ class OptimSpec:
     evaluations a step, lr unused); ``'none'`` takes the step ``lr`` · direction,
     one evaluation a step, as torch.optim.LBFGS does by default (the first
     step is scaled by min(1, 1/‖g‖)).
+    ``clip``: the pixels are clipped to [0, 1] after each step; False leaves them
+    unclamped during the optimisation (neural-style; the saved image is clamped).
     """
 
     name: str = "lbfgs"
@@ -54,6 +57,7 @@ class OptimSpec:
     memory_size: int = 100
     linesearch: str = "zoom"
     max_linesearch_steps: int = 20
+    clip: bool = True
 
     def __post_init__(self):
         if self.name not in OPTIMIZERS:
@@ -222,7 +226,7 @@ class Loop:
             value=state.terms.total, grad=state.grad, value_fn=value_fn,
         )
         stepped = state.pixels + updates
-        pixels = jnp.clip(stepped, 0.0, 1.0)
+        pixels = jnp.clip(stepped, 0.0, 1.0) if self.spec.clip else stepped
         terms, grad = self._value_and_grad(pixels, params, problem, eval_key)
         linesearch_evals = optax.tree.get(opt_state, "num_linesearch_steps", 0)
         status = jnp.where(

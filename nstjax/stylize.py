@@ -83,11 +83,12 @@ def metrics(group: Group, member: Member, r: MemberResult) -> dict:
         "compile_seconds": r.compile_seconds,
         "run_seconds": r.run_seconds,
         "image_size": [int(s) for s in member.content.shape[:2]],
-        "style_size": [int(s) for s in member.style.shape[:2]],
+        "style_size": _one_or_all([[int(s) for s in style.shape[:2]] for style in member.styles]),
         "optimizer": cfg.optim.name,
         "conv": group.structure.model.conv,
         "content_image": member.paths[0],
-        "style_image": member.paths[1],
+        "style_image": _one_or_all(member.paths[1]),
+        "style_blend_weights": [float(w) for w in member.blend],
         "weights": cfg.model.weights,
         "weights_sha256": group.weights.sha256,
         "device": str(jax.devices()[0].device_kind),
@@ -101,6 +102,11 @@ def metrics(group: Group, member: Member, r: MemberResult) -> dict:
     if r.status == "diverged":
         out["diverged_step"] = r.steps + 1
     return out
+
+
+def _one_or_all(values: list):
+    """One style image's value as it is, several as a list."""
+    return values[0] if len(values) == 1 else values
 
 
 def write_outputs(run_dir: Path, group: Group, member: Member, r: MemberResult, extra: dict) -> None:

@@ -59,6 +59,21 @@ def test_presets_reproduce_their_sources():
     assert (ns.loss.alpha, ns.loss.beta, ns.init, ns.model.pooling.value) == (5.0, 100.0, "noise", "max")
 
 
+@pytest.mark.parametrize("optim", ["adam", "lbfgs"])
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_runs_with_either_optimiser(preset, optim):
+    """optim=NAME after a preset replaces the preset's optimiser settings with NAME's
+    defaults and keeps every other setting of the preset."""
+    alone = OmegaConf.to_container(composed(f"+experiment={preset}"), resolve=True, enum_to_str=True)
+    cfg = composed(f"+experiment={preset}", f"optim={optim}")
+    swapped = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    plain = OmegaConf.to_container(composed(f"optim={optim}").optim, resolve=True, enum_to_str=True)
+    assert swapped.pop("optim") == plain
+    alone.pop("optim")
+    assert swapped == alone
+    assert optim_spec(cfg).name == optim
+
+
 def test_optimiser_is_a_group():
     assert composed("optim=adam").optim.name == "adam"
     cfg = composed("optim=lbfgs", "optim.memory_size=7", "optim.linesearch=none")
