@@ -2,7 +2,8 @@
 grammar (comma lists, ``range()``, ``choice()``, group choices) expanded as the basic sweeper
 does, the points numbered as it numbers them, then grouped by structure (nstjax.sweep) and
 launched one job per group through the configured launcher. ``hydra/sweeper=basic`` runs one
-job per point instead.
+job per point instead. A sweep directory that already holds anything is refused before anything
+is written, and nothing is written before every point is validated.
 """
 
 
@@ -43,7 +44,10 @@ class BatchedSweeper(Sweeper):
 
     def sweep(self, arguments: List[str]) -> Any:
         from nstjax import sweep
+        from nstjax.rundir import require_empty
 
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        require_empty(sweep_dir, "sweep")  # an earlier sweep's files stay as they are
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         overrides = parser.parse_overrides([f"{k}={v}" for k, v in self.params.items()] + list(arguments))
         swept = [o.get_key_element() for o in overrides if o.is_sweep_override()]
@@ -55,7 +59,6 @@ class BatchedSweeper(Sweeper):
             values = {o.split("=", 1)[0]: o.split("=", 1)[1] for o in point}
             points.append(sweep.Point(n, list(point), {k: values[k] for k in swept}, cfg))
         groups = sweep.plan(points)
-        sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         sweep.write_plan(sweep_dir, swept, groups)
