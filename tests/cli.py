@@ -36,3 +36,18 @@ def start_cli(args, cache: Path, cwd: Path | None = None) -> subprocess.Popen:
         [sys.executable, "-m", "nstjax.run", *args], cwd=cwd or ROOT, env=env(cache),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
+
+
+def patched_cli_args(patch: str, args) -> list[str]:
+    """The command of ``python -m nstjax.run ARGS`` with ``patch`` (Python source: a fault to
+    inject, a function replaced) run first in the same process."""
+    code = f"{patch}\nimport sys\nsys.argv = ['nstjax.run', *sys.argv[1:]]\nfrom nstjax.run import cli\ncli()\n"
+    return [sys.executable, "-c", code, *args]
+
+
+def tree_digest(root: Path) -> dict:
+    """Every file under ``root`` (hidden ones included) with the sha256 of its bytes."""
+    import hashlib
+
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(root).rglob("*")) if p.is_file()}

@@ -15,7 +15,7 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from cli import EXAMPLES, ROOT, env, run_cli, start_cli
+from cli import EXAMPLES, ROOT, env, run_cli, start_cli, tree_digest
 from nstjax import config, stylize, sweep
 from nstjax.optimize import HistoryRow
 from nstjax.outputs import read_history
@@ -104,6 +104,18 @@ def test_sweep_csv_sheet_and_tradeoff(swept):
     assert where[0][1] == where[1][1] and where[2][1] == where[3][1]  # same β, same column
     assert where[0][1] < where[2][1] and where[0][0] < where[1][0]
     assert Image.open(sweep_dir / "tradeoff.png").size[0] > 100
+
+
+def test_a_sweep_into_an_earlier_sweep_changes_nothing(swept, synthetic_weights_file, nstjax_cache):
+    sweep_dir, _ = swept
+    digest = tree_digest(sweep_dir)
+    args = [a for a in small(synthetic_weights_file) if not a.startswith("optim.lr")]
+    proc = run_cli(["-m", *args, "loss.beta=1e3,1e5", "optim.lr=0.5,0.25", f"hydra.sweep.dir={sweep_dir}"],
+                   nstjax_cache)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "is not empty" in lines[0] and f"resume={sweep_dir}" in lines[0], proc.stderr
+    assert tree_digest(sweep_dir) == digest
 
 
 def test_a_bad_point_is_refused_before_anything_runs(tmp_path, synthetic_weights_file, nstjax_cache):
