@@ -100,7 +100,8 @@ def _check_resume_overrides(overrides) -> None:
 
 
 def _resumed_config(cfg: DictConfig) -> tuple[DictConfig | None, Path]:
-    """The saved config of the run to resume (None if it has finished) with its directory."""
+    """The saved config of the run to resume (None if it has finished or diverged) and its
+    directory; a directory it cannot continue is a UserError."""
     from nstjax import checkpoint, sweep
 
     run_dir = Path(cfg.resume)
@@ -192,12 +193,13 @@ def main(cfg: DictConfig):
 
 
 def _single_run(cfg: DictConfig, hydra_dir: Path) -> None:
+    from nstjax import sweep
     from nstjax.stylize import run_group
 
     if cfg.resume is not None:
         cfg, run_dir = _resumed_config(cfg)
         if cfg is None:
-            print(f"{run_dir} has finished: nothing to resume", file=sys.stderr)
+            print(f"{run_dir} has {sweep.status(run_dir)}: nothing to resume", file=sys.stderr)
             return
 
         def start() -> None:
