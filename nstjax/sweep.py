@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from nstjax import checkpoint, config
+from nstjax import checkpoint, config, rundir
 from nstjax.atomic import atomic_path, write_text
 from nstjax.build import Inputs, preprocessing_override, structure_key, validate
 from nstjax.driver import EXIT_DIVERGED, EXIT_SIGNAL, SIGNALS
@@ -30,6 +30,8 @@ from nstjax.stylize import run_group
 from nstjax.weights import load_weights
 
 PLAN = "groups.yaml"
+MULTIRUN = "multirun.yaml"
+"""Hydra's config of the whole sweep, as its basic launcher writes it."""
 SUMMARY_COLUMNS = ("total", "content", "style", "tv", "yardstick_content", "yardstick_style", "status",
                    "steps", "loss_evaluations", "group", "run_seconds")
 """sweep.csv's columns after ``n`` and the swept keys."""
@@ -132,6 +134,17 @@ def run_group_job(sweep_dir: Path, g: int, log: Callable[[str], None] = print,
         run_group(cfgs, dirs, gdir, resume=resume, log=log, start=started,
                   extra_metrics=[{"n": int(m.n), "group": g} for m in members])
     return [status(d) for d in dirs]
+
+
+def discard_unstarted(sweep_dir: Path, keep: Path) -> None:
+    """Remove a sweep of which no point has started (its plan and multirun.yaml), and the
+    directories made for it up to ``keep``; a sweep with a point's directory stays."""
+    sweep_dir = Path(sweep_dir)
+    if any(member_dir(sweep_dir, m.n).exists() for g in read_plan(sweep_dir).groups for m in g):
+        return
+    for name in (PLAN, MULTIRUN):
+        (sweep_dir / name).unlink(missing_ok=True)
+    rundir.discard(sweep_dir, keep)
 
 
 def resume(sweep_dir: Path, log: Callable[[str], None] = print) -> int:

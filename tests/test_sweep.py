@@ -129,6 +129,16 @@ def test_a_bad_point_is_refused_before_anything_runs(tmp_path, synthetic_weights
     assert not sweep_dir.exists()
 
 
+def test_a_group_refused_by_the_memory_check_leaves_no_sweep(tmp_path, synthetic_weights_file, nstjax_cache):
+    sweep_dir = tmp_path / "new" / "multirun"
+    proc = run_cli(["-m", *small(synthetic_weights_file), "model.conv=direct", "optim.memory_size=100000000",
+                    "loss.beta=1e3,1e5", f"hydra.sweep.dir={sweep_dir}"], nstjax_cache)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and " points in " not in ln]
+    assert len(lines) == 1 and "GiB is free" in lines[0], proc.stderr
+    assert not (tmp_path / "new").exists()
+
+
 def _point(n, overrides):
     cfg = config.compose(overrides)
     return sweep.Point(n, overrides, {}, cfg)
