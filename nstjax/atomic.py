@@ -6,7 +6,9 @@ when the write fails midway, the disk fills up, or the process is killed.
 A process killed inside the write (SIGKILL, power loss) can leave its
 temporary file behind: ``.<target name>.<random>.tmp<target suffix>`` beside
 the target, hidden and never named like it; nstjax never reads such a file
-and it is safe to delete (:func:`stale_temporaries` finds them).
+and it is safe to delete (:func:`stale_temporaries` finds them). A write that
+fails with an OSError (a full disk, an I/O error) raises
+:class:`~nstjax.errors.WriteError`, naming the target.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+from nstjax.errors import WriteError
 
 _TMP = ".tmp"
 
@@ -31,24 +35,31 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Pat
     """Yield a temporary path beside ``path``; fsync and rename it onto ``path`` on success.
 
     On any exception (KeyboardInterrupt included) the temporary file is removed
-    and ``path`` is untouched. With ``overwrite=False`` an existing ``path``
-    raises FileExistsError first.
+    and ``path`` is untouched; an OSError (ENOSPC, EIO, ...) becomes a
+    :class:`~nstjax.errors.WriteError` naming ``path``. With ``overwrite=False``
+    an existing ``path`` raises FileExistsError first.
     """
     path = Path(path)
     if not overwrite and path.exists():
         raise FileExistsError(f"{path} exists; refusing to overwrite it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    prefix, suffix = _temporary_affixes(path)
-    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        prefix, suffix = _temporary_affixes(path)
+        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=path.parent)
+        os.close(fd)
+        tmp = Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
         yield tmp
         _fsync(tmp)
         os.replace(tmp, path)
+    except WriteError:
+        raise
+    except OSError as e:
+        raise WriteError(e.errno, e.strerror or str(e), str(path)) from e
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
     _fsync_directory(path.parent)
 
 

@@ -104,10 +104,14 @@ def check_numbers(cfg: DictConfig) -> None:
 
 
 def preprocessing_override(cfg: DictConfig) -> Preprocessing | None:
-    p = cfg.model.preprocessing
-    if p is None:
+    """model.preprocessing's keys that are given (none given: None, the weights' own)."""
+    given = {k: enum_value(v) for k, v in (cfg.model.preprocessing or {}).items() if v is not None}
+    if not given:
         return None
-    return Preprocessing(enum_value(p.channel_order), p.scale, tuple(p.mean), tuple(p.std))
+    try:
+        return Preprocessing(**given)
+    except ValueError as e:
+        raise UserError(f"model.preprocessing: {e}") from e
 
 
 def input_paths(cfg: DictConfig) -> tuple[str, list[str]]:
@@ -210,7 +214,7 @@ class Inputs:
 
 def validate(cfg: DictConfig) -> Inputs:
     """Every check that needs no weights and no compiling: numbers, layers, loss weights,
-    optimiser, convolution, the weights' name, the images. Raises UserError."""
+    optimiser, convolution, preprocessing, the weights' name, the images. Raises UserError."""
     check_numbers(cfg)
     spec = loss_spec(cfg)
     hparams(cfg, spec)
@@ -222,6 +226,7 @@ def validate(cfg: DictConfig) -> Inputs:
     styles = input_paths(cfg)[1]
     blend.check_style_loss(spec.style_loss, len(styles))
     blend.blend_weights(cfg.style_blend_weights, len(styles))
+    preprocessing_override(cfg)
     if str(cfg.model.weights) not in SOURCES:
         resolve(cfg.model.weights)  # a file path, or an unknown name: refused, listing the names
     content, styles = load_inputs(cfg, spec)

@@ -3,9 +3,12 @@
 ``RUN_DIR/checkpoint/`` holds ``state-STEP.safetensors`` (pixels, optimiser
 state, current loss and gradient, RNG keys, counters: every leaf of the state of
 every member of the group, named by its path) and ``checkpoint.json`` (step,
-the members' histories, the file name of the state). The state file is written first and ``checkpoint.json`` last, both
-atomically, so a checkpoint is always whole: an interrupted write leaves the
-previous one in place.
+the members' histories, the file name of the state and its sha256). The state
+file is written first and ``checkpoint.json`` last, both atomically, so a
+checkpoint is always whole: an interrupted or failed write leaves the previous
+one in place (a state file whose checkpoint.json could not be written is removed
+again). A checkpoint is read only once its state file matches the sha256 that
+checkpoint.json records and its step; a truncated or changed one is refused.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from nstjax.atomic import atomic_path
 from nstjax.errors import UserError
 from nstjax.optimize import LoopState
 from nstjax.outputs import write_json
+from nstjax.weights.formats import file_hash
 
 CHECKPOINT_DIR = "checkpoint"
 META = "checkpoint.json"
@@ -45,38 +49,73 @@ def save(run_dir: Path, state: LoopState, meta: dict) -> Path:
                for name, leaf in zip(_leaf_names(state), jax.device_get(leaves))}
     step = int(np.max(np.asarray(tensors[".step"])))
     state_file = f"state-{step:08d}.safetensors"
+    rewritten = (ckpt / state_file).exists()  # this step's state again (an interrupt after a periodic one)
     with atomic_path(ckpt / state_file) as tmp:
         save_file(tensors, str(tmp))
-    write_json(ckpt / META, {"step": step, "state_file": state_file, **meta})
-    for old in ckpt.glob("state-*.safetensors"):
-        if old.name != state_file:
+        digest = file_hash(tmp)
+    try:
+        write_json(ckpt / META, {"step": step, "state_file": state_file, "state_sha256": digest, **meta})
+    except BaseException:
+        if not rewritten:  # the previous checkpoint.json names another state file: keep that one only
+            (ckpt / state_file).unlink(missing_ok=True)
+        raise
+    for old in ckpt.iterdir():  # earlier states, and the temporary files of killed writes
+        if old.name not in (state_file, META):
             old.unlink(missing_ok=True)
     return ckpt
 
 
 def read_meta(run_dir: Path) -> dict:
-    """The JSON part of the checkpoint of ``run_dir``; a missing one is a UserError."""
+    """The JSON part of the checkpoint of ``run_dir``; a missing or unreadable one is a UserError."""
     meta_path = Path(run_dir) / CHECKPOINT_DIR / META
     if not meta_path.is_file():
         raise UserError(f"no checkpoint in {run_dir} (expected {meta_path}); "
                         "resume= takes the directory of an interrupted run")
-    return json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+        if not all(isinstance(meta.get(k), t) for k, t in (("step", int), ("state_file", str),
+                                                            ("state_sha256", str))):
+            raise ValueError("no step, state_file or state_sha256")
+    except (OSError, ValueError, AttributeError) as e:
+        raise UserError(f"{meta_path} is unreadable ({e}): the checkpoint is damaged and cannot be "
+                        "resumed; start the run again") from e
+    return meta
+
+
+def verify(run_dir: Path) -> dict:
+    """The JSON part of the checkpoint of ``run_dir``, once its state file is found to be the one
+    written (the sha256 checkpoint.json records); a missing, truncated or changed one is a UserError."""
+    meta = read_meta(run_dir)
+    path = Path(run_dir) / CHECKPOINT_DIR / meta["state_file"]
+    try:
+        digest = file_hash(path)
+    except OSError as e:
+        raise UserError(f"checkpoint state {path} is unreadable ({e.strerror or e}): the checkpoint "
+                        "cannot be resumed; start the run again") from e
+    if digest != meta["state_sha256"]:
+        raise UserError(f"checkpoint state {path} is damaged: truncated or changed since it was written "
+                        f"(its sha256 is {digest}, checkpoint.json records {meta['state_sha256']}); "
+                        "it cannot be resumed: start the run again")
+    return meta
 
 
 def load(run_dir: Path, template: LoopState, sharding=None) -> LoopState:
-    """Read the checkpoint of ``run_dir`` into the structure of ``template`` (placed with
-    ``sharding``, if given)."""
+    """Read the checkpoint of ``run_dir`` (verified: :func:`verify`) into the structure of
+    ``template`` (placed with ``sharding``, if given)."""
     ckpt = Path(run_dir) / CHECKPOINT_DIR
-    meta = read_meta(run_dir)
+    meta = verify(run_dir)
     try:
         tensors = load_file(str(ckpt / meta["state_file"]))
-    except (OSError, KeyError, ValueError) as e:
+    except (OSError, ValueError) as e:
         raise UserError(f"checkpoint in {ckpt} is unreadable ({e}); start the run again") from e
     names = _leaf_names(template)
     template_leaves, treedef = jax.tree_util.tree_flatten(template)
     if set(names) != set(tensors):
         raise UserError(f"checkpoint in {ckpt} does not match this configuration "
                         "(different optimiser or image size); resume with the run's own settings")
+    if int(np.max(tensors[".step"])) != meta["step"]:
+        raise UserError(f"checkpoint in {ckpt} is damaged: checkpoint.json is at step {meta['step']}, "
+                        f"its state at step {int(np.max(tensors['.step']))}; start the run again")
     leaves = []
     for name, like in zip(names, template_leaves):
         value = tensors[name]
@@ -85,7 +124,8 @@ def load(run_dir: Path, template: LoopState, sharding=None) -> LoopState:
             value = value.reshape(np.shape(want))
         if value.shape != np.shape(want) or value.dtype != want.dtype:
             raise UserError(f"checkpoint tensor {name} in {ckpt} has shape {value.shape} "
-                            f"{value.dtype}, expected {np.shape(want)} {want.dtype}")
+                            f"{value.dtype}, this configuration {np.shape(want)} {want.dtype}: "
+                            "resume with the run's own settings")
         value = jax.random.wrap_key_data(value, impl=jax.random.key_impl(like)) if _is_key(like) else value
         leaves.append(jax.device_put(value, sharding) if sharding is not None else jax.numpy.asarray(value))
     return jax.tree_util.tree_unflatten(treedef, leaves)

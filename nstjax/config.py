@@ -85,12 +85,15 @@ class ChannelOrder(enum.Enum):
 
 @dataclass
 class PreprocessingConfig:
-    """What a weights file expects of its input, for a file that doesn't say."""
+    """What a weights file expects of its input, for a file that doesn't say
+    (:class:`nstjax.vgg.Preprocessing`). Every key null: the file's own; a key left null when
+    others are given takes Preprocessing's default. (A node, not null, so that an override such
+    as ``model.preprocessing={channel_order:BGR,...}`` can be merged into it.)"""
 
-    channel_order: ChannelOrder = ChannelOrder.RGB
-    scale: float = 1.0
-    mean: List[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
-    std: List[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
+    channel_order: Optional[ChannelOrder] = None
+    scale: Optional[float] = None
+    mean: Optional[List[float]] = None
+    std: Optional[List[float]] = None
 
 
 @dataclass
@@ -108,7 +111,7 @@ class ModelConfig:
     conv: ConvAlgorithm = ConvAlgorithm.auto
     remat: Remat = Remat.auto
     remat_pixels: int = 2048 * 2048  # with remat=auto: recompute from this many pixels up
-    preprocessing: Optional[PreprocessingConfig] = None  # override for a local weights file
+    preprocessing: Optional[PreprocessingConfig] = field(default_factory=PreprocessingConfig)  # override
     normalize: bool = False  # Gatys et al.'s normalised VGG: each filter's mean activation 1 (nstjax.normalize)
     normalize_images: Optional[str] = None  # normalize: the folder of images the means are taken over; None: examples/
     normalize_size: int = 512  # normalize: the images' longest side

@@ -157,6 +157,7 @@ class Driver:
         self.save_every, self.checkpoint_every = save_every, checkpoint_every
         self.max_members, self.memory_check, self.progress = max_members, memory_check, progress
         self.extra_checkpoint, self.log = extra_checkpoint or {}, log
+        self._start: Callable[[], None] | None = None
         self.mesh = member_mesh()
         self.devices = self.mesh.size
         self.members = NamedSharding(self.mesh, P(MEMBERS))
@@ -204,10 +205,13 @@ class Driver:
 
     # --- the run -----------------------------------------------------------------------
     def run(self, write: Callable[[list[int], list[MemberResult]], None],
-            resume: bool = False) -> dict[int, MemberResult]:
+            resume: bool = False, start: Callable[[], None] | None = None) -> dict[int, MemberResult]:
         """Optimise every member, wave by wave; ``write(index, results)`` is called after each
         wave (and on a signal) with the members' results. With ``resume``, continue from the
-        group's checkpoint: the waves before it are done. Returns the results of this call."""
+        group's checkpoint: the waves before it are done. ``start()`` is called once the first
+        wave is ready to step (compiled, its memory checked, its checkpoint loaded), before
+        anything else is written. Returns the results of this call."""
+        self._start = start
         meta = checkpoint.read_meta(self.group_dir) if resume else None
         size = meta["wave_size"] if meta else self.wave_size()
         k = len(self.group.members)
@@ -238,6 +242,9 @@ class Driver:
             histories = [[HistoryRow(*r) for r in h] for h in meta["histories"]]
             seconds_before = meta["run_seconds"]
             self.log(f"resuming {self.group_dir} at step {int(np.max(np.asarray(state.step)))}")
+        start, self._start = self._start, None
+        if start is not None:
+            start()
 
         def save_checkpoint(state):
             checkpoint.save(self.group_dir, state, {

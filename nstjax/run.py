@@ -2,21 +2,32 @@
 
 Composes configs/ (schema: nstjax/config.py), runs a group of one
 (:func:`nstjax.stylize.run_group`) in Hydra's run directory and exits with its
-code: 0 finished, 2 a user error (one line, no traceback), 3 diverged, 130/143
-interrupted by SIGINT/SIGTERM. ``-m`` sweeps through nstjax's batched sweeper
+code: 0 finished, 2 a user error (one line, no traceback), 3 diverged, 74 a
+file could not be written (a full disk, an I/O error: one line; the file keeps
+its previous content and the last checkpoint is intact), 130/143 interrupted by
+SIGINT/SIGTERM. ``-m`` sweeps through nstjax's batched sweeper
 (hydra_plugins/nstjax_sweeper): each job runs one group of points.
 ``resume=RUN_DIR`` continues an interrupted run in its own directory with its
 saved configuration; ``resume=SWEEP_DIR`` an interrupted sweep.
+
+A run writes only into a new or empty directory, and only once everything is
+checked (inputs, weights, memory, the checkpoint to resume): its config.yaml,
+Hydra's ``.hydra/`` files (configs/config.yaml sets ``hydra.output_subdir:
+null``) and ``run.log`` (Hydra's job logging without its file handler) are
+written then, by this module. A refused run leaves nothing: the directory Hydra
+made for it is removed again (:mod:`nstjax.rundir`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
 import os
 import sys
 from pathlib import Path
+from typing import Callable, Iterator
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -24,8 +35,9 @@ from hydra.errors import HydraException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from nstjax import config
-from nstjax.errors import UserError
+from nstjax import config, rundir
+from nstjax.atomic import write_text
+from nstjax.errors import UserError, WriteError
 
 log = logging.getLogger("nstjax")
 config.register()
@@ -59,20 +71,71 @@ def _one_line(exc: BaseException) -> str:
     return " — ".join(parts)
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, code: int = UserError.exit_code) -> None:
     print(f"error: {message}", file=sys.stderr)
-    sys.exit(UserError.exit_code)
+    sys.exit(code)
 
 
-def _resumed_config(cfg: DictConfig) -> tuple[DictConfig, Path]:
+def _cannot_write(e: WriteError, run_dir: Path | None) -> str:
+    from nstjax import checkpoint, sweep
+
+    hint = "free space there"
+    if run_dir is not None and (sweep.is_sweep(run_dir)
+                                or (run_dir / checkpoint.CHECKPOINT_DIR / checkpoint.META).is_file()):
+        hint += f", then continue with python -m nstjax.run resume={run_dir}"
+    return f"cannot write {e.filename} ({e.strerror}); the file keeps its previous content, if any: {hint}"
+
+
+RESUMABLE = ("resume", "progress")
+"""The keys that may be given beside resume= (and hydra.*): the rest is the run's saved config."""
+
+
+def _check_resume_overrides(overrides) -> None:
+    keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
+    others = [k for k in keys if k not in RESUMABLE and not k.startswith(("hydra.", "hydra/"))]
+    if others:
+        raise UserError(f"{', '.join(others)} cannot be given beside resume=: a resumed run continues with "
+                        "its saved config.yaml (only progress= and hydra.* may be given); start a new run "
+                        "to change it")
+
+
+def _resumed_config(cfg: DictConfig) -> tuple[DictConfig | None, Path]:
+    """The saved config of the run to resume (None if it has finished or diverged) and its
+    directory; a directory it cannot continue is a UserError."""
+    from nstjax import checkpoint, sweep
+
     run_dir = Path(cfg.resume)
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         raise UserError(f"cannot resume {run_dir}: no config.yaml there; "
                         "resume= takes the directory of an interrupted run or sweep")
+    if sweep.status(run_dir) in sweep.FINAL:
+        return None, run_dir
     resumed = config.from_container(OmegaConf.load(saved))
-    resumed.resume = str(run_dir)
+    checkpoint.verify(run_dir)
+    resumed.resume, resumed.progress = str(run_dir), cfg.progress
     return resumed, run_dir
+
+
+def _record_job(job_dir: Path, cfg: DictConfig) -> None:
+    """What Hydra would have written before the task: ``.hydra/`` and ``run.log``."""
+    hydra_cfg = HydraConfig.instance().cfg
+    write_text(job_dir / ".hydra" / "config.yaml", OmegaConf.to_yaml(cfg))
+    write_text(job_dir / ".hydra" / "hydra.yaml", OmegaConf.to_yaml(hydra_cfg))
+    write_text(job_dir / ".hydra" / "overrides.yaml", OmegaConf.to_yaml(hydra_cfg.hydra.overrides.task))
+    _log_to(job_dir)
+
+
+def _log_to(job_dir: Path) -> None:
+    """Log into ``job_dir/run.log`` too, formatted as on the console."""
+    path = job_dir / f"{HydraConfig.get().job.name}.log"
+    try:
+        handler = logging.FileHandler(path)
+    except OSError as e:
+        raise WriteError(e.errno, e.strerror or str(e), str(path)) from e
+    root = logging.getLogger()
+    handler.setFormatter(root.handlers[0].formatter if root.handlers else None)
+    root.addHandler(handler)
 
 
 def _enable_compilation_cache() -> None:
@@ -84,6 +147,19 @@ def _enable_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
+@contextlib.contextmanager
+def _reported(run_dir: Path, discard: Callable[[], None] = lambda: None) -> Iterator[None]:
+    """A user error as one line and exit 2, once ``discard()`` has removed what Hydra made for
+    the refused run; a file that could not be written as one line and exit 74."""
+    try:
+        yield
+    except (UserError, OmegaConfBaseException) as e:
+        discard()
+        _fail(_one_line(e))
+    except WriteError as e:
+        _fail(_cannot_write(e, run_dir), WriteError.exit_code)
+
+
 @hydra.main(version_base=None, config_path="pkg://nstjax.configs", config_name="config")
 def main(cfg: DictConfig):
     """A single run (a group of one), a group of a batched sweep, or a resumed run or sweep."""
@@ -92,32 +168,51 @@ def main(cfg: DictConfig):
 
     for noisy in ("jax", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    hydra_dir = Path(HydraConfig.get().runtime.output_dir)
     with SIGNALS.installed():
-        try:
+        if cfg.sweep_group is not None:
+            sweep_dir = Path(HydraConfig.get().sweep.dir)
+            with _reported(sweep_dir, lambda: rundir.discard(hydra_dir, keep=sweep_dir)):
+                _enable_compilation_cache()
+                return sweep.run_group_job(sweep_dir, cfg.sweep_group, log.info,
+                                           start=lambda: _record_job(hydra_dir, cfg))
+        if cfg.resume is None:
+            with _reported(hydra_dir, lambda: rundir.discard_hydra_run_dir(hydra_dir)):
+                _enable_compilation_cache()
+                return _single_run(cfg, hydra_dir)
+        rundir.discard_hydra_run_dir(hydra_dir)  # a resumed run works in its own directory
+        with _reported(Path(cfg.resume)):
+            _check_resume_overrides(HydraConfig.get().overrides.task)
             _enable_compilation_cache()
-            if cfg.sweep_group is not None:
-                return sweep.run_group_job(Path(HydraConfig.get().sweep.dir), cfg.sweep_group, log.info)
-            if cfg.resume is not None and sweep.is_sweep(cfg.resume):
+            if sweep.is_sweep(cfg.resume):
                 code = sweep.resume(Path(cfg.resume), log.info)
                 if code:
                     sys.exit(code)
                 return None
-            _single_run(cfg)
-        except UserError as e:
-            _fail(str(e))
+            return _single_run(cfg, hydra_dir)
 
 
-def _single_run(cfg: DictConfig) -> None:
+def _single_run(cfg: DictConfig, hydra_dir: Path) -> None:
+    from nstjax import sweep
     from nstjax.stylize import run_group
 
     if cfg.resume is not None:
         cfg, run_dir = _resumed_config(cfg)
-    else:
-        run_dir = Path(HydraConfig.get().runtime.output_dir)
-        from nstjax.atomic import write_text
+        if cfg is None:
+            print(f"{run_dir} has {sweep.status(run_dir)}: nothing to resume", file=sys.stderr)
+            return
 
-        write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    result = run_group([cfg], [run_dir], run_dir, resume=cfg.resume is not None, log=log.info)[0]
+        def start() -> None:
+            _log_to(run_dir)
+    else:
+        run_dir = hydra_dir
+        rundir.require_empty(run_dir)
+
+        def start() -> None:
+            write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+            _record_job(run_dir, cfg)
+    result = run_group([cfg], [run_dir], run_dir, resume=cfg.resume is not None, start=start,
+                       log=log.info)[0]
     m = json.loads((run_dir / "metrics.json").read_text())
     log.info("%s: %d steps, %d evaluations, total loss %.6g; compile %.1f s, run %.1f s -> %s",
              result.status, m["steps"], m["loss_evaluations"], m["total"],
@@ -135,7 +230,7 @@ def _single_run(cfg: DictConfig) -> None:
 
 def cli() -> None:
     """Run :func:`main`, turning Hydra's composition errors and a sweep's refused point into
-    one line and exit 2."""
+    one line and exit 2 (a sweep's file that could not be written: exit 74)."""
     from nstjax.driver import SIGNALS
 
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
@@ -144,6 +239,8 @@ def cli() -> None:
             main()
     except (HydraException, OmegaConfBaseException, UserError) as e:
         _fail(_one_line(e))
+    except WriteError as e:
+        _fail(_cannot_write(e, None), WriteError.exit_code)
 
 
 if __name__ == "__main__":

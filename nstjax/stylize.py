@@ -51,11 +51,13 @@ def optimize(cfgs: Sequence[DictConfig], inputs: Sequence[Inputs] | None = None,
 
 def run_group(cfgs: Sequence[DictConfig], member_dirs: Sequence[Path], group_dir: Path, *,
               resume: bool = False, inputs: Sequence[Inputs] | None = None,
-              extra_metrics: Sequence[dict] | None = None,
+              extra_metrics: Sequence[dict] | None = None, start: Callable[[], None] | None = None,
               log: Callable[[str], None] = print) -> dict[int, MemberResult]:
     """Optimise a group of configs of one structure, writing each member's files into its
     directory and the group's checkpoints into ``group_dir``. A directory that already
-    holds a result is refused unless ``resume``. Returns the results of the members run."""
+    holds a result is refused unless ``resume``. Nothing is written before everything is checked
+    (inputs, weights, memory; on resume the checkpoint): then ``start()`` is called. Returns the
+    results of the members run."""
     member_dirs = [Path(d) for d in member_dirs]
     if not resume:
         for d in member_dirs:
@@ -68,7 +70,7 @@ def run_group(cfgs: Sequence[DictConfig], member_dirs: Sequence[Path], group_dir
         for i, r in zip(index, results):
             write_outputs(member_dirs[i], group, group.members[i], r, extra[i])
 
-    return _driver(group, group_dir, member_dirs, log).run(write, resume)
+    return _driver(group, group_dir, member_dirs, log).run(write, resume, start)
 
 
 def metrics(group: Group, member: Member, r: MemberResult) -> dict:
@@ -86,6 +88,8 @@ def metrics(group: Group, member: Member, r: MemberResult) -> dict:
         "style_size": _one_or_all([[int(s) for s in style.shape[:2]] for style in member.styles]),
         "optimizer": cfg.optim.name,
         "conv": group.structure.model.conv,
+        "remat": group.structure.model.remat,
+        "precision": group.structure.model.precision,
         "content_image": member.paths[0],
         "style_image": _one_or_all(member.paths[1]),
         "style_blend_weights": [float(w) for w in member.blend],

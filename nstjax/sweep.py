@@ -21,14 +21,17 @@ from typing import Callable, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from nstjax import checkpoint, config
+from nstjax import checkpoint, config, rundir
 from nstjax.atomic import atomic_path, write_text
-from nstjax.build import Inputs, structure_key, validate
+from nstjax.build import Inputs, preprocessing_override, structure_key, validate
 from nstjax.driver import EXIT_DIVERGED, EXIT_SIGNAL, SIGNALS
 from nstjax.errors import UserError
 from nstjax.stylize import run_group
+from nstjax.weights import load_weights
 
 PLAN = "groups.yaml"
+MULTIRUN = "multirun.yaml"
+"""Hydra's config of the whole sweep, as its basic launcher writes it."""
 SUMMARY_COLUMNS = ("total", "content", "style", "tv", "yardstick_content", "yardstick_style", "status",
                    "steps", "loss_evaluations", "group", "run_seconds")
 """sweep.csv's columns after ``n`` and the swept keys."""
@@ -47,11 +50,17 @@ class Point:
 
 
 def plan(points: Sequence[Point]) -> list[list[Point]]:
-    """Validate every point (a bad one is refused, naming it) and group them by structure."""
+    """Validate every point and read each weights file the points name (a bad one is refused,
+    naming it) and group them by structure."""
     groups: dict[str, list[Point]] = {}
+    read: set[str] = set()
     for p in points:
         try:
             p.inputs = validate(p.cfg)
+            key = OmegaConf.to_yaml(p.cfg.model)
+            if key not in read:
+                load_weights(p.cfg.model.weights, preprocessing=preprocessing_override(p.cfg))
+                read.add(key)
         except UserError as e:
             raise UserError(f"sweep point {p.n} ({' '.join(p.overrides)}): {e}") from e
         groups.setdefault(structure_key(p.cfg, p.inputs), []).append(p)
@@ -93,31 +102,49 @@ def is_sweep(path: Path) -> bool:
     return (Path(path) / PLAN).is_file()
 
 
-def _status(run_dir: Path) -> str:
-    path = run_dir / "metrics.json"
+def status(run_dir: Path) -> str:
+    """A point's (or a run's) status from its metrics.json: pending before it has one."""
+    path = Path(run_dir) / "metrics.json"
     if not path.is_file():
         return "pending"
     return OmegaConf.load(path).status
 
 
-def run_group_job(sweep_dir: Path, g: int, log: Callable[[str], None] = print) -> list[str]:
+def run_group_job(sweep_dir: Path, g: int, log: Callable[[str], None] = print,
+                  start: Callable[[], None] = lambda: None) -> list[str]:
     """Run group ``g`` of the sweep in ``sweep_dir``, continuing from its checkpoint if it has
     one; a group whose members are all done, or a process that has received a stop signal,
-    runs nothing. Returns the members' statuses."""
+    runs nothing. Once the group is ready to step, each new member's config files are written
+    and ``start()`` is called. Returns the members' statuses."""
     members = read_plan(sweep_dir).groups[g]
     dirs = [member_dir(sweep_dir, m.n) for m in members]
-    if SIGNALS.received is None and not all(_status(d) in FINAL for d in dirs):
+    if SIGNALS.received is None and not all(status(d) in FINAL for d in dirs):
         gdir = group_dir(sweep_dir, g)
         resume = (gdir / checkpoint.CHECKPOINT_DIR / checkpoint.META).is_file()
         cfgs = [config.from_container(m.config) for m in members]
-        if not resume:
-            for m, cfg, d in zip(members, cfgs, dirs):
-                write_text(d / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-                write_text(d / ".hydra" / "config.yaml", OmegaConf.to_yaml(cfg))
-                write_text(d / ".hydra" / "overrides.yaml", OmegaConf.to_yaml(list(m.overrides)))
-        run_group(cfgs, dirs, gdir, resume=resume, log=log,
+
+        def started() -> None:
+            if not resume:
+                for m, cfg, d in zip(members, cfgs, dirs):
+                    write_text(d / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+                    write_text(d / ".hydra" / "config.yaml", OmegaConf.to_yaml(cfg))
+                    write_text(d / ".hydra" / "overrides.yaml", OmegaConf.to_yaml(list(m.overrides)))
+            start()
+
+        run_group(cfgs, dirs, gdir, resume=resume, log=log, start=started,
                   extra_metrics=[{"n": int(m.n), "group": g} for m in members])
-    return [_status(d) for d in dirs]
+    return [status(d) for d in dirs]
+
+
+def discard_unstarted(sweep_dir: Path, keep: Path) -> None:
+    """Remove a sweep of which no point has started (its plan and multirun.yaml), and the
+    directories made for it up to ``keep``; a sweep with a point's directory stays."""
+    sweep_dir = Path(sweep_dir)
+    if any(member_dir(sweep_dir, m.n).exists() for g in read_plan(sweep_dir).groups for m in g):
+        return
+    for name in (PLAN, MULTIRUN):
+        (sweep_dir / name).unlink(missing_ok=True)
+    rundir.discard(sweep_dir, keep)
 
 
 def resume(sweep_dir: Path, log: Callable[[str], None] = print) -> int:

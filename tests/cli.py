@@ -49,3 +49,18 @@ def wait_for_files(folder: Path, proc: subprocess.Popen, timeout: float = 240) -
         assert proc.poll() is None, proc.communicate()[1][-2000:]
         time.sleep(0.05)
     raise AssertionError(f"{folder} never appeared")
+
+
+def patched_cli_args(patch: str, args) -> list[str]:
+    """The command of ``python -m nstjax.run ARGS`` with ``patch`` (Python source: a fault to
+    inject, a function replaced) run first in the same process."""
+    code = f"{patch}\nimport sys\nsys.argv = ['nstjax.run', *sys.argv[1:]]\nfrom nstjax.run import cli\ncli()\n"
+    return [sys.executable, "-c", code, *args]
+
+
+def tree_digest(root: Path) -> dict:
+    """Every file under ``root`` (hidden ones included) with the sha256 of its bytes."""
+    import hashlib
+
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(root).rglob("*")) if p.is_file()}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cli import EXAMPLES, run_cli, small_run_args, start_cli
+from cli import EXAMPLES, run_cli, small_run_args, start_cli, tree_digest
 
 RESULT_FILES = ("result.png", "metrics.json", "history.csv")
 
@@ -50,6 +50,13 @@ def bad_inputs(tmp):
         ("unknown layer", ["loss.content_layers=[relu9_9]"], ["relu9_9", "relu4_2", "valid names"]),
         ("negative weight", ["loss.beta=-1"], ["loss.beta", "≥ 0"]),
         ("nan weight", ["loss.alpha=nan"], ["loss.alpha", "finite"]),
+        ("zero learning rate", ["optim.lr=0"], ["optim.lr", "positive"]),
+        ("nan learning rate", ["optim.lr=nan"], ["optim.lr", "positive"]),
+        ("negative steps", ["optim.steps=-1"], ["optim.steps", "≥ 0"]),
+        ("zero chunk_steps", ["chunk_steps=0"], ["chunk_steps", "≥ 1"]),
+        ("zero style scale", ["image.style_scale=0"], ["image.style_scale", "positive"]),
+        ("a preprocessing mean of 2 values", ["model.preprocessing.mean=[1,2]"],
+         ["model.preprocessing", "3 values"]),
         ("unknown optimiser", ["optim=sgd"], ["optim/sgd", "adam", "lbfgs"]),
         ("unknown preset", ["+experiment=gatys2099"], ["experiment/gatys2099", "gatys2016"]),
         ("unknown weights name", ["model.weights=vgg99"], ["vgg99", "vgg19"]),
@@ -82,10 +89,10 @@ def _case_names():
 
 
 @pytest.mark.parametrize("case", _case_names())
-def test_bad_input_is_one_line_exit_2_and_no_result(case, tmp_path, synthetic_weights_file,
-                                                   nstjax_cache):
+def test_bad_input_is_one_line_exit_2_and_leaves_nothing(case, tmp_path, synthetic_weights_file,
+                                                        nstjax_cache):
     name, overrides, words = next(c for c in bad_inputs(tmp_path) if c[0] == case)
-    run_dir = tmp_path / "run"
+    run_dir = tmp_path / "new" / "run"  # Hydra makes both; a refused run removes both again
     args = small_run_args(synthetic_weights_file, run_dir)
     keys = {o.split("=")[0].lstrip("+") for o in overrides}
     args = [a for a in args if a.split("=")[0] not in keys] + overrides
@@ -96,8 +103,7 @@ def test_bad_input_is_one_line_exit_2_and_no_result(case, tmp_path, synthetic_we
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     for word in words:
         assert word in lines[0], (word, lines[0])
-    for name in RESULT_FILES:
-        assert not (run_dir / name).exists()
+    assert not (tmp_path / "new").exists()  # no directory, no .hydra/, no run.log
 
 
 def test_divergence_keeps_the_last_finite_image(tmp_path, synthetic_weights_file, nstjax_cache):
@@ -178,16 +184,8 @@ def test_same_config_and_seed_give_an_identical_result(tmp_path, synthetic_weigh
         assert metrics["versions"][lib]
 
 
-def test_an_existing_result_is_never_overwritten(tmp_path, synthetic_weights_file, nstjax_cache):
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    (run_dir / "result.png").write_bytes(b"last night's result")
-    proc = run_cli(small_run_args(synthetic_weights_file, run_dir), nstjax_cache)
-    assert proc.returncode == 2 and "exists" in proc.stderr
-    assert (run_dir / "result.png").read_bytes() == b"last night's result"
-
-
-def test_outputs_leave_no_temporary_files(tmp_path, synthetic_weights_file, nstjax_cache):
+def test_a_run_leaves_no_temporary_files_and_a_run_into_it_changes_nothing(
+        tmp_path, synthetic_weights_file, nstjax_cache):
     run_dir = tmp_path / "run"
     proc = run_cli(small_run_args(synthetic_weights_file, run_dir, "checkpoint_every=2"),
                    nstjax_cache)
@@ -195,6 +193,17 @@ def test_outputs_leave_no_temporary_files(tmp_path, synthetic_weights_file, nstj
     leftovers = [p for p in run_dir.rglob("*") if ".tmp" in p.name]
     assert leftovers == []
     assert len(list((run_dir / "checkpoint").glob("state-*.safetensors"))) == 1
+    for name in (*RESULT_FILES, "config.yaml", "run.log", ".hydra/config.yaml", ".hydra/hydra.yaml",
+                 ".hydra/overrides.yaml"):
+        assert (run_dir / name).is_file(), name
+    assert "finished: 4 steps" in (run_dir / "run.log").read_text()
+
+    before = tree_digest(run_dir)
+    again = run_cli(small_run_args(synthetic_weights_file, run_dir, "seed=1"), nstjax_cache)
+    assert again.returncode == 2, again.stderr[-2000:]
+    lines = [ln for ln in again.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "is not empty" in lines[0] and "resume=" in lines[0], again.stderr
+    assert tree_digest(run_dir) == before
 
 
 def test_memory_check_compares_xla_plan_with_free_memory():

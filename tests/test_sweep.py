@@ -15,7 +15,7 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from cli import EXAMPLES, ROOT, env, run_cli, start_cli, wait_for_files
+from cli import EXAMPLES, ROOT, env, run_cli, start_cli, tree_digest, wait_for_files
 from nstjax import config, stylize, sweep
 from nstjax.optimize import HistoryRow
 from nstjax.outputs import read_history
@@ -106,6 +106,18 @@ def test_sweep_csv_sheet_and_tradeoff(swept):
     assert Image.open(sweep_dir / "tradeoff.png").size[0] > 100
 
 
+def test_a_sweep_into_an_earlier_sweep_changes_nothing(swept, synthetic_weights_file, nstjax_cache):
+    sweep_dir, _ = swept
+    digest = tree_digest(sweep_dir)
+    args = [a for a in small(synthetic_weights_file) if not a.startswith("optim.lr")]
+    proc = run_cli(["-m", *args, "loss.beta=1e3,1e5", "optim.lr=0.5,0.25", f"hydra.sweep.dir={sweep_dir}"],
+                   nstjax_cache)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "is not empty" in lines[0] and f"resume={sweep_dir}" in lines[0], proc.stderr
+    assert tree_digest(sweep_dir) == digest
+
+
 def test_a_bad_point_is_refused_before_anything_runs(tmp_path, synthetic_weights_file, nstjax_cache):
     sweep_dir = tmp_path / "multirun"
     proc = run_cli(["-m", *small(synthetic_weights_file), "loss.beta=1e3,-1", f"hydra.sweep.dir={sweep_dir}"],
@@ -115,6 +127,16 @@ def test_a_bad_point_is_refused_before_anything_runs(tmp_path, synthetic_weights
     assert len(lines) == 1 and lines[0].startswith("error: sweep point 1 "), proc.stderr
     assert "loss.beta" in lines[0]
     assert not sweep_dir.exists()
+
+
+def test_a_group_refused_by_the_memory_check_leaves_no_sweep(tmp_path, synthetic_weights_file, nstjax_cache):
+    sweep_dir = tmp_path / "new" / "multirun"
+    proc = run_cli(["-m", *small(synthetic_weights_file), "model.conv=direct", "optim.memory_size=100000000",
+                    "loss.beta=1e3,1e5", f"hydra.sweep.dir={sweep_dir}"], nstjax_cache)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and " points in " not in ln]
+    assert len(lines) == 1 and "GiB is free" in lines[0], proc.stderr
+    assert not (tmp_path / "new").exists()
 
 
 def _point(n, overrides):

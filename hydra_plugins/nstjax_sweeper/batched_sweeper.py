@@ -2,7 +2,9 @@
 grammar (comma lists, ``range()``, ``choice()``, group choices) expanded as the basic sweeper
 does, the points numbered as it numbers them, then grouped by structure (nstjax.sweep) and
 launched one job per group through the configured launcher. ``hydra/sweeper=basic`` runs one
-job per point instead.
+job per point instead. A sweep directory that already holds anything is refused before anything
+is written, and nothing is written before every point is validated; a sweep whose first group is
+refused (the memory check) removes what it wrote.
 """
 
 
@@ -43,7 +45,12 @@ class BatchedSweeper(Sweeper):
 
     def sweep(self, arguments: List[str]) -> Any:
         from nstjax import sweep
+        from nstjax.atomic import write_text
+        from nstjax.errors import UserError
+        from nstjax.rundir import first_existing, require_empty
 
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        require_empty(sweep_dir, "sweep")  # an earlier sweep's files stay as they are
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         overrides = parser.parse_overrides([f"{k}={v}" for k, v in self.params.items()] + list(arguments))
         swept = [o.get_key_element() for o in overrides if o.is_sweep_override()]
@@ -55,13 +62,18 @@ class BatchedSweeper(Sweeper):
             values = {o.split("=", 1)[0]: o.split("=", 1)[1] for o in point}
             points.append(sweep.Point(n, list(point), {k: values[k] for k in swept}, cfg))
         groups = sweep.plan(points)
-        sweep_dir = Path(self.config.hydra.sweep.dir)
+        existed = first_existing(sweep_dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        write_text(sweep_dir / sweep.MULTIRUN, OmegaConf.to_yaml(self.config))
         sweep.write_plan(sweep_dir, swept, groups)
         print(f"{len(points)} points in {len(groups)} group(s) of {', '.join(str(len(g)) for g in groups)} "
               f"member(s) -> {sweep_dir}", file=sys.stderr)
-        results = self.launcher.launch(sweep.job_overrides(groups), initial_job_idx=0)
+        try:
+            results = self.launcher.launch(sweep.job_overrides(groups), initial_job_idx=0)
+        except SystemExit as e:
+            if e.code == UserError.exit_code:  # a group refused before it started (the memory check)
+                sweep.discard_unstarted(sweep_dir, existed)
+            raise
         for r in results:
             _ = r.return_value  # re-raises a job's exception
         code = sweep.exit_code(sweep.summarize(sweep_dir))
