@@ -2,13 +2,12 @@
 
 import json
 import signal
-import time
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from cli import EXAMPLES, run_cli, small_run_args, start_cli, tree_digest
+from cli import EXAMPLES, run_cli, small_run_args, start_cli, tree_digest, wait_for_files
 
 RESULT_FILES = ("result.png", "metrics.json", "history.csv")
 
@@ -123,16 +122,6 @@ def test_divergence_keeps_the_last_finite_image(tmp_path, synthetic_weights_file
     assert len(rows) == 2  # header and step 0
 
 
-def _wait_for(path, proc, timeout=240):
-    end = time.time() + timeout
-    while time.time() < end:
-        if path.exists() and any(path.iterdir()):
-            return
-        assert proc.poll() is None, proc.communicate()[1][-2000:]
-        time.sleep(0.05)
-    raise AssertionError(f"{path} never appeared")
-
-
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_then_resume_reaches_the_uninterrupted_result(
         signum, tmp_path, synthetic_weights_file, nstjax_cache):
@@ -144,7 +133,7 @@ def test_interrupt_then_resume_reaches_the_uninterrupted_result(
 
     run_dir = tmp_path / "run"
     running = start_cli(small_run_args(synthetic_weights_file, run_dir, *common), nstjax_cache)
-    _wait_for(run_dir / "snapshots", running)
+    wait_for_files(run_dir / "snapshots", running)
     running.send_signal(signum)
     _, stderr = running.communicate(timeout=120)
     assert running.returncode == {signal.SIGINT: 130, signal.SIGTERM: 143}[signum], stderr[-2000:]

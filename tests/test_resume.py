@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from safetensors.numpy import load_file
 
-from cli import ROOT, env, patched_cli_args, run_cli, small_run_args, start_cli, tree_digest
+from cli import ROOT, env, patched_cli_args, run_cli, small_run_args, tree_digest
 from nstjax import checkpoint
 
 FAULT = """

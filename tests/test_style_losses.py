@@ -14,7 +14,7 @@ import scipy.linalg
 from scipy.optimize import linear_sum_assignment
 
 from nstjax.losses import HParams, LossSpec, compute_targets, make_objective
-from nstjax.style_losses import (CONTENT_LOSSES, STYLE_LOSSES, LayerLossOptions, StyleHParams, histogram_match,
+from nstjax.style_losses import (STYLE_LOSSES, LayerLossOptions, StyleHParams, histogram_match,
                                  layer_loss, random_directions, self_similarity_loss,
                                  sliced_wasserstein_distance, trace_sqrtm)
 from nstjax.vgg import CAFFE, VGG19

@@ -9,7 +9,6 @@ import signal
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
