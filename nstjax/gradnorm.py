@@ -48,9 +48,10 @@ def style_entry(entry: StyleLoss) -> StyleLoss:
     """``entry`` with its gradient normalised in the layer's activations: it reads the feature map
     (a Gram-reading loss gets FᵀF computed from it)."""
     def loss(x: LayerInput, targets, hp, key, opts):
-        return normalized(lambda f: entry.loss(LayerInput.of(f, entry.reads), targets, hp, key, opts))(x.features)
+        return normalized(lambda f: entry.loss(LayerInput.of(f, entry.reads(opts)), targets, hp, key, opts))(
+            x.features)
 
-    return entry._replace(loss=loss, reads="features")
+    return entry._replace(loss=loss, reads=lambda opts: "features")
 
 
 def content_entry(entry: ContentLoss) -> ContentLoss:

@@ -217,7 +217,7 @@ def make_objective(model: VGG19, spec: LossSpec) -> Callable[..., Terms]:
         )
         l_style = 0.0
         for i, name in enumerate(spec.style_layers):
-            x = _layer_input(name, pixels.shape, feats, spec.style_reads)
+            x = _layer_input(name, pixels.shape, feats, style_entry.reads(spec))
             e = style_entry.loss(x, targets.style[name], hp.style, style_keys[i], spec)
             l_style = l_style + hp.style_layer_weights[i] * e
         content = hp.alpha * l_content
