@@ -243,8 +243,9 @@ def test_a_sweep_over_colour_controls_and_blend_weights(tmp_path, synthetic_weig
 
     sweep_dir = tmp_path / "multirun"
     styles = f"style=[{EXAMPLES / 'starry_night.jpg'},{EXAMPLES / 'the_scream.jpg'}]"
-    args = [a for a in small_run_args(synthetic_weights_file, tmp_path, "optim.steps=2", "model.conv=direct")
-            if not a.startswith(("style=", "hydra.run.dir"))]
+    args = [a for a in small_run_args(synthetic_weights_file, tmp_path, "optim.steps=2", "model.conv=direct",
+                                      "optim=adam", "optim.lr=0.02")
+            if not a.startswith(("style=", "hydra.run.dir", "optim.linesearch"))]
     # The normalised network too, its means over two of the examples at 32 px (cached by the first group).
     folder = tmp_path / "normalize"
     folder.mkdir()
