@@ -172,7 +172,8 @@ def check_init(cfg: DictConfig) -> None:
 
 def normalized_weights(cfg: DictConfig, weights: VGGWeights) -> dict:
     """The params of Gatys et al.'s normalised VGG19 (:mod:`nstjax.normalize`) for this pooling."""
-    return normalize.normalized_params(VGG19(weights.preprocessing, enum_value(cfg.model.pooling)), weights.params,
+    model = VGG19(weights.preprocessing, enum_value(cfg.model.pooling), ceil_mode=cfg.model.ceil_mode)
+    return normalize.normalized_params(model, weights.params,
                                        weights.sha256, normalize_folder(cfg), cfg.model.normalize_size,
                                        cache_dir(), cfg.image.max_pixels)
 
@@ -330,7 +331,7 @@ def build_group(cfgs: Sequence[DictConfig], inputs: Sequence[Inputs] | None = No
         weights = dataclasses.replace(weights, params=normalized_weights(first, weights))
     model = VGG19(weights.preprocessing, enum_value(first.model.pooling),
                   enum_value(first.model.precision), use_remat(first, inputs[0].content.shape),
-                  conv=conv_algorithm(first))
+                  conv=conv_algorithm(first), ceil_mode=first.model.ceil_mode)
     structure = Structure(model, spec, optim_spec(first), int(first.chunk_steps), int(first.optim.steps),
                           min(first.optim.max_evaluations or 2**31 - 1, 2**31 - 1),
                           color=enum_value(first.color_control), members=enum_value(first.member_batching))

@@ -60,7 +60,7 @@ def _choices(name: str, choices, doc: str) -> type[enum.Enum]:
 GramNorm = _choices("GramNorm", GRAM_NORMS, "g of the Gram matrix G = Fᵀ F / g: 1, M or N·M.")
 StyleReduction = _choices("StyleReduction", STYLE_REDUCTIONS, "How the gram loss reduces (G − A)².")
 ContentReduction = _choices("ContentReduction", CONTENT_REDUCTIONS, "How the mse content loss reduces (F − P)².")
-TVNorm = _choices("TVNorm", TV_NORMS, "Total variation of squared or absolute differences.")
+TVNorm = _choices("TVNorm", TV_NORMS, "Total variation of squared or absolute differences, or neural-style's.")
 StyleLoss = _choices("StyleLoss", STYLE_LOSSES, "The per-layer style loss (nstjax.style_losses.STYLE_LOSSES).")
 MMDKernel = _choices("MMDKernel", MMD_KERNELS, "The kernel of the mmd style loss.")
 ColorControl = _choices("ColorControl", COLOR_CONTROLS,
@@ -107,6 +107,7 @@ class ImageConfig:
 class ModelConfig:
     weights: str = "vgg19"  # a registry name (python -m nstjax.weights list) or a file path
     pooling: Pooling = Pooling.avg
+    ceil_mode: bool = False  # pool in Caffe's ceil mode: odd sizes keep their last row and column (neural-style)
     precision: Precision = Precision.float32
     conv: ConvAlgorithm = ConvAlgorithm.auto
     remat: Remat = Remat.auto

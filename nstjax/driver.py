@@ -125,9 +125,9 @@ def _tree_bytes(tree) -> int:
     return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(tree))
 
 
+@jax.jit
 def _take(tree, index):
-    """Members ``index`` of a batch (padding by repeating members is an index too)."""
-    index = jnp.asarray(index)
+    """Members ``index`` of a batch (padding by repeating members is an index too), in one program."""
     return jax.tree.map(lambda a: a[index], tree)
 
 
@@ -166,7 +166,7 @@ class Driver:
 
     # --- programs and waves ------------------------------------------------------------
     def _wave_problems(self, index: Sequence[int], size: int):
-        padded = list(index) + [index[-1]] * (size - len(index))
+        padded = jnp.asarray(list(index) + [index[-1]] * (size - len(index)))
         return (jax.device_put(_take(self.group.problems, padded), self.members),
                 jax.device_put(_take(self.group.yardstick_targets, padded), self.members))
 

@@ -5,7 +5,7 @@ of the paper's N×M) holds the features of the image x, P those of the content.
 
     content  L_content = Σ_l c_l · C_l                 C_l: loss.content_loss (mse: reduce_c((F − P)²))
     style    L_style = Σ_l w_l E_l                     E_l: loss.style_loss (gram: reduce_s((G − A)²))
-    TV       L_tv = Σ |∂x x|ᵖ + Σ |∂y x|ᵖ               p = 2 ('squared') or 1 ('abs')
+    TV       L_tv = Σ |∂x x|ᵖ + Σ |∂y x|ᵖ               p = 2 ('squared') or 1 ('abs'); or neural-style's
     total    L = α L_content + β L_style + λ_tv L_tv
 
 The per-layer losses E_l and C_l, each with its formula, are in
@@ -31,13 +31,13 @@ from nstjax import gradnorm
 from nstjax.style_losses import (CONTENT_REDUCTIONS, GRAM_NORMS, STYLE_REDUCTIONS, LayerInput,
                                  LayerLossOptions, StyleHParams, content_loss, gram_divisor,
                                  style_layer_loss)
-from nstjax.vgg import VGG19, Features, check_layers, layer_channels, layer_stride
+from nstjax.vgg import VGG19, Features, check_layers, layer_stride
 
 __all__ = ["CONTENT_REDUCTIONS", "GRAM_NORMS", "STYLE_REDUCTIONS", "TV_NORMS", "HParams", "LossSpec",
            "StyleHParams", "Targets", "Terms", "compute_targets", "content_loss", "gram_divisor",
            "make_objective", "style_layer_loss", "total_variation"]
 
-TV_NORMS = ("squared", "abs")
+TV_NORMS = ("squared", "abs", "neural_style")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,7 +148,13 @@ class Terms(NamedTuple):
 
 
 def total_variation(x: jax.Array, norm: str = "squared") -> jax.Array:
-    """Σ |x[i+1, j] − x[i, j]|ᵖ + Σ |x[i, j+1] − x[i, j]|ᵖ over pixels and channels."""
+    """Σ |x[i+1, j] − x[i, j]|ᵖ + Σ |x[i, j+1] − x[i, j]|ᵖ over pixels and channels, p = 2
+    ('squared') or 1 ('abs'); 'neural_style': neural-style's TVLoss, whose hand-written gradient
+    is that of ½ Σ (x[i, j] − x[i, j+1])² + (x[i, j] − x[i+1, j])² over the (H−1)×(W−1) block
+    i < H−1, j < W−1 (the last row's right and the last column's down differences left out)."""
+    if norm == "neural_style":
+        corner = x[:-1, :-1, :]
+        return 0.5 * (jnp.sum(jnp.square(corner - x[:-1, 1:, :])) + jnp.sum(jnp.square(corner - x[1:, :-1, :])))
     dy = x[1:, :, :] - x[:-1, :, :]
     dx = x[:, 1:, :] - x[:, :-1, :]
     if norm == "squared":
@@ -164,7 +170,7 @@ def compute_targets(model: VGG19, params, content: jax.Array, style: jax.Array,
     entry = spec.style
     return Targets(
         content={name: content_acts[name][0] for name in spec.content_layers},
-        style={name: entry.targets(_layer_input(name, style.shape, style_feats, spec.style_reads), spec)
+        style={name: entry.targets(_layer_input(model, name, style.shape, style_feats, spec.style_reads), spec)
                for name in spec.style_layers},
     )
 
@@ -180,12 +186,11 @@ def _style_features(model: VGG19, params, image: jax.Array, spec: LossSpec,
                        spec.style_layers if reads == "moments" else (), method=VGG19.features)
 
 
-def _layer_input(name: str, image_shape, feats: Features, reads: str) -> LayerInput:
+def _layer_input(model: VGG19, name: str, image_shape, feats: Features, reads: str) -> LayerInput:
     """A style layer's :class:`LayerInput` from the model's features of one image."""
     if reads == "features":
         return LayerInput(tuple(feats.acts[name].shape[1:]), features=feats.acts[name][0])
-    stride = layer_stride(name)
-    shape = (image_shape[0] // stride, image_shape[1] // stride, layer_channels(name))
+    shape = model.layer_shape(name, *image_shape[:2])
     sums = feats.sums[name][0] if reads == "moments" else None
     return LayerInput(shape, gram=feats.grams[name][0], sums=sums)
 
@@ -217,7 +222,7 @@ def make_objective(model: VGG19, spec: LossSpec) -> Callable[..., Terms]:
         )
         l_style = 0.0
         for i, name in enumerate(spec.style_layers):
-            x = _layer_input(name, pixels.shape, feats, style_entry.reads(spec))
+            x = _layer_input(model, name, pixels.shape, feats, style_entry.reads(spec))
             e = style_entry.loss(x, targets.style[name], hp.style, style_keys[i], spec)
             l_style = l_style + hp.style_layer_weights[i] * e
         content = hp.alpha * l_content

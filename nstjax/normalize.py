@@ -21,7 +21,7 @@ never active (μ = 0) is left as it is. The means depend on the weights, the
 pooling, the images and their size: they are computed once, on every image in
 ``model.normalize_images`` (default: examples/) resized to longest side
 ``model.normalize_size``, and cached in the cache dir under a key of (the
-weights' sha256, the pooling, the images' names and sha256s, the size).
+weights' sha256, the pooling and its mode, the images' names and sha256s, the size).
 """
 
 from __future__ import annotations
@@ -91,7 +91,8 @@ def normalized_params(model: VGG19, params: dict, weights_sha256: str, folder: s
     """``params`` of the normalised network: the filter means from ``cache`` when it holds them
     for this key, else computed on the images of ``folder`` (longest side ``size``) and cached."""
     files = image_files(folder)
-    path = Path(cache) / "normalize" / f"{cache_key(weights_sha256, model.pooling, files, size)}.json"
+    pooling = model.pooling + ("-ceil" if model.ceil_mode else "")
+    path = Path(cache) / "normalize" / f"{cache_key(weights_sha256, pooling, files, size)}.json"
     if path.is_file():
         means = {k: np.asarray(v, np.float64) for k, v in json.loads(path.read_text()).items()}
     else:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Iterable, NamedTuple, Sequence
 
 import flax.linen as nn
@@ -133,13 +134,29 @@ _PRECISIONS = {
 PRECISIONS = tuple(_PRECISIONS)
 
 
-def _pool(x: jax.Array, kind: str) -> jax.Array:
-    """2×2 stride-2 pooling (floor mode, as torch's MaxPool2d/AvgPool2d).
+def _pool(x: jax.Array, kind: str, ceil: bool = False) -> jax.Array:
+    """2×2 stride-2 pooling: floor mode (torch's MaxPool2d/AvgPool2d), or with ``ceil`` Caffe's
+    ceil mode (torch's ``ceil_mode=True``): an odd last row or column is a window of its own, its
+    max or mean over the values it holds (the edge repeated into the missing half).
 
     Written as a reshape and a reduction: the same values as
     ``reduce_window``, with a cheaper gradient on XLA's CPU backend.
     """
+    if ceil:
+        x = jnp.pad(x, ((0, 0), (0, x.shape[1] % 2), (0, x.shape[2] % 2), (0, 0)), mode="edge")
     return _max_pool(x) if kind == "max" else _windows(x).mean(axis=(2, 4))
+
+
+def pooled_size(size: int, ceil: bool = False) -> int:
+    """Rows (or columns) after a 2×2 stride-2 pooling of ``size``: ⌊size/2⌋, or ⌈size/2⌉ with ``ceil``."""
+    return -(-size // 2) if ceil else size // 2
+
+
+def layer_shape(name: str, height: int, width: int, ceil: bool = False) -> tuple[int, int, int]:
+    """(H, W, N) of a named activation of an image of height × width (pooling in ceil mode or not)."""
+    for _ in range(int(math.log2(layer_stride(name)))):
+        height, width = pooled_size(height, ceil), pooled_size(width, ceil)
+    return height, width, layer_channels(name)
 
 
 def _windows(x: jax.Array) -> jax.Array:
@@ -297,11 +314,11 @@ def _run_convs(x, convs, block: int, stop: str, precision: str, conv: str, keep=
 
 
 def _run_block(x, convs, block: int, names: tuple[str, ...], grams: tuple[str, ...], sums: tuple[str, ...],
-               stop: str, pooling: str, precision: str, conv: str):
+               stop: str, pooling: str, precision: str, conv: str, ceil: bool):
     """Run block ``block`` up to activation ``stop``; return (x, Features of names, grams and sums)."""
     x, acts, stopped = _run_convs(x, convs, block, stop, precision, conv)
     if not stopped:
-        x = _pool(x, pooling)
+        x = _pool(x, pooling, ceil)
         acts[f"pool{block}"] = x
     return x, Features({n: acts[n] for n in names}, {n: gram_matrix(acts[n]) for n in grams},
                        {n: channel_sums(acts[n]) for n in sums})
@@ -323,7 +340,7 @@ def _band_rows(height: int, width: int, channels: int, band_elements: int) -> in
 
 
 def _run_block_banded(x, convs, block: int, names: tuple[str, ...], grams: tuple[str, ...],
-                      sums: tuple[str, ...], stop: str, pooling: str, precision: str, conv: str,
+                      sums: tuple[str, ...], stop: str, pooling: str, precision: str, conv: str, ceil: bool,
                       band_elements: int):
     """:func:`_run_block` computed in horizontal bands, each rematerialised.
 
@@ -335,7 +352,10 @@ def _run_block_banded(x, convs, block: int, names: tuple[str, ...], grams: tuple
     input bands and recomputes one band at a time. Gram matrices and channel
     sums are summed over the bands (G = Σ_bands F_bᵀ F_b, Σf = Σ_bands Σ f_b),
     so a layer used only for these statistics is never held whole: a block
-    needs the memory of one band, not of the image.
+    needs the memory of one band, not of the image. Bands have an even number
+    of rows, so in ceil mode only the image's last odd row is a half window:
+    its zeroed partner leaves a max unchanged (ReLU outputs are ≥ 0) and halves
+    a mean, which is doubled back.
     """
     n, height, width, _ = x.shape
     k = _convs_run(block, stop)
@@ -344,6 +364,7 @@ def _run_block_banded(x, convs, block: int, names: tuple[str, ...], grams: tuple
     x_pad = jnp.pad(x, ((0, 0), (k, count * rows - height + k), (0, 0), (0, 0)))
     bands = jnp.stack([x_pad[:, i * rows: i * rows + rows + 2 * k] for i in range(count)])
     pooled_name = f"pool{block}"
+    pooled_height = pooled_size(height, ceil)
 
     def band(args):
         index, xb = args
@@ -354,10 +375,12 @@ def _run_block_banded(x, convs, block: int, names: tuple[str, ...], grams: tuple
         y = y[:, k: k + rows]
         inside_pooled = None
         if not stopped:
-            y = _pool(y, pooling)
+            y = _pool(y, pooling, ceil)
+            pooled_row = index * (rows // 2) + jnp.arange(rows // 2)
+            if ceil and pooling == "avg" and height % 2:
+                y = y * jnp.where(pooled_row == height // 2, 2.0, 1.0).astype(y.dtype)[None, :, None, None]
             acts[pooled_name] = y
-            inside_pooled = (index * (rows // 2) + jnp.arange(rows // 2) < height // 2).astype(
-                y.dtype)[None, :, None, None]
+            inside_pooled = (pooled_row < pooled_height).astype(y.dtype)[None, :, None, None]
 
         def inside_only(name):  # rows past the image's end would add to the Gram matrix and sums
             return acts[name] * (inside_pooled if name == pooled_name else inside[:, k: k + rows])
@@ -369,7 +392,7 @@ def _run_block_banded(x, convs, block: int, names: tuple[str, ...], grams: tuple
     y, feats = jax.lax.map(jax.checkpoint(band), (jnp.arange(count), bands))
 
     def unband(a):  # (bands, n, rows or rows/2, W, C) -> (n, height or height//2, W, C)
-        full_rows = height if a.shape[2] == rows else height // 2
+        full_rows = height if a.shape[2] == rows else pooled_height
         a = a if n == 1 else jnp.moveaxis(a, 0, 1)  # with one image, a reshape and no copy
         return a.reshape(n, -1, *a.shape[3:])[:, :full_rows]
 
@@ -414,6 +437,9 @@ class VGG19(nn.Module):
       remat: recompute each block's activations in the backward pass
         (``jax.checkpoint`` per block, in horizontal bands of about
         ``band_elements`` values per activation) to fit large images.
+      ceil_mode: pool in Caffe's ceil mode (odd sizes keep their last row and
+        column, as the Caffe VGG19 that neural-style runs); False: floor mode,
+        as torchvision.
     """
 
     preprocessing: Preprocessing = CAFFE
@@ -421,7 +447,12 @@ class VGG19(nn.Module):
     precision: str = "float32"
     remat: bool = False
     conv: str = "direct"
+    ceil_mode: bool = False
     band_elements: int = 1 << 26
+
+    def layer_shape(self, name: str, height: int, width: int) -> tuple[int, int, int]:
+        """(H, W, N) of activation ``name`` for an image of height × width."""
+        return layer_shape(name, height, width, self.ceil_mode)
 
     def __call__(self, rgb: jax.Array, layers: Sequence[str]) -> dict[str, jax.Array]:
         """The activations named in ``layers`` for a batch of RGB images (n, H, W, 3) in [0, 1]."""
@@ -459,7 +490,7 @@ class VGG19(nn.Module):
                 grams=tuple(n for n in grams if _block_of(n) == b),
                 sums=tuple(n for n in sums if _block_of(n) == b),
                 stop=deepest if b == _block_of(deepest) else f"pool{b}",
-                pooling=self.pooling, precision=self.precision, conv=self.conv,
+                pooling=self.pooling, precision=self.precision, conv=self.conv, ceil=self.ceil_mode,
             )
             convs = [params[f"conv{b}_{i}"] for i in range(1, BLOCK_SIZES[b - 1] + 1)]
             x, feats = block(x, convs)

@@ -24,6 +24,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 TILE = 4
 """Output tile size m of F(m×m, 3×3)."""
@@ -73,10 +74,17 @@ def transform_input(x):
 
 
 def transform_kernel(kernel):
-    """G g Gᵀ of an HWIO 3×3 kernel, in :func:`transform_input`'s order: (36, C_in, C_out), float32."""
-    k = kernel.astype(jnp.float32)
-    rows = [_combine(g_row, [k[i] for i in range(3)]) for g_row in _G]  # u: (3 columns, C_in, C_out)
-    return jnp.stack([_combine(g_col, [r[j] for j in range(3)]) for g_col in _G for r in rows])
+    """G g Gᵀ of an HWIO 3×3 kernel, in :func:`transform_input`'s order: (36, C_in, C_out), float32.
+
+    Entry 6·v + u is Σᵢⱼ G[u, i] g[i, j] G[v, j]. A concrete kernel is transformed on the host
+    in float64 (once, when the params are prepared); a traced one inside the program.
+    """
+    if isinstance(kernel, jax.core.Tracer):
+        g = jnp.asarray(_G, jnp.float32)
+        u = jnp.einsum("ui,vj,ijab->vuab", g, g, kernel.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+    else:
+        u = np.einsum("ui,vj,ijab->vuab", _G, _G, np.asarray(kernel, np.float64))
+    return u.reshape(_ALPHA * _ALPHA, *kernel.shape[2:]).astype(np.float32)
 
 
 def _transform_output(products, n: int, h: int, w: int):
@@ -101,7 +109,9 @@ def _correlate(x, transformed_kernel):
 def prepare(kernel) -> tuple[jax.Array, jax.Array]:
     """The transformed kernels that :func:`conv3x3` uses: for the forward pass and, of the flipped
     in/out-swapped kernel, for the input gradient."""
-    return transform_kernel(kernel), transform_kernel(jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2))
+    xp = jnp if isinstance(kernel, jax.core.Tracer) else np
+    kernel = kernel if xp is jnp else np.asarray(kernel)
+    return transform_kernel(kernel), transform_kernel(xp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2))
 
 
 def conv3x3(x, kernel, transformed=None):

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from nstjax.vgg import VGG19, layer_channels, layer_stride
+from nstjax.vgg import VGG19
 
 CONTENT_LAYER = "relu4_2"
 STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
@@ -43,8 +43,8 @@ def yardstick(model: VGG19, params, pixels: jax.Array, targets: YardstickTargets
     content = 0.5 * jnp.sum(jnp.square(feats.acts[CONTENT_LAYER][0].astype(jnp.float32) - targets.content))
     style = []
     for name in STYLE_LAYERS:
-        stride = layer_stride(name)
-        n, m = layer_channels(name), (pixels.shape[0] // stride) * (pixels.shape[1] // stride)
+        h, w, n = model.layer_shape(name, *pixels.shape[:2])
+        m = h * w
         style.append(jnp.sum(jnp.square(feats.grams[name][0] - targets.grams[name]))
                      / (4.0 * float(n) ** 2 * float(m) ** 2))
     return {"content": content, "style": jnp.stack(style)}

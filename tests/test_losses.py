@@ -66,6 +66,20 @@ def test_total_variation_matches_numpy(norm):
                                f(dy).sum() + f(dx).sum(), rtol=1e-5)
 
 
+def test_neural_style_total_variation_has_the_gradient_of_its_tvloss():
+    """neural-style's TVLoss.updateGradInput, its loops over the (H−1)×(W−1) block written out."""
+    x = RNG.random((6, 7, 3))
+    want = np.zeros_like(x)
+    for i in range(x.shape[0] - 1):
+        for j in range(x.shape[1] - 1):
+            x_diff, y_diff = x[i, j] - x[i, j + 1], x[i, j] - x[i + 1, j]
+            want[i, j] += x_diff + y_diff
+            want[i, j + 1] -= x_diff
+            want[i + 1, j] -= y_diff
+    got = jax.grad(lambda v: total_variation(v, "neural_style"))(jnp.asarray(x, jnp.float32))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_hparams_default_layer_weights_are_equal_and_sum_to_one():
     spec = LossSpec()
     hp = HParams.create(spec)

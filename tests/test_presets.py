@@ -22,16 +22,20 @@ COMMENTS = {
     "preview": {"model.weights": "vgg19", "model.pooling": "avg", **GATYS_LOSS, "init": "content",
                 "image.size": 256, "optim.name": "lbfgs", "optim.steps": 100, "optim.linesearch": "none",
                 "optim.lr": 0.5, "optim.memory_size": 30},
-    # Caffe VGG-19, max pooling; content relu4_2, style relu1_1…relu5_1; content_weight 5 and
-    # style_weight 100 on every layer; MSE (mean) content; Gram ÷ N·M, MSE (mean); tv_weight 1e-3 on
-    # ½Σ(Δx² + Δy²) over 0–255 pixels; randn × 0.001 in Caffe space; L-BFGS lr 1, nCorrection 100,
-    # no line search, 1000 iterations; image_size 512.
-    "neural_style": {"model.weights": "vgg19", "model.pooling": "max", "loss.content_layers": ["relu4_2"],
+    # Caffe VGG-19, max pooling in ceil mode, ×256 in Caffe space; content relu4_2, style
+    # relu1_1…relu5_1; content_weight 5 and style_weight 100 on every layer; MSE (mean) content;
+    # Gram ÷ N·M, MSE (mean); tv_weight 1e-3 on ½Σ(Δx² + Δy²) over the (H−1)×(W−1) block of the
+    # ×256 image; randn × 0.001 in Caffe space; no clamping; L-BFGS lr 1, nCorrection 100, no line
+    # search, 1000 iterations; image_size 512.
+    "neural_style": {"model.weights": "vgg19", "model.pooling": "max", "model.ceil_mode": True,
+                     "model.preprocessing.scale": 256.0, "model.preprocessing.channel_order": "BGR",
+                     "model.preprocessing.mean": list(CAFFE.mean), "optim.clip": False,
+                     "loss.content_layers": ["relu4_2"],
                      "loss.style_layers": GATYS_STYLE, "loss.alpha": 5.0, "loss.beta": 100.0,
                      "loss.content_layer_weights": [1.0], "loss.style_layer_weights": [1.0] * 5,
                      "loss.content_reduction": "mean", "loss.gram_norm": "NM", "loss.style_reduction": "mean",
-                     "loss.tv_weight": 1e-3 * 255**2 / 2, "loss.tv_norm": "squared", "init": "noise",
-                     "init_noise_std": 0.001 / 255, "optim.name": "lbfgs", "optim.lr": 1.0,
+                     "loss.tv_weight": 1e-3 * 256**2, "loss.tv_norm": "neural_style", "init": "noise",
+                     "init_noise_std": 0.001 / 256, "optim.name": "lbfgs", "optim.lr": 1.0,
                      "optim.memory_size": 100, "optim.linesearch": "none", "optim.steps": 1000, "image.size": 512},
     # torchvision's VGG19 (max pooling, ImageNet mean/std); conv2_2 content, conv1_1, conv1_2, conv2_1,
     # conv2_2, conv3_1 style (before the ReLUs); Gram ÷ N·M; F.mse_loss (means); content 1, style 1e6,

@@ -14,7 +14,7 @@ def params():
     return wf.synthetic_params(0)
 
 
-def torch_reference(params, rgb: np.ndarray, preprocessing, pooling: str) -> dict:
+def torch_reference(params, rgb: np.ndarray, preprocessing, pooling: str, ceil: bool = False) -> dict:
     """VGG19 in float64 PyTorch (NCHW, OIHW), every named activation as NHWC numpy."""
     import torch
     import torch.nn.functional as F
@@ -35,22 +35,25 @@ def torch_reference(params, rgb: np.ndarray, preprocessing, pooling: str) -> dic
             out[f"conv{block}_{i}"] = x
             x = F.relu(x)
             out[f"relu{block}_{i}"] = x
-        x = pool(x, 2, 2)
+        x = pool(x, 2, 2, ceil_mode=ceil)
         out[f"pool{block}"] = x
     return {k: v.permute(0, 2, 3, 1).numpy() for k, v in out.items()}
 
 
-@pytest.mark.parametrize("preprocessing, pooling, size", [
-    (CAFFE, "max", (40, 56)), (CAFFE, "avg", (37, 53)),
-    (TORCHVISION, "max", (37, 53)), (TORCHVISION, "avg", (40, 56)),
-], ids=["caffe-max-even", "caffe-avg-odd", "torchvision-max-odd", "torchvision-avg-even"])
+@pytest.mark.parametrize("preprocessing, pooling, size, ceil", [
+    (CAFFE, "max", (40, 56), False), (CAFFE, "avg", (37, 53), False),
+    (TORCHVISION, "max", (37, 53), False), (TORCHVISION, "avg", (40, 56), False),
+    (CAFFE, "max", (37, 53), True), (CAFFE, "avg", (37, 53), True),
+], ids=["caffe-max-even", "caffe-avg-odd", "torchvision-max-odd", "torchvision-avg-even", "caffe-max-odd-ceil",
+        "caffe-avg-odd-ceil"])
 @pytest.mark.torch
-def test_matches_torch_reference_layer_by_layer(params, preprocessing, pooling, size):
-    """Every activation, both conventions, both poolings, even and odd (floor-mode) sizes."""
+def test_matches_torch_reference_layer_by_layer(params, preprocessing, pooling, size, ceil):
+    """Every activation, both conventions, both poolings, even and odd sizes, floor mode and
+    ceil mode (torch's ``ceil_mode=True``: Caffe's)."""
     rgb = np.random.default_rng(1).uniform(0, 1, (2, *size, 3)).astype(np.float32)
-    model = VGG19(preprocessing, pooling)
+    model = VGG19(preprocessing, pooling, ceil_mode=ceil)
     got = model.apply({"params": params}, jnp.asarray(rgb), LAYER_NAMES)
-    want = torch_reference(params, rgb, preprocessing, pooling)
+    want = torch_reference(params, rgb, preprocessing, pooling, ceil)
     assert list(got) == list(LAYER_NAMES)
     for name in LAYER_NAMES:
         assert got[name].shape == want[name].shape, name
@@ -60,11 +63,13 @@ def test_matches_torch_reference_layer_by_layer(params, preprocessing, pooling, 
                                    err_msg=name)
 
 
-def test_pooling_floors_odd_sizes(params):
-    out = VGG19().apply({"params": params}, jnp.zeros((1, 37, 53, 3)), ["pool1", "pool2", "pool5"])
-    assert out["pool1"].shape == (1, 18, 26, 64)
-    assert out["pool2"].shape == (1, 9, 13, 128)
-    assert out["pool5"].shape == (1, 1, 1, 512)
+def test_pooling_floors_odd_sizes_or_ceils_them_in_ceil_mode(params):
+    layers = ["pool1", "pool2", "relu3_1", "pool5"]
+    for ceil, want in ((False, [(18, 26), (9, 13), (9, 13), (1, 1)]), (True, [(19, 27), (10, 14), (10, 14), (2, 2)])):
+        model = VGG19(ceil_mode=ceil)
+        out = model.apply({"params": params}, jnp.zeros((1, 37, 53, 3)), layers)
+        assert [out[name].shape[1:3] for name in layers] == want
+        assert [model.layer_shape(name, 37, 53)[:2] for name in layers] == want
 
 
 def test_unknown_layer_lists_valid_names(params):
@@ -112,16 +117,18 @@ def test_nothing_computed_past_the_deepest_layer(params, remat):
     assert len(_convolutions(params, ["relu5_4"], remat)) == 16
 
 
-@pytest.mark.parametrize("pooling", ["max", "avg"])
-@pytest.mark.parametrize("shape", [(1, 24, 40, 3), (2, 37, 29, 3)])
-def test_banded_remat_gives_the_same_activations_grams_and_gradients(params, pooling, shape):
-    """Remat in bands of a few rows (several bands per block, odd sizes) changes nothing but the
-    summation order: activations, Gram matrices and the input gradient agree with the plain pass."""
+@pytest.mark.parametrize("pooling, ceil, shape", [
+    ("max", False, (1, 24, 40, 3)), ("avg", False, (1, 24, 40, 3)), ("max", False, (2, 37, 29, 3)),
+    ("avg", False, (2, 37, 29, 3)), ("max", True, (2, 37, 29, 3)), ("avg", True, (1, 37, 29, 3))])
+def test_banded_remat_gives_the_same_activations_grams_and_gradients(params, pooling, ceil, shape):
+    """Remat in bands of a few rows (several bands per block, odd sizes, floor and ceil mode)
+    changes nothing but the summation order: activations, Gram matrices and the input gradient
+    agree with the plain pass."""
     layers, grams = ["conv1_1", "relu1_2", "pool2", "relu4_2"], ["relu1_1", "conv2_2", "pool3", "relu5_1"]
     x = jnp.asarray(np.random.default_rng(2).uniform(0, 1, shape), jnp.float32)
 
     def run(remat):
-        model = VGG19(pooling=pooling, remat=remat, band_elements=64 * 40 * 4)
+        model = VGG19(pooling=pooling, remat=remat, ceil_mode=ceil, band_elements=64 * 40 * 4)
 
         def loss(x):
             out = model.apply({"params": params}, x, layers, grams, method=VGG19.features)
@@ -195,9 +202,12 @@ def test_gradients_match_plain_autodiff(params):
                                        atol=1e-6 * float(jnp.abs(want_p[name][part]).max()))
 
 
+@pytest.mark.parametrize("ceil", [False, True])
+@pytest.mark.parametrize("kind", ["max", "avg"])
 @pytest.mark.torch
-def test_max_pool_gradient_matches_torch_with_ties_and_odd_sizes():
-    """The gradient of 2×2 max pooling goes to the first maximum of each window, as torch's."""
+def test_pool_gradient_matches_torch_with_ties_and_odd_sizes(kind, ceil):
+    """The gradient of 2×2 max pooling goes to the first maximum of each window, as torch's; in
+    ceil mode the edge windows' too, and average pooling divides by the values a window holds."""
     import torch
     import torch.nn.functional as F
 
@@ -205,8 +215,9 @@ def test_max_pool_gradient_matches_torch_with_ties_and_odd_sizes():
 
     rng = np.random.default_rng(8)
     x = rng.integers(0, 3, (2, 9, 7, 5)).astype(np.float32)  # many ties
-    dy = rng.standard_normal((2, 4, 3, 5)).astype(np.float32)
-    got = jax.jit(jax.grad(lambda x: jnp.sum(vgg._pool(x, "max") * dy)))(jnp.asarray(x))
+    dy = rng.standard_normal((2, 5, 4, 5) if ceil else (2, 4, 3, 5)).astype(np.float32)
+    got = jax.jit(jax.grad(lambda x: jnp.sum(vgg._pool(x, kind, ceil) * dy)))(jnp.asarray(x))
     xt = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_()
-    (F.max_pool2d(xt, 2) * torch.from_numpy(dy).permute(0, 3, 1, 2)).sum().backward()
+    pool = F.max_pool2d if kind == "max" else F.avg_pool2d
+    (pool(xt, 2, 2, ceil_mode=ceil) * torch.from_numpy(dy).permute(0, 3, 1, 2)).sum().backward()
     np.testing.assert_array_equal(got, xt.grad.permute(0, 2, 3, 1).numpy())
