@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from nstjax import blend, colors, images, inits, normalize
+from nstjax import blend, colors, images, inits, normalize, regions
 from nstjax.errors import UserError
 from nstjax.losses import HParams, LossSpec, Targets, compute_targets, make_objective
 from nstjax.optimize import Loop, OptimSpec, Problem
@@ -36,7 +36,7 @@ from nstjax.yardstick import YARDSTICK_LAYERS, yardstick_targets
 
 DEFAULT_CONTENT = "tubingen.jpg"
 DEFAULT_STYLE = "starry_night.jpg"
-MEMBER_KEYS = ("content", "style", "style_blend_weights", "init", "init_noise_std", "seed", "loss.alpha", "loss.beta",
+MEMBER_KEYS = ("content", "style", "style_blend_weights", "regions", "init", "init_noise_std", "seed", "loss.alpha", "loss.beta",
                "loss.tv_weight", "loss.content_layer_weights", "loss.style_layer_weights", "optim.lr",
                *(f"loss.{k}" for k in StyleHParams._fields))
 """The keys in which the members of one group may differ: they become arrays of the Problem."""
@@ -55,7 +55,7 @@ def enum_value(v):
 
 def loss_spec(cfg: DictConfig) -> LossSpec:
     try:
-        return LossSpec.from_config(cfg.loss)
+        return LossSpec.from_config(cfg.loss, regions=len(cfg.regions or []))
     except UnknownLayerError as e:
         raise UserError(f"loss.content_layers / loss.style_layers: {e}") from e
     except ValueError as e:
@@ -73,7 +73,8 @@ def hparams(cfg: DictConfig, spec: LossSpec) -> HParams:
                 raise UserError(f"loss.{key} = {v} is not allowed: loss weights must be finite and ≥ 0")
     try:
         return HParams.create(spec, c.alpha, c.beta, c.content_layer_weights, c.style_layer_weights,
-                              c.tv_weight, **{k: c[k] for k in StyleHParams._fields})
+                              c.tv_weight, [r.weight for r in cfg.regions or []],
+                              **{k: c[k] for k in StyleHParams._fields})
     except ValueError as e:
         raise UserError(str(e)) from e
 
@@ -121,34 +122,47 @@ def input_paths(cfg: DictConfig) -> tuple[str, list[str]]:
             blend.style_paths(cfg.style, str(example_image(DEFAULT_STYLE))))
 
 
-def load_inputs(cfg: DictConfig, spec: LossSpec) -> tuple[np.ndarray, list[np.ndarray]]:
-    """The content resized to longest side image.size; each style image to size × style_scale.
-
-    An input file, or a resized image, smaller than the deepest layer needs is refused.
-    """
-    limit = cfg.image.max_pixels
+def load_resized(cfg: DictConfig, spec: LossSpec, path: str, what: str) -> np.ndarray:
+    """One input image resized: the content (``what``) to longest side image.size, a style to
+    size × style_scale. An input file, or a resized image, smaller than the deepest layer needs
+    is refused."""
     deepest = max(spec.layers, key=layer_stride)
     least = layer_stride(deepest)
-    sizes = {"content": cfg.image.size, "style": max(1, round(cfg.image.size * cfg.image.style_scale))}
-    keys = {"content": "image.size", "style": "image.style_scale"}
-    loaded = []
+    size, key = ((cfg.image.size, "image.size") if what == "content" else
+                 (max(1, round(cfg.image.size * cfg.image.style_scale)), "image.style_scale"))
+    img = images.load_image(path, cfg.image.max_pixels)
+    if min(img.shape[:2]) < least:
+        raise UserError(
+            f"the {what} image {path} is {img.shape[1]}×{img.shape[0]} px, too small for layer "
+            f"{deepest}, which needs at least {least} px on each side: use a larger image"
+        )
+    img = images.resize_longest(img, size)
+    if min(img.shape[:2]) < least:
+        raise UserError(
+            f"the {what} image is {img.shape[1]}×{img.shape[0]} px after resizing, too small for "
+            f"layer {deepest}, which needs at least {least} px on each side: raise {key} "
+            "or use shallower layers"
+        )
+    return img
+
+
+def load_inputs(cfg: DictConfig, spec: LossSpec) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The content resized to longest side image.size; each style image to size × style_scale."""
     content_path, style_paths = input_paths(cfg)
-    for what, path in [("content", content_path)] + [("style", p) for p in style_paths]:
-        img = images.load_image(path, limit)
-        if min(img.shape[:2]) < least:
-            raise UserError(
-                f"the {what} image {path} is {img.shape[1]}×{img.shape[0]} px, too small for layer "
-                f"{deepest}, which needs at least {least} px on each side: use a larger image"
-            )
-        img = images.resize_longest(img, sizes[what])
-        if min(img.shape[:2]) < least:
-            raise UserError(
-                f"the {what} image is {img.shape[1]}×{img.shape[0]} px after resizing, too small for "
-                f"layer {deepest}, which needs at least {least} px on each side: raise {keys[what]} "
-                "or use shallower layers"
-            )
-        loaded.append(img)
-    return loaded[0], loaded[1:]
+    return (load_resized(cfg, spec, content_path, "content"),
+            [load_resized(cfg, spec, p, "style") for p in style_paths])
+
+
+def load_regions(cfg: DictConfig, spec: LossSpec, content: np.ndarray) -> list[regions.Region]:
+    """``regions`` loaded (:func:`nstjax.regions.load_regions`): a region without a style takes
+    the run's (first) style image."""
+    def load_style(path, key):
+        try:
+            return load_resized(cfg, spec, path or input_paths(cfg)[1][0], "style")
+        except UserError as e:
+            raise UserError(f"{key}: {e}") from e
+
+    return regions.load_regions(cfg, content.shape[:2], load_style, spec.style_layers, cfg.model.ceil_mode)
 
 
 def initial_image(cfg: DictConfig, content: np.ndarray, styles: Sequence[np.ndarray],
@@ -206,6 +220,7 @@ class Inputs:
     spec: LossSpec
     content: np.ndarray
     styles: list[np.ndarray]
+    regions: list[regions.Region] = dataclasses.field(default_factory=list)
 
     @property
     def style(self) -> np.ndarray:
@@ -231,9 +246,10 @@ def validate(cfg: DictConfig) -> Inputs:
     if str(cfg.model.weights) not in SOURCES:
         resolve(cfg.model.weights)  # a file path, or an unknown name: refused, listing the names
     content, styles = load_inputs(cfg, spec)
-    for style in styles:
+    loaded = load_regions(cfg, spec, content)
+    for style in styles + [r.style for r in loaded]:
         check_loss_shapes(cfg, spec, content.shape, style.shape)
-    return Inputs(spec, content, styles)
+    return Inputs(spec, content, styles, loaded)
 
 
 def check_loss_shapes(cfg: DictConfig, spec: LossSpec, content_shape, style_shape) -> None:
@@ -263,6 +279,7 @@ def structure_key(cfg: DictConfig, inputs: Inputs) -> str:
             node = node[p]
         node.pop(leaf, None)
     data["content_shape"] = list(inputs.content.shape[:2])
+    data["regions"] = len(inputs.regions)
     if inputs.spec.style_reads == "features":
         data["style_shape"] = list(inputs.style.shape[:2])
     return OmegaConf.to_yaml(OmegaConf.create(data))
@@ -338,6 +355,7 @@ def build_group(cfgs: Sequence[DictConfig], inputs: Sequence[Inputs] | None = No
     params = prepare_params(jax.tree.map(jnp.asarray, weights.params), model.conv,
                             spec.layers + YARDSTICK_LAYERS)
     targets_fn = jax.jit(functools.partial(compute_targets, model, spec=spec))
+    guided_fn = jax.jit(functools.partial(guided_grams, model, layers=spec.style_layers))
     yard_fn = jax.jit(functools.partial(yardstick_targets, model))
     problems, yards, members = [], [], []
     for cfg, inp in zip(cfgs, inputs):
@@ -346,6 +364,11 @@ def build_group(cfgs: Sequence[DictConfig], inputs: Sequence[Inputs] | None = No
         shown, styles = colors.prepare(structure.color, inp.content, inp.styles)  # what the targets are of
         x0 = colors.optimized(structure.color, initial_image(cfg, shown, styles, weights.preprocessing, key))
         targets = blended_targets(targets_fn, params, jnp.asarray(shown), styles, mix)
+        if inp.regions:
+            region_styles = colors.prepare(structure.color, inp.content, [r.style for r in inp.regions])[1]
+            grams = [guided_fn(params, jnp.asarray(style), r.style_guides)
+                     for style, r in zip(region_styles, inp.regions)]
+            targets = targets._replace(style=regions.style_targets(grams, inp.regions, spec))
         content = jnp.asarray(inp.content)
         problems.append(Problem(jnp.asarray(x0), targets, hparams(cfg, spec), jnp.float32(cfg.optim.lr), key))
         yard = [yard_fn(params, content, jnp.asarray(s)) for s in inp.styles]
@@ -361,6 +384,13 @@ def blended_targets(targets_fn, params, content: jax.Array, styles: Sequence[np.
     for one style image."""
     each = [targets_fn(params, content, jnp.asarray(s)) for s in styles]
     return each[0]._replace(style=blend.blend([t.style for t in each], weights))
+
+
+def guided_grams(model: VGG19, params, style: jax.Array, guides: dict, layers: Sequence[str]) -> dict:
+    """The guided Gram matrices (S ∘ T)ᵀ (S ∘ T) of one style image under its guide at each layer."""
+    grams = model.apply({"params": params}, style[None], (), tuple(layers),
+                        guides={name: guides[name][None] for name in layers}, method=VGG19.features).grams
+    return {name: grams[name][0, 0] for name in layers}
 
 
 def stack(trees: Sequence) -> object:

@@ -16,6 +16,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from nstjax.colors import COLOR_CONTROLS
+from nstjax.regions import PROPAGATIONS
 from nstjax.images import DEFAULT_MAX_PIXELS
 from nstjax.losses import TV_NORMS, LossSpec
 from nstjax.optimize import MEMBER_BATCHING, OptimSpec
@@ -68,6 +69,8 @@ ColorControl = _choices("ColorControl", COLOR_CONTROLS,
 ContentLoss = _choices("ContentLoss", CONTENT_LOSSES,
                        "The per-layer content loss (nstjax.style_losses.CONTENT_LOSSES).")
 
+MaskPropagation = _choices("MaskPropagation", PROPAGATIONS,
+                           "How region masks reach deeper layers (nstjax.regions): simple or inside.")
 MemberBatching = _choices("MemberBatching", MEMBER_BATCHING,
                           "How the members of a group share one program: batched (vmap) or one after another "
                           "inside it (map); see nstjax.optimize.Loop.")
@@ -181,11 +184,23 @@ class LBFGSConfig(OptimConfig):
 
 
 @dataclass
+class RegionConfig:
+    """One region of spatial control (nstjax.regions)."""
+
+    mask: Optional[str] = None  # the region of the content: an image, white = inside (resized to the content)
+    style: Optional[str] = None  # the region's style image; None: the run's style (the first)
+    style_mask: Optional[str] = None  # the part of the style image to take, white = taken; None: all of it
+    weight: float = 1.0  # λ_r, the region's weight in the style loss
+
+
+@dataclass
 class Config:
     content: Optional[str] = None  # content image; None: the bundled example
     style: Any = None  # a style image or a list of them (nstjax.blend); None: the bundled example
     style_blend_weights: Optional[List[float]] = None  # one per style image, normalised to sum 1; None: equal
     color_control: ColorControl = ColorControl.none  # none | luminance | histogram | original_colors (nstjax.colors)
+    regions: Optional[List[RegionConfig]] = None  # spatial control: [{mask, style, style_mask, weight}, ...]
+    mask_propagation: MaskPropagation = MaskPropagation.simple  # regions: simple | inside (nstjax.regions)
     init: str = "content"  # content | noise | style | gray | uniform | style_stats (nstjax.inits) | an image file
     init_noise_std: float = 0.25  # init=noise: clip(mean pixel + std·N(0, 1), 0, 1)
     seed: int = 0

@@ -4,7 +4,8 @@ For a layer with N channels and M = H·W positions, F (M×N here, the transpose
 of the paper's N×M) holds the features of the image x, P those of the content.
 
     content  L_content = Σ_l c_l · C_l                 C_l: loss.content_loss (mse: reduce_c((F − P)²))
-    style    L_style = Σ_l w_l E_l                     E_l: loss.style_loss (gram: reduce_s((G − A)²))
+    style    L_style = Σ_l w_l E_l                     E_l: loss.style_loss (gram: reduce_s((G − A)²));
+                                                       with regions Σ_r λ_r of guided Grams (nstjax.regions)
     TV       L_tv = Σ |∂x x|ᵖ + Σ |∂y x|ᵖ               p = 2 ('squared') or 1 ('abs'); or neural-style's
     total    L = α L_content + β L_style + λ_tv L_tv
 
@@ -27,7 +28,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from nstjax import gradnorm
+from nstjax import gradnorm, regions
 from nstjax.style_losses import (CONTENT_REDUCTIONS, GRAM_NORMS, STYLE_REDUCTIONS, LayerInput,
                                  LayerLossOptions, StyleHParams, content_loss, gram_divisor,
                                  style_layer_loss)
@@ -53,23 +54,28 @@ class LossSpec(LayerLossOptions):
     style_layers: tuple[str, ...] = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
     tv_norm: str = "squared"
     normalize_gradients: bool = False  # each term's gradient ÷ its L1 norm (nstjax.gradnorm)
+    regions: int = 0  # spatial control: the number of regions (the top-level ``regions``, nstjax.regions)
 
     def __post_init__(self):
         super().__post_init__()
+        if self.regions and (self.style_loss != "gram" or self.normalize_gradients):
+            raise ValueError("regions are styled through guided Gram matrices: use loss.style_loss=gram "
+                             "and loss.normalize_gradients=false with regions")
         object.__setattr__(self, "content_layers", check_layers(self.content_layers))
         object.__setattr__(self, "style_layers", check_layers(self.style_layers))
         if self.tv_norm not in TV_NORMS:
             raise ValueError(f"loss.tv_norm must be one of {', '.join(TV_NORMS)}, not {self.tv_norm!r}")
 
     @classmethod
-    def from_config(cls, loss) -> "LossSpec":
+    def from_config(cls, loss, regions: int = 0) -> "LossSpec":
         """The spec from a ``loss`` config node (or any mapping with its keys), field by field;
         Enum values become their names, lists of layers tuples. Other keys are not read."""
         def plain(name):
             value = getattr(loss[name], "value", loss[name])
             return tuple(value) if name.endswith("_layers") else value
 
-        return cls(**{f.name: plain(f.name) for f in dataclasses.fields(cls)})
+        return cls(**{f.name: plain(f.name) for f in dataclasses.fields(cls) if f.name != "regions"},
+                   regions=regions)
 
     @property
     def layers(self) -> tuple[str, ...]:
@@ -105,12 +111,13 @@ class HParams(NamedTuple):
     style_layer_weights: jax.Array  # (len(style_layers),)
     tv_weight: jax.Array
     style: StyleHParams  # the per-layer losses' numbers: mmd_c, mmd_bandwidth, remd_moment_weight
+    region_weights: jax.Array  # (spec.regions,): λ_r of each region (nstjax.regions)
 
     @classmethod
     def create(cls, spec: LossSpec, alpha=1.0, beta=1e4, content_layer_weights=None,
-               style_layer_weights=None, tv_weight=0.0, **style) -> "HParams":
-        """Defaults: equal layer weights summing to 1 (w_l = 1/L, as Gatys et al.); ``style``:
-        the fields of :class:`StyleHParams` (their defaults where not given)."""
+               style_layer_weights=None, tv_weight=0.0, region_weights=None, **style) -> "HParams":
+        """Defaults: equal layer weights summing to 1 (w_l = 1/L, as Gatys et al.), region weights
+        1; ``style``: the fields of :class:`StyleHParams` (their defaults where not given)."""
         def layer_weights(given, layers, key):
             if given is None or len(given) == 0:
                 return jnp.full((len(layers),), 1.0 / len(layers), jnp.float32)
@@ -127,6 +134,7 @@ class HParams(NamedTuple):
             layer_weights(style_layer_weights, spec.style_layers, "style_layer_weights"),
             jnp.asarray(tv_weight, jnp.float32),
             StyleHParams.create(**style),
+            jnp.asarray([1.0] * spec.regions if region_weights is None else region_weights, jnp.float32),
         )
 
 
@@ -176,14 +184,15 @@ def compute_targets(model: VGG19, params, content: jax.Array, style: jax.Array,
 
 
 def _style_features(model: VGG19, params, image: jax.Array, spec: LossSpec,
-                    extra_layers: tuple[str, ...] = ()) -> Features:
+                    extra_layers: tuple[str, ...] = (), guides: dict | None = None) -> Features:
     """One model pass: ``extra_layers`` and the style layers as the style loss reads them
-    (feature maps, or only sums over positions: Gram matrices, and channel sums for 'moments')."""
+    (feature maps, or only sums over positions: Gram matrices, and channel sums for 'moments';
+    guided Gram matrices of the layers with ``guides``)."""
     reads = spec.style_reads
     maps = reads == "features"
     layers = tuple(dict.fromkeys(extra_layers + (spec.style_layers if maps else ())))
     return model.apply({"params": params}, image[None], layers, () if maps else spec.style_layers,
-                       spec.style_layers if reads == "moments" else (), method=VGG19.features)
+                       spec.style_layers if reads == "moments" else (), guides, method=VGG19.features)
 
 
 def _layer_input(model: VGG19, name: str, image_shape, feats: Features, reads: str) -> LayerInput:
@@ -212,7 +221,8 @@ def make_objective(model: VGG19, spec: LossSpec) -> Callable[..., Terms]:
     n_layers = len(spec.content_layers) + len(spec.style_layers)
 
     def objective(pixels, params, targets: Targets, hp: HParams, key=None) -> Terms:
-        feats = _style_features(model, params, pixels, spec, read)
+        guides = {name: targets.style[name].guide for name in spec.style_layers} if spec.regions else None
+        feats = _style_features(model, params, pixels, spec, read, guides)
         keys = [None] * n_layers if key is None else list(jax.random.split(key, n_layers))
         content_keys, style_keys = keys[:len(spec.content_layers)], keys[len(spec.content_layers):]
         l_content = sum(
@@ -222,8 +232,11 @@ def make_objective(model: VGG19, spec: LossSpec) -> Callable[..., Terms]:
         )
         l_style = 0.0
         for i, name in enumerate(spec.style_layers):
-            x = _layer_input(model, name, pixels.shape, feats, style_entry.reads(spec))
-            e = style_entry.loss(x, targets.style[name], hp.style, style_keys[i], spec)
+            if spec.regions:
+                e = regions.guided_loss(feats.grams[name][0], targets.style[name], hp.region_weights, spec)
+            else:
+                x = _layer_input(model, name, pixels.shape, feats, style_entry.reads(spec))
+                e = style_entry.loss(x, targets.style[name], hp.style, style_keys[i], spec)
             l_style = l_style + hp.style_layer_weights[i] * e
         content = hp.alpha * l_content
         style = hp.beta * l_style

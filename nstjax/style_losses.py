@@ -289,16 +289,21 @@ def cosine_distances(x: jax.Array, y: jax.Array) -> jax.Array:
 # ---------------------------------------------------------------- gram (Gatys et al. 2016)
 
 
-def gram_divisor(n: int, m: int, norm: str) -> float:
+def _real(m):
+    """A count as a float (a traced M, a guide's mass, stays an array)."""
+    return m if isinstance(m, jax.Array) else float(m)
+
+
+def gram_divisor(n: int, m, norm: str):
     """g of G = Fᵀ F / g: 1, M or N·M."""
-    return {"none": 1.0, "M": float(m), "NM": float(n * m)}[norm]
+    return {"none": 1.0, "M": _real(m), "NM": float(n) * _real(m)}[norm]
 
 
-def style_layer_loss(g: jax.Array, a: jax.Array, n: int, m: int, reduction: str = "gatys") -> jax.Array:
+def style_layer_loss(g: jax.Array, a: jax.Array, n: int, m, reduction: str = "gatys") -> jax.Array:
     """E_l = Σ (G − A)² / (4 N² M²) (Gatys et al.), Σ (G − A)², or its mean over N²."""
     sq = jnp.square(g - a)
     if reduction == "gatys":
-        return jnp.sum(sq) / (4.0 * float(n) ** 2 * float(m) ** 2)
+        return jnp.sum(sq) / (4.0 * float(n) ** 2 * _real(m) ** 2)
     return jnp.sum(sq) if reduction == "sum" else jnp.mean(sq)
 
 

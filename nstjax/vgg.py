@@ -270,11 +270,15 @@ def prepare_params(params: dict, conv: str, layers: Iterable[str] = LAYER_NAMES)
             for name, p in params.items()}
 
 
-def gram_matrix(features: jax.Array) -> jax.Array:
-    """G = Fᵀ F per image for features (n, H, W, N) as F (H·W × N): (n, N, N), float32."""
+def gram_matrix(features: jax.Array, guide: jax.Array | None = None) -> jax.Array:
+    """G = Fᵀ F per image for features (n, H, W, N) as F (H·W × N): (n, N, N), float32. With a
+    ``guide`` (R, H, W): the guided Gram matrices G_r = (F ∘ T_r)ᵀ (F ∘ T_r), (n, R, N, N)."""
     n, h, w, c = features.shape
     f = features.reshape(n, h * w, c).astype(jnp.float32)
-    return jnp.einsum("nmi,nmj->nij", f, f, precision=jax.lax.Precision.HIGHEST)
+    if guide is None:
+        return jnp.einsum("nmi,nmj->nij", f, f, precision=jax.lax.Precision.HIGHEST)
+    t2 = jnp.square(guide.reshape(guide.shape[0], h * w).astype(jnp.float32))
+    return jnp.einsum("nmi,rm,nmj->nrij", f, t2, f, precision=jax.lax.Precision.HIGHEST)
 
 
 def channel_sums(features: jax.Array) -> jax.Array:
@@ -314,13 +318,14 @@ def _run_convs(x, convs, block: int, stop: str, precision: str, conv: str, keep=
 
 
 def _run_block(x, convs, block: int, names: tuple[str, ...], grams: tuple[str, ...], sums: tuple[str, ...],
-               stop: str, pooling: str, precision: str, conv: str, ceil: bool):
-    """Run block ``block`` up to activation ``stop``; return (x, Features of names, grams and sums)."""
+               stop: str, pooling: str, precision: str, conv: str, ceil: bool, guides: dict):
+    """Run block ``block`` up to activation ``stop``; return (x, Features of names, grams (guided
+    by ``guides[name]`` where given) and sums)."""
     x, acts, stopped = _run_convs(x, convs, block, stop, precision, conv)
     if not stopped:
         x = _pool(x, pooling, ceil)
         acts[f"pool{block}"] = x
-    return x, Features({n: acts[n] for n in names}, {n: gram_matrix(acts[n]) for n in grams},
+    return x, Features({n: acts[n] for n in names}, {n: gram_matrix(acts[n], guides.get(n)) for n in grams},
                        {n: channel_sums(acts[n]) for n in sums})
 
 
@@ -341,7 +346,7 @@ def _band_rows(height: int, width: int, channels: int, band_elements: int) -> in
 
 def _run_block_banded(x, convs, block: int, names: tuple[str, ...], grams: tuple[str, ...],
                       sums: tuple[str, ...], stop: str, pooling: str, precision: str, conv: str, ceil: bool,
-                      band_elements: int):
+                      guides: dict, band_elements: int):
     """:func:`_run_block` computed in horizontal bands, each rematerialised.
 
     A block of k 3×3 convolutions sees k rows beyond each band, so band i is
@@ -355,7 +360,8 @@ def _run_block_banded(x, convs, block: int, names: tuple[str, ...], grams: tuple
     needs the memory of one band, not of the image. Bands have an even number
     of rows, so in ceil mode only the image's last odd row is a half window:
     its zeroed partner leaves a max unchanged (ReLU outputs are ≥ 0) and halves
-    a mean, which is doubled back.
+    a mean, which is doubled back. Guides of guided Gram matrices are cut into
+    the same bands (zero past the image's end).
     """
     n, height, width, _ = x.shape
     k = _convs_run(block, stop)
@@ -366,8 +372,15 @@ def _run_block_banded(x, convs, block: int, names: tuple[str, ...], grams: tuple
     pooled_name = f"pool{block}"
     pooled_height = pooled_size(height, ceil)
 
+    def guide_bands(name, guide):  # (R, H_l, W_l) -> (bands, R, band rows of the layer, W_l)
+        band_rows = rows // 2 if name == pooled_name else rows
+        padded = jnp.pad(guide, ((0, 0), (0, count * band_rows - guide.shape[1]), (0, 0)))
+        return jnp.moveaxis(padded.reshape(guide.shape[0], count, band_rows, guide.shape[2]), 1, 0)
+
+    banded_guides = {name: guide_bands(name, g) for name, g in guides.items() if name in grams}
+
     def band(args):
-        index, xb = args
+        index, xb, band_guides = args
         row = index * rows - k + jnp.arange(rows + 2 * k)
         inside = ((row >= 0) & (row < height)).astype(xb.dtype)[None, :, None, None]
         y, acts, stopped = _run_convs(xb, convs, block, stop, precision, conv, keep=lambda a: a * inside)
@@ -386,10 +399,10 @@ def _run_block_banded(x, convs, block: int, names: tuple[str, ...], grams: tuple
             return acts[name] * (inside_pooled if name == pooled_name else inside[:, k: k + rows])
 
         return y, Features({name: acts[name] for name in names},
-                           {name: gram_matrix(inside_only(name)) for name in grams},
+                           {name: gram_matrix(inside_only(name), band_guides.get(name)) for name in grams},
                            {name: channel_sums(inside_only(name)) for name in sums})
 
-    y, feats = jax.lax.map(jax.checkpoint(band), (jnp.arange(count), bands))
+    y, feats = jax.lax.map(jax.checkpoint(band), (jnp.arange(count), bands, banded_guides))
 
     def unband(a):  # (bands, n, rows or rows/2, W, C) -> (n, height or height//2, W, C)
         full_rows = height if a.shape[2] == rows else pooled_height
@@ -460,9 +473,11 @@ class VGG19(nn.Module):
 
     @nn.compact
     def features(self, rgb: jax.Array, layers: Sequence[str] = (), grams: Sequence[str] = (),
-                 sums: Sequence[str] = ()) -> Features:
+                 sums: Sequence[str] = (), guides: dict[str, jax.Array] | None = None) -> Features:
         """Activations of ``layers``, Gram matrices Fᵀ F (n, N, N) of ``grams`` and channel sums
-        Σᵢ fᵢ (n, N) of ``sums``, in one pass.
+        Σᵢ fᵢ (n, N) of ``sums``, in one pass. A layer of ``grams`` with a guide in ``guides``
+        ((R, H, W): R guidance channels at the layer's size) gets its R guided Gram matrices
+        (F ∘ T_r)ᵀ (F ∘ T_r) instead, (n, R, N, N).
 
         With ``remat`` a layer asked for only as a Gram matrix or sums is never
         held whole in memory.
@@ -491,6 +506,7 @@ class VGG19(nn.Module):
                 sums=tuple(n for n in sums if _block_of(n) == b),
                 stop=deepest if b == _block_of(deepest) else f"pool{b}",
                 pooling=self.pooling, precision=self.precision, conv=self.conv, ceil=self.ceil_mode,
+                guides={n: g for n, g in (guides or {}).items() if _block_of(n) == b},
             )
             convs = [params[f"conv{b}_{i}"] for i in range(1, BLOCK_SIZES[b - 1] + 1)]
             x, feats = block(x, convs)

@@ -113,11 +113,14 @@ d58853c4…, and 053a6e39… which has the ``mode = 'capture'`` refactor).
   ``if (self.normalize ~= 0.0) and (content_ignition == false) then`` (÷ ‖·‖₁^p
   + 1e-8 for p ≠ 1) with a file-level ``local content_ignition = true`` that
   ``feval`` resets only after the backward (``content_ignition = loss < 1``):
-  there, at the first evaluation, normalisation is OFF. That is the variant of
-  the closed, unmerged PR #374 "Flexible gradients normalization" (VaKonS,
-  2017), not jcjohnson's; d58853c and every other stored copy read
-  ``cmd:option('-normalize_gradients', false)`` and ``if self.normalize then``,
-  which is what this port does (normalisation on at every evaluation).
+  there, at the first evaluation, normalisation is OFF. That looks like the
+  variant of the closed, unmerged PR #374 "Flexible gradients normalization"
+  (VaKonS, 2017; the index stores fork commits under the repository), not
+  jcjohnson's: d58853c, and the other copies found (e.g. forks with the
+  'capture' refactor), read ``cmd:option('-normalize_gradients', false)`` and
+  ``if self.normalize then``, and jcjohnson (issue #326) calls it "the flag
+  ``-normalize_gradients``". This port does that: normalisation on at every
+  evaluation, step 0 included.
 
 loadcaffe (szagoruyko/loadcaffe, loadcaffe.cpp, both ``convertProtoToLuaV1``
 and ``V2``)::
@@ -148,8 +151,9 @@ output is its input tensor; a loss module placed on a *conv* layer (e.g.
 ``conv4_2``) therefore sees, in ``updateGradInput``, that tensor after the next
 in-place ReLU overwrote it: its loss is of the pre-ReLU activation but its
 gradient is ``2/N (relu(F) − T)`` (ContentLoss) or ``dG·relu(F) + dGᵀ·relu(F)``
-with dG from the pre-ReLU Gram (StyleLoss). With relu*/pool* layers (the
-defaults) nothing is overwritten and the gradient is the true one.
+with dG from the pre-ReLU Gram (StyleLoss) -- unless it is the last loss
+module, after which the net stops before that ReLU. With relu*/pool* layers
+(the defaults) nothing is overwritten and the gradient is the true one.
 nn.Threshold in place: ``if ((*input_data) <= threshold) *gradOutput_data = 0``
 on the (already rectified) tensor.
 
@@ -157,8 +161,6 @@ All here is float64 (the Lua runs float32, or CUDA float32).
 """
 
 from __future__ import annotations
-
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -386,6 +388,14 @@ def build_net(params, *, content_layers, style_layers, content_weight, style_wei
     if pooling not in ("max", "avg"):
         raise ValueError(f"pooling must be 'max' or 'avg', not {pooling!r}")
     content_layers, style_layers = list(content_layers), list(style_layers)
+    ci = si = 0  # the Lua's matching, on the names alone first: each list must follow the network's order
+    for _, name in vgg19_layers():
+        ci += ci < len(content_layers) and name == content_layers[ci]
+        si += si < len(style_layers) and name == style_layers[si]
+    if ci < len(content_layers) or si < len(style_layers):
+        raise ValueError(f"layers not found in VGG-19's order: content {content_layers[ci:]}, "
+                         f"style {style_layers[si:]} (neural_style matches them in network order; the Lua "
+                         "would go on into fc6 and fail)")
     modules, content_losses, style_losses = [], [], []
     if tv_weight > 0:
         modules.append(_TVLoss(tv_weight))
@@ -409,9 +419,6 @@ def build_net(params, *, content_layers, style_layers, content_weight, style_wei
             modules.append(m)
             style_losses.append(m)
             si += 1
-    if ci < len(content_layers) or si < len(style_layers):
-        raise ValueError(f"layers not found in VGG-19's order: content {content_layers[ci:]}, "
-                         f"style {style_layers[si:]} (neural_style matches them in network order)")
     return _Sequential(modules), content_losses, style_losses
 
 

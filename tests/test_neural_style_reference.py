@@ -111,8 +111,8 @@ def test_gradient_is_autograd_of_the_summed_loss():
     x = _caffe(torch.from_numpy(image)).detach().requires_grad_(True)
     c_terms, s_terms, _ = _terms_at_caffe(params, x, content, styles, blend, 5.0, 100.0)
     (g,) = torch.autograd.grad(sum(c_terms) + sum(s_terms), x)
-    np.testing.assert_allclose(out["content"], float(sum(c_terms)), rtol=1e-12)
-    np.testing.assert_allclose(out["style"], float(sum(s_terms)), rtol=1e-12)
+    np.testing.assert_allclose(out["content"], float(sum(c_terms).detach()), rtol=1e-12)
+    np.testing.assert_allclose(out["style"], float(sum(s_terms).detach()), rtol=1e-12)
     assert out["grad_caffe"].shape == (3, 21, 23) and out["grad_caffe"].dtype == np.float64
     np.testing.assert_allclose(out["grad_caffe"], g.numpy(), rtol=1e-10, atol=1e-12 * np.abs(g.numpy()).max())
     # equal blend weights by default (None), and the weights are normalised: (2, 6) == (1, 3)
@@ -156,8 +156,8 @@ def test_tv_gradient_is_that_of_half_the_squared_differences():
     alone = _run(params, image, content, styles, None, tv_weight=tv, content_weight=0.0, style_weight=0.0)
     assert alone["content"] == 0.0 and alone["style"] == 0.0
     np.testing.assert_allclose(alone["grad_caffe"], g.numpy(), rtol=1e-12, atol=1e-15)
-    # the last row and column get only the −x_diff / −y_diff terms of their neighbours: not the full TV
-    assert np.abs(g.numpy()[:, -1, -1]).max() == 0.0
+    # the bottom-right pixel is in no difference of the (H−1)×(W−1) block
+    assert np.abs(alone["grad_caffe"][:, -1, -1]).max() == 0.0
 
 
 @pytest.mark.torch
@@ -173,7 +173,7 @@ def test_max_pooling_is_ceil_mode_and_avg_pooling_floor_mode():
                                   np.maximum(x[:, 20, 0:22:2].numpy(), x[:, 20, 1:22:2].numpy()))
     assert mx[:, -1, -1].tolist() == x[:, 20, 22].tolist()
     np.testing.assert_allclose(av.numpy(), x[:, :20, :22].numpy().reshape(3, 10, 2, 11, 2).mean(axis=(2, 4)),
-                               rtol=1e-14)
+                               rtol=1e-12, atol=1e-15)
     # in the network: the 21×23 image gives 11×12 after pool1 and 6×6 after pool2 (max), 10×11 and 5×5 (avg)
     params = _params()
     for pooling, shapes in (("max", {"pool1": (64, 11, 12), "pool2": (128, 6, 6)}),
@@ -242,3 +242,38 @@ def test_normalize_gradients_divides_each_terms_own_gradient_by_its_l1_norm():
 def test_layers_out_of_network_order_are_refused():
     with pytest.raises(ValueError, match="network order"):
         _run(_params(), *_images()[:2], _images()[2], None, style_layers=("relu2_1", "relu1_1"))
+
+
+@pytest.mark.torch
+def test_loss_on_a_conv_layer_sees_the_in_place_relu_on_the_backward_pass():
+    """loadcaffe's nn.ReLU(true) overwrites the conv output a loss module placed there passes on: its loss is
+    of the conv output F, its gradient 2/N·(relu(F) − T) (MSECriterion:backward on the rectified tensor)."""
+    import torch
+    import torch.nn.functional as F
+
+    params, (image, content, styles) = _params(), _images()
+    # a later loss layer (weight 0) so that relu1_2 is in the net: the net stops after the last loss module,
+    # where no ReLU follows and the gradient is the true one
+    last = ref.neural_style_eval(params, image, content, styles, content_layers=("conv1_2",),
+                                 style_layers=(), tv_weight=0.0)
+    out = ref.neural_style_eval(params, image, content, styles, content_layers=("conv1_2",),
+                                style_layers=("relu2_1",), style_weight=0.0, tv_weight=0.0)
+
+    def conv1_2(x):
+        h = x[None]
+        for name in ("conv1_1", "conv1_2"):
+            w = torch.from_numpy(params[name]["kernel"].transpose(3, 2, 0, 1).copy())
+            h = F.conv2d(h if name == "conv1_1" else F.relu(h), w, torch.from_numpy(params[name]["bias"]),
+                         padding=1)
+        return h[0]
+
+    target = conv1_2(_caffe(torch.from_numpy(content)))
+    x = _caffe(torch.from_numpy(image)).detach().requires_grad_(True)
+    f = conv1_2(x)
+    np.testing.assert_allclose(out["content"], float(5.0 * torch.mean((f - target) ** 2).detach()), rtol=1e-12)
+    np.testing.assert_allclose(last["content"], out["content"], rtol=1e-12)
+    for got, seen in ((out, F.relu(f)), (last, f)):
+        (g,) = torch.autograd.grad(f, x, (5.0 * 2.0 / f.numel() * (seen - target)).detach(), retain_graph=True)
+        np.testing.assert_allclose(got["grad_caffe"], g.numpy(), rtol=1e-10,
+                                   atol=1e-12 * np.abs(g.numpy()).max())
+    assert not np.allclose(out["grad_caffe"], last["grad_caffe"])
