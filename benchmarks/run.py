@@ -35,8 +35,8 @@ TTQ_SETTINGS = [
     ("lbfgs-zoom-m100", {"optim": {"name": "lbfgs", "linesearch": "zoom", "memory_size": 100}}),
     ("adam-lr0.05", {"optim": {"name": "adam"}, "lr": 0.05}),
     ("adam-lr0.1", {"optim": {"name": "adam"}, "lr": 0.1}),
-    ("c2f-128→256 lbfgs-none-m30-lr0.5", {"optim": {"name": "lbfgs", "linesearch": "none", "memory_size": 30},
-                                          "lr": 0.5, "coarse": {"size": 128, "evaluations": 30}}),
+    ("pyramid 128→256 lbfgs-none-m30-lr0.5", {"optim": {"name": "lbfgs", "linesearch": "none", "memory_size": 30},
+                                              "lr": 0.5, "pyramid": {"min_size": 128, "factor": 2, "steps": 29}}),
 ]
 
 
@@ -199,7 +199,7 @@ def main(argv=None) -> int:
         settings = [(n, s) for n, s in TTQ_SETTINGS if names is None or n in names]
         if quick and not names:
             settings = [(n, s) for n, s in settings if n in ("lbfgs-none-m30-lr0.5",
-                                                              "c2f-128→256 lbfgs-none-m30-lr0.5")]
+                                                              "pyramid 128→256 lbfgs-none-m30-lr0.5")]
         runs = []
         cap = a.ttq_cap * tut["run_s"]
         for v in variants[:1] or ["nstjax"]:
@@ -293,12 +293,12 @@ def check_agreement(sizes, common, variant="nstjax", run=worker) -> tuple[list, 
 
 
 def ttq_args(name, setting, size, target, cap_s, max_evaluations, variant, common) -> dict:
-    """workers.ttq_jax's arguments for one of TTQ_SETTINGS (a coarse stage at or above ``size`` is
-    replaced by one at half the size and a third of the evaluations)."""
+    """workers.ttq_jax's arguments for one of TTQ_SETTINGS (a pyramid whose smallest level is at or
+    above ``size`` gets one level below at half the size and a third of the steps)."""
     args = {"name": name, "size": size, "target": target, "variant": variant, "time_cap_s": cap_s,
             "max_evaluations": max_evaluations, "chunk_steps": 5, **setting, **common}
-    if "coarse" in args and args["coarse"]["size"] >= size:
-        args["coarse"] = {"size": size // 2, "evaluations": args["coarse"]["evaluations"] // 3}
+    if "pyramid" in args and args["pyramid"]["min_size"] >= size:
+        args["pyramid"] = {**args["pyramid"], "min_size": size // 2, "steps": args["pyramid"]["steps"] // 3}
     return args
 
 

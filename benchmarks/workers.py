@@ -287,9 +287,10 @@ def ttq_torch(args):
 
 def ttq_jax(args):
     """nstjax's Loop with one optimiser setting from the content image until the loss reaches
-    ``target`` (or ``max_evaluations`` / ``time_cap_s``); optionally coarse-to-fine: ``coarse``
-    = {size, evaluations} first optimises at that size, then upsamples and continues at full size.
-    Compile time (all stages) is measured apart and excluded from the run time."""
+    ``target`` (or ``max_evaluations`` / ``time_cap_s``); optionally coarse to fine as the product's
+    ``pyramid.*`` (nstjax.pyramid): ``pyramid`` = {min_size, factor, steps}, each level below the
+    full size run for ``steps`` steps, then upsampled as nstjax does. Compile time (all levels) is
+    measured apart and excluded from the run time."""
     import jax
     import jax.numpy as jnp
 
@@ -304,12 +305,14 @@ def ttq_jax(args):
     target, cap = args["target"], args.get("time_cap_s", float("inf"))
     max_evals = args.get("max_evaluations", 300)
 
-    stages = []
-    coarse = args.get("coarse")
-    if coarse:
-        stages.append(dict(size=coarse["size"], evaluations=coarse["evaluations"], final=False,
-                           optim=OptimSpec(**coarse.get("optim", args["optim"])),
-                           lr=coarse.get("lr", args.get("lr", 1.0))))
+    from omegaconf import OmegaConf
+
+    from nstjax import pyramid
+
+    levels = pyramid.sizes(OmegaConf.create({"image": {"size": args["size"]},
+                                             "pyramid": args.get("pyramid", {"min_size": None})}))
+    stages = [dict(size=size, evaluations=args["pyramid"]["steps"] + 1, final=False, optim=opt, lr=lr)
+              for size in levels[:-1]]
     stages.append(dict(size=args["size"], evaluations=max_evals, final=True, optim=opt, lr=lr))
 
     compile_s = 0.0
@@ -325,10 +328,10 @@ def ttq_jax(args):
 
     trajectory, reached, x = [], None, None
     t_start, c_start = time.perf_counter(), _cpu()
-    evals_before, coarse_evals = 0, 0
+    evals_before, coarse_evals = 0, 0  # evaluations of the levels below the full size
     for st in stages:
-        x0 = st["content"] if x is None else jnp.clip(
-            jax.image.resize(x, st["content"].shape, "bilinear"), 0.0, 1.0)
+        x0 = st["content"] if x is None else jnp.asarray(
+            pyramid.upsample(np.asarray(x)[None], st["content"].shape[:2])[0])
         problems = _problems(x0, st["targets"], st["hp"], st["lr"])
         state = st["program"].init(problems, st["params"])
         if st["final"]:
@@ -354,14 +357,14 @@ def ttq_jax(args):
                 break
         x = state.pixels[0]
         if not st["final"]:
-            coarse_evals = int(state.evaluations[0])
-            evals_before += coarse_evals
+            coarse_evals += int(state.evaluations[0])
+            evals_before += int(state.evaluations[0])
         if reached is not None or time.perf_counter() - t_start > cap:
             break
     run_s, run_cpu_s = time.perf_counter() - t_start, _cpu() - c_start
     losses = [t[1] for t in trajectory]
     return {"name": args["name"], "variant": variant, "optim": args["optim"], "lr": float(lr),
-            "coarse": coarse, "target": target, "reached": reached, "compile_s": compile_s,
+            "pyramid": args.get("pyramid"), "target": target, "reached": reached, "compile_s": compile_s,
             "run_s": run_s, "run_cpu_s": run_cpu_s,
             "evaluations": trajectory[-1][0] if trajectory else evals_before, "coarse_evaluations": coarse_evals,
             "best_loss": min(losses) if losses else None, "trajectory": trajectory,

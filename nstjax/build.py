@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from nstjax import blend, colors, images, inits, normalize, regions
+from nstjax import blend, colors, images, inits, normalize, pyramid, regions
 from nstjax.errors import UserError
 from nstjax.losses import HParams, LossSpec, Targets, compute_targets, make_objective
 from nstjax.optimize import Loop, OptimSpec, Problem
@@ -232,6 +232,7 @@ def validate(cfg: DictConfig) -> Inputs:
     """Every check that needs no weights and no compiling: numbers, layers, loss weights,
     optimiser, convolution, preprocessing, the weights' name, the images. Raises UserError."""
     check_numbers(cfg)
+    pyramid.check(cfg)
     spec = loss_spec(cfg)
     hparams(cfg, spec)
     optim_spec(cfg)
@@ -246,10 +247,24 @@ def validate(cfg: DictConfig) -> Inputs:
     if str(cfg.model.weights) not in SOURCES:
         resolve(cfg.model.weights)  # a file path, or an unknown name: refused, listing the names
     content, styles = load_inputs(cfg, spec)
+    for level in pyramid.level_configs(cfg)[:-1]:  # the smaller levels' images too
+        try:
+            load_inputs(level, spec)
+        except UserError as e:
+            raise UserError(f"pyramid level of {level.image.size} px: {e}; or raise pyramid.min_size") from None
     loaded = load_regions(cfg, spec, content)
     for style in styles + [r.style for r in loaded]:
         check_loss_shapes(cfg, spec, content.shape, style.shape)
     return Inputs(spec, content, styles, loaded)
+
+
+def level_inputs(level: DictConfig, inputs: Inputs) -> Inputs:
+    """A pyramid level's inputs (:mod:`nstjax.pyramid`): the run's images resized to the level's
+    size (content: image.size, styles: × style_scale), its regions' masks and styles reloaded."""
+    size = int(level.image.size)
+    content = images.resize_longest(inputs.content, size)
+    styles = [images.resize_longest(s, max(1, round(size * level.image.style_scale))) for s in inputs.styles]
+    return Inputs(inputs.spec, content, styles, load_regions(level, inputs.spec, content))
 
 
 def check_loss_shapes(cfg: DictConfig, spec: LossSpec, content_shape, style_shape) -> None:

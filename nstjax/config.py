@@ -184,6 +184,15 @@ class LBFGSConfig(OptimConfig):
 
 
 @dataclass
+class PyramidConfig:
+    """Coarse to fine (nstjax.pyramid)."""
+
+    min_size: Optional[int] = None  # longest side of the smallest level; None: off (one level)
+    factor: float = 2.0  # each level is factor × the one below (crowsonkb: √2)
+    steps: int = 100  # steps at each level below the last (the last runs optim.steps)
+
+
+@dataclass
 class RegionConfig:
     """One region of spatial control (nstjax.regions)."""
 
@@ -214,6 +223,7 @@ class Config:
     member_batching: MemberBatching = MemberBatching.vmap  # vmap | map: how a group's members share a program
     sweep_group: Optional[int] = None  # set by the nstjax sweeper: the group a sweep job runs
     image: ImageConfig = field(default_factory=ImageConfig)
+    pyramid: PyramidConfig = field(default_factory=PyramidConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = MISSING  # the optim group: optim=lbfgs or optim=adam

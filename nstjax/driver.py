@@ -30,7 +30,7 @@ import numpy as np
 import psutil
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from nstjax import checkpoint, images
+from nstjax import checkpoint, images, pyramid
 from nstjax.build import Group
 from nstjax.errors import UserError
 from nstjax.optimize import MEMBERS, HistoryRow, LoopState, Program, Status, member_mesh
@@ -78,6 +78,7 @@ class MemberResult:
     yardstick: dict
     run_seconds: float
     compile_seconds: float
+    levels: list[dict] = dataclasses.field(default_factory=list)  # with a pyramid: each level's facts
 
     @property
     def exit_code(self) -> int:
@@ -150,19 +151,21 @@ class Driver:
 
     def __init__(self, group: Group, group_dir: Path | None, member_dirs: Sequence[Path | None], *,
                  save_every: int = 0, checkpoint_every: int = 0, max_members: int | None = None,
-                 memory_check: bool = True, progress: bool = False, extra_checkpoint: dict | None = None,
+                 memory_check: bool = True, progress: bool = False, earlier_levels: Sequence[Group] = (),
                  log: Callable[[str], None] = print):
+        self.levels = [*earlier_levels, group]  # the pyramid's levels (nstjax.pyramid), smallest first
+        self.level = len(self.levels) - 1  # the level being run, and its group
         self.group, self.member_dirs = group, member_dirs
         self.group_dir = Path(group_dir) if group_dir is not None else None
         self.save_every, self.checkpoint_every = save_every, checkpoint_every
         self.max_members, self.memory_check, self.progress = max_members, memory_check, progress
-        self.extra_checkpoint, self.log = extra_checkpoint or {}, log
+        self.log = log
         self._start: Callable[[], None] | None = None
         self.mesh = member_mesh()
         self.devices = self.mesh.size
         self.members = NamedSharding(self.mesh, P(MEMBERS))
         self.params = jax.device_put(group.params, NamedSharding(self.mesh, P()))
-        self._programs: dict[int, Programs] = {}
+        self._programs: dict[tuple[int, int], Programs] = {}
 
     # --- programs and waves ------------------------------------------------------------
     def _wave_problems(self, index: Sequence[int], size: int):
@@ -171,7 +174,9 @@ class Driver:
                 jax.device_put(_take(self.group.yardstick_targets, padded), self.members))
 
     def programs(self, size: int) -> Programs:
-        if size not in self._programs:
+        """The current level's programs for batches of ``size`` members (compiled once)."""
+        key = (self.level, size)
+        if key not in self._programs:
             t0 = time.perf_counter()
             problems, yards = self._wave_problems([0], size)
             program = self.group.structure.loop.compile(problems, self.params, self.mesh)
@@ -179,8 +184,8 @@ class Driver:
                                        in_axes=(None, 0, 0)))
             rgb = jax.ShapeDtypeStruct(problems.pixels.shape[:-1] + (3,), jnp.float32, sharding=self.members)
             measure = measure.lower(self.params, rgb, yards).compile()
-            self._programs[size] = Programs(program, measure, time.perf_counter() - t0)
-        return self._programs[size]
+            self._programs[key] = Programs(program, measure, time.perf_counter() - t0)
+        return self._programs[key]
 
     def wave_size(self) -> int:
         """The largest batch (a multiple of the device count, at most ``max_members`` rounded up
@@ -200,7 +205,7 @@ class Driver:
             except UserError:
                 if size <= per:
                     raise
-                self._programs.pop(size)
+                self._programs.pop((self.level, size))
                 size = per * max(1, (size // per) // 2)
 
     # --- the run -----------------------------------------------------------------------
@@ -230,39 +235,94 @@ class Driver:
         return results
 
     def _run_wave(self, index: list[int], size: int, wave: int, meta: dict | None) -> list[MemberResult]:
+        """The wave's members through every pyramid level (one level without a pyramid): each
+        level from the previous level's pixels upsampled, members that diverged kept stopped.
+        A checkpoint names its level and carries what the earlier levels left."""
+        first = meta.get("level", 0) if meta else 0
+        earlier = meta.get("earlier") if meta else None
+        earlier = earlier or {"histories": [[] for _ in range(size)], "levels": [[] for _ in range(size)],
+                              "initial": None}
+        previous = None  # the last level's final state, on the host
+        for k in range(first, len(self.levels)):
+            self.level, self.group = k, self.levels[k]
+            host, histories, initial, final, info = self._run_level(
+                index, size, wave, meta if k == first else None, previous, k, earlier)
+            earlier = {"histories": [e + h for e, h in zip(earlier["histories"], histories)],
+                       "levels": [e + [i] for e, i in zip(earlier["levels"], info)],
+                       "initial": earlier["initial"] or initial}
+            interrupted = SIGNALS.received is not None and any(
+                i["status"] == "interrupted" for i in info[:len(index)])
+            last = k == len(self.levels) - 1
+            if len(self.levels) > 1 and not interrupted:
+                for i, n in enumerate(index):
+                    if self.member_dirs[n] is not None:
+                        images.save_image(Path(self.member_dirs[n]) / "levels" / f"level_{k}.png",
+                                          self.group.output_image(n, np.asarray(host.pixels[i])))
+            if last or interrupted:
+                break
+            previous = host
+        self.level, self.group = len(self.levels) - 1, self.levels[-1]
+        return [self._result(index[i], host, i, earlier, final) for i in range(len(index))]
+
+    def _result(self, n: int, host: LoopState, i: int, earlier: dict, final) -> MemberResult:
+        """Member ``n`` (row ``i`` of the wave) over its levels."""
+        levels, level = earlier["levels"][i], earlier["levels"][i][-1]
+        return MemberResult(
+            self.group.output_image(n, np.asarray(host.pixels[i])), [HistoryRow(*r) for r in earlier["histories"][i]],
+            level["status"], level["reason"], sum(x["steps"] for x in levels),
+            sum(x["loss_evaluations"] for x in levels),
+            {"initial": earlier["initial"][i], "final": as_metrics(_member(final, i))},
+            sum(x["run_seconds"] for x in levels), sum(x["compile_seconds"] for x in levels),
+            levels if len(self.levels) > 1 else [])
+
+    def _run_level(self, index: list[int], size: int, wave: int, meta: dict | None, previous: LoopState | None,
+                   level: int, earlier: dict):
+        """One level of the wave: (final host state, histories, initial and final yardsticks, and
+        per member its status, steps, evaluations and seconds at this level)."""
         s = self.group.structure
         compiled = self.programs(size)
         problems, yards = self._wave_problems(index, size)
+        if previous is not None:  # start from the level below, upsampled; stopped members stay stopped
+            pixels = pyramid.upsample(np.asarray(previous.pixels), tuple(problems.pixels.shape[1:3]))
+            problems = problems._replace(pixels=jax.device_put(pixels, self.members))
         t_run = time.perf_counter()
         state = compiled.program.init(problems, self.params)
-        histories = [[_row(state, i)] for i in range(size)]
+        if previous is not None:
+            stopped = jnp.asarray(previous.status) != Status.RUNNING
+            state = state._replace(status=jax.device_put(jnp.where(stopped, previous.status, state.status),
+                                                         self.members))
+        histories = [[_row(state, i, level)] for i in range(size)]
         seconds_before = 0.0
         if meta is not None:
             state = checkpoint.load(self.group_dir, state, self.members)
             histories = [[HistoryRow(*r) for r in h] for h in meta["histories"]]
             seconds_before = meta["run_seconds"]
-            self.log(f"resuming {self.group_dir} at step {int(np.max(np.asarray(state.step)))}")
+            self.log(f"resuming {self.group_dir} at step {int(np.max(np.asarray(state.step)))}"
+                     + (f" of level {level}" if len(self.levels) > 1 else ""))
         start, self._start = self._start, None
         if start is not None:
             start()
 
         def save_checkpoint(state):
             checkpoint.save(self.group_dir, state, {
-                **self.extra_checkpoint, "wave": wave, "wave_size": size, "histories": histories,
+                "wave": wave, "wave_size": size, "histories": histories, "level": level, "earlier": earlier,
                 "run_seconds": seconds_before + time.perf_counter() - t_run})
 
-        hooks = [functools.partial(self._snapshots, index)]
+        hooks = [functools.partial(self._snapshots, index, level)]
         if self.checkpoint_every:
             hooks.append(lambda st, step, new: (
                 save_checkpoint(st) if step % self.checkpoint_every == 0 and any(new) else None))
-        state = self._drive(compiled.program, state, problems, histories, hooks)
+        state = self._drive(compiled.program, state, problems, histories, hooks, level)
         run_seconds = seconds_before + time.perf_counter() - t_run
         signum = SIGNALS.received
         host = jax.device_get(state)
-        initial = jax.device_get(compiled.yardstick(self.params, self._outputs(index, size, problems.pixels), yards))
+        initial = None
+        if earlier["initial"] is None:
+            values = jax.device_get(compiled.yardstick(self.params, self._outputs(index, size, problems.pixels), yards))
+            initial = [as_metrics(_member(values, i)) for i in range(size)]
         final = jax.device_get(compiled.yardstick(self.params, self._outputs(index, size, host.pixels), yards))
-        out, interrupted = [], False
-        for i in range(len(index)):
+        info, interrupted = [], False
+        for i in range(size):
             status, reason = "finished", None
             code = Status(int(host.status[i]))
             done = int(host.step[i]) >= s.steps or int(host.evaluations[i]) >= s.max_evaluations
@@ -270,14 +330,12 @@ class Driver:
                 status, reason = "diverged", code.reason
             elif signum is not None and not done:
                 status, reason, interrupted = "interrupted", f"stopped by {signal.Signals(signum).name}", True
-            out.append(MemberResult(
-                self.group.output_image(index[i], np.asarray(host.pixels[i])), histories[i], status, reason, int(host.step[i]),
-                int(host.evaluations[i]),
-                {"initial": as_metrics(_member(initial, i)), "final": as_metrics(_member(final, i))},
-                run_seconds, compiled.seconds))
+            info.append({"level": level, "size": [int(v) for v in problems.pixels.shape[1:3]], "status": status,
+                         "reason": reason, "steps": int(host.step[i]), "loss_evaluations": int(host.evaluations[i]),
+                         "run_seconds": run_seconds, "compile_seconds": compiled.seconds})
         if interrupted and self.group_dir is not None:
             save_checkpoint(state)
-        return out
+        return host, histories, initial, final, info
 
     def _outputs(self, index: list[int], size: int, pixels) -> jax.Array:
         """The wave's RGB images (its members' outputs from their pixels, padded as the wave)."""
@@ -290,7 +348,8 @@ class Driver:
         status, step, evals = jax.device_get((state.status, state.step, state.evaluations))
         return (status == Status.RUNNING) & (step < s.steps) & (evals < s.max_evaluations)
 
-    def _drive(self, program: Program, state: LoopState, problems, histories: list, hooks) -> LoopState:
+    def _drive(self, program: Program, state: LoopState, problems, histories: list, hooks,
+               level: int = 0) -> LoopState:
         s = self.group.structure
         events = [e for e in (self.save_every, self.checkpoint_every) if e > 0]
         max_evals = jnp.int32(s.max_evaluations)
@@ -301,7 +360,7 @@ class Driver:
                 n = min(s.chunk_steps, s.steps - step, *[e - step % e for e in events])
                 state, rows, valid = program.chunk(state, problems, self.params, jnp.int32(n), max_evals)
                 rows, valid = np.asarray(rows), np.asarray(valid)
-                new = [[HistoryRow(int(r[0]), *map(float, r[1:5])) for r, v in zip(rows[i], valid[i]) if v]
+                new = [[HistoryRow(int(r[0]), *map(float, r[1:5]), level) for r, v in zip(rows[i], valid[i]) if v]
                        for i in range(len(histories))]
                 for h, rows_i in zip(histories, new):
                     h += rows_i
@@ -314,19 +373,20 @@ class Driver:
                     hook(state, step, new)
         return state
 
-    def _snapshots(self, index: list[int], state: LoopState, step: int, new: list) -> None:
+    def _snapshots(self, index: list[int], level: int, state: LoopState, step: int, new: list) -> None:
         if not (self.save_every and step % self.save_every == 0):
             return
+        name = (f"level_{level}_" if len(self.levels) > 1 else "") + f"step_{step:06d}.png"
         for i, n in enumerate(index):
             if new[i]:
-                images.save_image(Path(self.member_dirs[n]) / "snapshots" / f"step_{step:06d}.png",
+                images.save_image(Path(self.member_dirs[n]) / "snapshots" / name,
                                   self.group.output_image(n, np.asarray(state.pixels[i])))
 
 
-def _row(state: LoopState, i: int) -> HistoryRow:
+def _row(state: LoopState, i: int, level: int) -> HistoryRow:
     t = state.terms
     return HistoryRow(int(state.step[i]), float(t.total[i]), float(t.content[i]), float(t.style[i]),
-                      float(t.tv[i]))
+                      float(t.tv[i]), level)
 
 
 def _member(tree, i: int):

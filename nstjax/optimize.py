@@ -140,13 +140,14 @@ class LoopState(NamedTuple):
 
 
 class HistoryRow(NamedTuple):
-    """One row of history.csv: the weighted terms after ``step`` steps."""
+    """One row of history.csv: the weighted terms after ``step`` steps of pyramid level ``level``."""
 
     step: int
     total: float
     content: float
     style: float
     tv: float
+    level: int = 0
 
 
 Objective = Callable[[jax.Array, dict, Targets, HParams, jax.Array], Terms]

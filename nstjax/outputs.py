@@ -20,12 +20,13 @@ HISTORY_COLUMNS = HistoryRow._fields
 
 
 def write_history(path: Path, rows: Sequence[HistoryRow]) -> None:
-    """history.csv: one row per step, step 0 first; losses weighted as in the objective."""
+    """history.csv: one row per step, step 0 first (of each pyramid level, with its level);
+    losses weighted as in the objective."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(HISTORY_COLUMNS)
-    for step, *losses in rows:
-        writer.writerow([int(step)] + [repr(float(v)) for v in losses])
+    for row in rows:
+        writer.writerow([int(row.step)] + [repr(float(v)) for v in row[1:5]] + [int(row.level)])
     write_text(path, buf.getvalue())
 
 
@@ -35,7 +36,7 @@ def read_history(path: Path) -> list[HistoryRow]:
         header = next(reader)
         if tuple(header) != HISTORY_COLUMNS:
             raise ValueError(f"{path}: unexpected columns {header}")
-        return [HistoryRow(int(r[0]), *(float(v) for v in r[1:])) for r in reader]
+        return [HistoryRow(int(r[0]), *(float(v) for v in r[1:5]), int(r[5])) for r in reader]
 
 
 def write_json(path: Path, data: dict) -> None:

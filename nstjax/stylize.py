@@ -18,17 +18,28 @@ from typing import Callable, Sequence
 import jax
 from omegaconf import DictConfig
 
-from nstjax import images, outputs
-from nstjax.build import Group, Inputs, Member, build_group, structure_key, validate
+from nstjax import images, outputs, pyramid
+from nstjax.build import Group, Inputs, Member, build_group, level_inputs, structure_key, validate
 from nstjax.driver import Driver, MemberResult
 from nstjax.errors import UserError
 
 
-def _driver(group: Group, group_dir: Path | None, member_dirs: Sequence[Path | None], log) -> Driver:
-    cfg = group.members[0].cfg
-    return Driver(group, group_dir, member_dirs, save_every=cfg.save_every if group_dir else 0,
+def level_groups(cfgs: Sequence[DictConfig], inputs: Sequence[Inputs] | None = None) -> list[Group]:
+    """The group of each pyramid level (:mod:`nstjax.pyramid`), smallest first; one level, the
+    configs' own group, without a pyramid."""
+    inputs = list(inputs) if inputs is not None else [validate(c) for c in cfgs]
+    per_level = list(zip(*[pyramid.level_configs(c) for c in cfgs]))
+    if len(per_level) == 1:
+        return [build_group(cfgs, inputs)]
+    return [build_group(list(level), [level_inputs(c, inp) for c, inp in zip(level, inputs)])
+            for level in per_level]
+
+
+def _driver(levels: Sequence[Group], group_dir: Path | None, member_dirs: Sequence[Path | None], log) -> Driver:
+    cfg = levels[-1].members[0].cfg
+    return Driver(levels[-1], group_dir, member_dirs, save_every=cfg.save_every if group_dir else 0,
                   checkpoint_every=cfg.checkpoint_every if group_dir else 0, max_members=cfg.max_members,
-                  memory_check=cfg.memory_check, progress=cfg.progress, log=log)
+                  memory_check=cfg.memory_check, progress=cfg.progress, earlier_levels=levels[:-1], log=log)
 
 
 def optimize(cfgs: Sequence[DictConfig], inputs: Sequence[Inputs] | None = None,
@@ -42,8 +53,8 @@ def optimize(cfgs: Sequence[DictConfig], inputs: Sequence[Inputs] | None = None,
         groups.setdefault(structure_key(cfg, inp), []).append(i)
     results: list[MemberResult | None] = [None] * len(cfgs)
     for index in groups.values():
-        group = build_group([cfgs[i] for i in index], [inputs[i] for i in index])
-        done = _driver(group, None, [None] * len(index), log).run(lambda *_: None)
+        levels = level_groups([cfgs[i] for i in index], [inputs[i] for i in index])
+        done = _driver(levels, None, [None] * len(index), log).run(lambda *_: None)
         for j, r in done.items():
             results[index[j]] = r
     return results
@@ -63,14 +74,15 @@ def run_group(cfgs: Sequence[DictConfig], member_dirs: Sequence[Path], group_dir
         for d in member_dirs:
             if (d / "result.png").exists():
                 raise UserError(f"{d / 'result.png'} exists: every run needs its own directory")
-    group = build_group(cfgs, inputs)
+    levels = level_groups(cfgs, inputs)
+    group = levels[-1]
     extra = list(extra_metrics) if extra_metrics is not None else [{} for _ in cfgs]
 
     def write(index: list[int], results: list[MemberResult]) -> None:
         for i, r in zip(index, results):
             write_outputs(member_dirs[i], group, group.members[i], r, extra[i])
 
-    return _driver(group, group_dir, member_dirs, log).run(write, resume, start)
+    return _driver(levels, group_dir, member_dirs, log).run(write, resume, start)
 
 
 def metrics(group: Group, member: Member, r: MemberResult) -> dict:
@@ -103,6 +115,8 @@ def metrics(group: Group, member: Member, r: MemberResult) -> dict:
         "yardstick": r.yardstick,
         "versions": outputs.versions(),
     }
+    if r.levels:
+        out["levels"] = r.levels
     if r.status == "diverged":
         out["diverged_step"] = r.steps + 1
     return out

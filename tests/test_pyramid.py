@@ -1,0 +1,115 @@
+"""Coarse to fine (nstjax.pyramid): the levels' sizes and steps, each level starting from the one
+below, and a three-level run interrupted at its middle level and resumed."""
+
+import json
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from cli import ROOT, env, patched_cli_args, run_cli, small_run_args
+from nstjax import config, pyramid, stylize
+from nstjax.errors import UserError
+from nstjax.build import validate
+
+SHALLOW = ("loss.content_layers=[relu2_2]", "loss.style_layers=[relu1_1,relu2_1,relu3_1]",
+           "loss.style_layer_weights=null")
+
+
+@pytest.mark.parametrize("size, min_size, factor, want", [
+    (64, None, 2.0, [64]), (64, 16, 2.0, [16, 32, 64]), (64, 20, 2.0, [32, 64]), (512, 256, 2 ** 0.5, [256, 362, 512]),
+    (64, 64, 2.0, [64])])
+def test_level_sizes_divide_by_the_factor_down_to_min_size(size, min_size, factor, want):
+    cfg = OmegaConf.create({"image": {"size": size}, "pyramid": {"min_size": min_size, "factor": factor}})
+    assert pyramid.sizes(cfg) == want
+
+
+def test_level_configs_run_pyramid_steps_below_the_last_level():
+    cfg = config.compose(["image.size=64", "pyramid.min_size=16", "pyramid.steps=7", "optim.steps=9"])
+    levels = pyramid.level_configs(cfg)
+    assert [(c.image.size, c.optim.steps) for c in levels] == [(16, 7), (32, 7), (64, 9)]
+    assert pyramid.level_configs(config.compose(["image.size=64"])) == [config.compose(["image.size=64"])]
+
+
+def test_upsample_is_bicubic_and_clipped():
+    rng = np.random.default_rng(0)
+    x = rng.random((2, 8, 6, 3)).astype(np.float32)
+    up = pyramid.upsample(x, (16, 12))
+    assert up.shape == (2, 16, 12, 3) and up.min() >= 0 and up.max() <= 1
+    smooth = np.broadcast_to(np.linspace(0.2, 0.8, 6, dtype=np.float32), (1, 8, 6))[..., None]
+    np.testing.assert_allclose(pyramid.upsample(smooth, (8, 6)), smooth, atol=1e-6)  # same size: unchanged
+
+
+@pytest.mark.parametrize("override, message", [
+    ("pyramid.min_size=100", "pyramid.min_size = 100 must be between 1 and image.size = 32"),
+    ("pyramid.factor=1", "pyramid.factor = 1.0 must be > 1")])
+def test_bad_pyramids_are_refused(synthetic_weights_file, tmp_path, override, message):
+    with pytest.raises(UserError, match=message.replace(".", r"\.")):
+        validate(config.compose([*small_run_args(synthetic_weights_file, tmp_path)[:-1], "pyramid.min_size=16",
+                                 override]))
+
+
+def test_each_level_starts_from_the_level_below_upsampled(synthetic_weights_file, tmp_path):
+    """Level 1's step-0 loss is the objective at level 0's result upsampled (a solo run from that
+    image as init gives the same first row)."""
+    args = [*small_run_args(synthetic_weights_file, tmp_path)[:-1], "image.size=64", *SHALLOW, "optim.steps=3",
+            "pyramid.min_size=32", "pyramid.steps=3"]
+    result = stylize.optimize([config.compose(args)])[0]
+    assert [r.level for r in result.history] == [0] * 4 + [1] * 4
+    assert [lv["size"] for lv in result.levels] == [[24, 32], [48, 64]]
+    assert result.steps == 6 and result.image.shape == (48, 64, 3)
+
+
+PAUSE = """
+import signal
+import nstjax.images as images
+real_save = images.save_image
+def save_image(path, img, *a, **k):  # once level 1's second snapshot is written, wait for a signal
+    real_save(path, img, *a, **k)
+    if str(path).endswith("level_1_step_000002.png"):
+        signal.pause()
+images.save_image = save_image
+"""
+
+
+def test_three_levels_interrupted_at_the_middle_level_resume_to_the_uninterrupted_result(
+        tmp_path, synthetic_weights_file, nstjax_cache):
+    args = [*small_run_args(synthetic_weights_file, tmp_path)[:-1], "image.size=64", *SHALLOW, "optim.steps=4",
+            "pyramid.min_size=16", "pyramid.steps=4", "chunk_steps=1", "save_every=1", "checkpoint_every=0",
+            "init=noise", "seed=2"]
+    reference = tmp_path / "reference"
+    proc = run_cli([*args, f"hydra.run.dir={reference}"], nstjax_cache)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = (reference / "history.csv").read_text().splitlines()
+    assert rows[0] == "step,total,content,style,tv,level"
+    assert [r.split(",")[-1] for r in rows[1:]] == ["0"] * 5 + ["1"] * 5 + ["2"] * 5
+    assert sorted(p.name for p in (reference / "levels").iterdir()) == [f"level_{k}.png" for k in range(3)]
+    metrics = json.loads((reference / "metrics.json").read_text())
+    assert [lv["size"] for lv in metrics["levels"]] == [[12, 16], [24, 32], [48, 64]]
+    assert metrics["steps"] == 12 and metrics["image_size"] == [48, 64]
+
+    run_dir = tmp_path / "interrupted"
+    child = subprocess.Popen(patched_cli_args(PAUSE, [*args, f"hydra.run.dir={run_dir}"]), cwd=ROOT,
+                             env=env(nstjax_cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    marker = run_dir / "snapshots" / "level_1_step_000002.png"
+    deadline = time.monotonic() + 240
+    while not marker.exists():
+        assert child.poll() is None and time.monotonic() < deadline, child.communicate()[1][-2000:]
+        time.sleep(0.05)
+    child.send_signal(signal.SIGINT)
+    _, stderr = child.communicate(timeout=120)
+    assert child.returncode == 130, stderr[-2000:]
+    meta = json.loads((run_dir / "checkpoint" / "checkpoint.json").read_text())
+    assert meta["level"] == 1 and meta["step"] == 2
+    assert json.loads((run_dir / "metrics.json").read_text())["status"] == "interrupted"
+    assert not (run_dir / "levels" / "level_1.png").exists()
+
+    resumed = run_cli(["progress=false", f"resume={run_dir}", f"hydra.run.dir={tmp_path / 'r'}"], nstjax_cache)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert (run_dir / "history.csv").read_text() == (reference / "history.csv").read_text()
+    for name in ("result.png", "levels/level_0.png", "levels/level_1.png", "levels/level_2.png"):
+        assert (run_dir / name).read_bytes() == (reference / name).read_bytes(), name
+    assert json.loads((run_dir / "metrics.json").read_text())["status"] == "finished"
