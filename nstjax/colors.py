@@ -142,9 +142,16 @@ def optimized(mode: str, x0: np.ndarray) -> np.ndarray:
 
 def network_view(mode: str) -> Callable[[jax.Array], jax.Array]:
     """The RGB image the network sees from the optimised pixels (jnp): luminance, the one
-    channel replicated to three; otherwise the pixels."""
+    channel replicated to three; otherwise the pixels.
+
+    The channel is replicated by a concatenation, not a broadcast, so that the gradient is the
+    sum of the three channels' slices and not a reduction over a broadcast axis: XLA:CPU puts
+    that reduction, with the TV term's gradient (pads of the negated, weight-multiplied
+    differences) of vmapped members, into a YNNPACK fusion that reads past the end of its
+    operands (jaxlib 0.12: NaN at the last member's last pixels, and luminance members of a
+    sweep stopped as diverged at step 1)."""
     if mode == "luminance":
-        return lambda pixels: jnp.broadcast_to(pixels, pixels.shape[:-1] + (3,))
+        return lambda pixels: jnp.concatenate([pixels] * 3, axis=-1)
     return lambda pixels: pixels
 
 

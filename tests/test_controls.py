@@ -208,6 +208,32 @@ def test_luminance_control_prepares_grey_images_and_keeps_the_contents_chrominan
     assert view.shape == content.shape and np.array_equal(np.asarray(view[..., 1]), y[..., 0].astype(np.float32))
 
 
+def test_luminance_gradient_of_vmapped_members_with_tv_is_exact():
+    """d/dL of a luminance objective with a TV term, two members vmapped and jitted: Σ_c of the
+    RGB view's gradient, 3 × the TV gradient of L. With the channel broadcast, XLA:CPU fused the
+    gradient's reduction over the broadcast axis with the TV term's pads into a YNNPACK fusion
+    that reads past its operands' ends (jaxlib 0.12: NaN at the last member's last pixels, what
+    made the luminance members of a sweep stop as diverged at step 1)."""
+    import jax.numpy as jnp
+
+    from nstjax import colors
+    from nstjax.losses import total_variation
+
+    def fn(rgb, g, tv):
+        return jnp.sum(g * rgb) + tv * total_variation(rgb)
+
+    rng = np.random.default_rng(0)
+    g = jnp.asarray(rng.normal(size=(2, 24, 32, 3)), jnp.float32)
+    y = jnp.asarray(rng.uniform(size=(2, 24, 32, 1)), jnp.float32)
+    tv = jnp.asarray([0.0, 0.5], jnp.float32)
+    grad = jax.jit(jax.vmap(jax.grad(colors.objective(fn, "luminance"))))
+    exact = jax.vmap(jax.grad(lambda l, g, tv: jnp.sum(jnp.sum(g, -1, keepdims=True) * l)
+                              + 3 * tv * total_variation(l)))
+    expected = np.asarray(exact(y, g, tv))
+    for _ in range(5):
+        np.testing.assert_allclose(np.asarray(grad(y, g, tv)), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_original_colors_keep_the_results_luminance_and_the_contents_uv(images):
     from nstjax import colors
 
