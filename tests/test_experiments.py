@@ -28,7 +28,7 @@ def test_study_writes_its_table_and_sheet(name, tmp_path, synthetic_weights_file
         [sys.executable, str(ROOT / "experiments" / name / "sweep.py"), *options, "--out", str(out),
          f"model.weights={synthetic_weights_file}", f"content={EXAMPLES / 'chelsea.png'}",
          f"style={EXAMPLES / 'the_scream.jpg'}", "image.size=32", "optim.steps=1", "save_every=0",
-         "progress=false"],
+         "progress=false", "model.conv=direct"],
         cwd=tmp_path, env=env(nstjax_cache), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "1 group(s)" in proc.stderr  # every point a member of one program

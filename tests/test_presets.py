@@ -79,3 +79,43 @@ def test_preset_holds_what_its_comment_states(preset):
 def test_preset_weights_carry_the_preprocessing_their_comments_name():
     assert SOURCES["vgg19"].preprocessing == CAFFE  # BGR, 0–255, the mean pixel (Caffe, Keras)
     assert SOURCES["vgg19-torchvision"].preprocessing == TORCHVISION  # ImageNet mean and std
+
+
+@pytest.mark.parametrize("normalize_gradients", [False, True])
+@pytest.mark.torch
+def test_neural_style_step_0_equals_neural_style_lua(synthetic_weights_file, normalize_gradients):
+    """The preset's loss terms and gradient at step 0 against a float64 port of neural_style.lua's
+    feval (tests/neural_style_reference.py): ×256 Caffe input, ceil-mode max pooling at odd sizes
+    (45×34 px: 23×17, 12×9, ... at the pools), MSE content and Gram losses, its TVLoss gradient,
+    and with -normalize_gradients each term's gradient ÷ its L1 norm. At a seeded uniform image
+    (init=uniform): the preset's own init (the mean pixel + noise of std 0.001/256) is so nearly
+    constant that its max-pool windows tie to float32 rounding, and neural-style's -init image has
+    a zero content loss whose normalised gradient is 0/0, so float32 and float64 route them apart."""
+    import jax
+    import numpy as np
+
+    import neural_style_reference
+    import weights_fixtures
+    from cli import EXAMPLES
+    from nstjax.build import build_group
+
+    cfg = config.compose(["+experiment=neural_style", f"model.weights={synthetic_weights_file}",
+                          f"content={EXAMPLES / 'tubingen.jpg'}", f"style={EXAMPLES / 'starry_night.jpg'}",
+                          "image.size=45", "model.conv=direct", f"loss.normalize_gradients={normalize_gradients}",
+                          "init=uniform"])
+    group = build_group([cfg])
+    problem = jax.tree.map(lambda a: a[0], group.problems)
+    objective = group.structure.loop.objective
+    terms = objective(problem.pixels, group.params, problem.targets, problem.hp, problem.key)
+    grad = jax.grad(lambda x: objective(x, group.params, problem.targets, problem.hp, problem.key).total)(
+        problem.pixels)
+    member = group.members[0]
+    assert member.content.shape[:2] == (34, 45)
+    want = neural_style_reference.neural_style_eval(
+        weights_fixtures.synthetic_params(0), np.asarray(problem.pixels, np.float64), member.content,
+        member.styles, normalize_gradients=normalize_gradients)
+    np.testing.assert_allclose(float(terms.content), want["content"], rtol=1e-5)
+    np.testing.assert_allclose(float(terms.style), want["style"], rtol=1e-5)
+    got = np.asarray(grad, np.float64)
+    assert np.linalg.norm(got - want["grad_rgb"]) <= 1e-5 * np.linalg.norm(want["grad_rgb"])
+    np.testing.assert_allclose(got, want["grad_rgb"], rtol=1e-3, atol=1e-5 * np.abs(want["grad_rgb"]).max())

@@ -16,7 +16,7 @@ from nstjax.errors import UserError
 from nstjax.build import validate
 
 SHALLOW = ("loss.content_layers=[relu2_2]", "loss.style_layers=[relu1_1,relu2_1,relu3_1]",
-           "loss.style_layer_weights=null")
+           "loss.style_layer_weights=null", "model.conv=direct")  # three VGG blocks: quick to compile
 
 
 @pytest.mark.parametrize("size, min_size, factor, want", [
@@ -52,15 +52,32 @@ def test_bad_pyramids_are_refused(synthetic_weights_file, tmp_path, override, me
                                  override]))
 
 
-def test_each_level_starts_from_the_level_below_upsampled(synthetic_weights_file, tmp_path):
-    """Level 1's step-0 loss is the objective at level 0's result upsampled (a solo run from that
-    image as init gives the same first row)."""
-    args = [*small_run_args(synthetic_weights_file, tmp_path)[:-1], "image.size=64", *SHALLOW, "optim.steps=3",
+def test_each_level_starts_from_the_level_below_upsampled_and_members_equal_solo_runs(
+        synthetic_weights_file, tmp_path):
+    """Level 1's step-0 loss is the objective at level 0's result upsampled; two members of a
+    batched pyramid each equal their solo run, level by level."""
+    import jax
+
+    from nstjax.build import level_inputs
+
+    base = [*small_run_args(synthetic_weights_file, tmp_path)[:-1], "image.size=64", *SHALLOW, "optim.steps=3",
             "pyramid.min_size=32", "pyramid.steps=3"]
-    result = stylize.optimize([config.compose(args)])[0]
-    assert [r.level for r in result.history] == [0] * 4 + [1] * 4
-    assert [lv["size"] for lv in result.levels] == [[24, 32], [48, 64]]
-    assert result.steps == 6 and result.image.shape == (48, 64, 3)
+    cfgs = [config.compose([*base, f"loss.beta={b}"]) for b in (1e3, 1e5)]
+    both, (solo,) = stylize.optimize(cfgs), stylize.optimize(cfgs[:1])
+    assert [r.level for r in solo.history] == [0] * 4 + [1] * 4
+    assert [lv["size"] for lv in solo.levels] == [[24, 32], [48, 64]]
+    assert solo.steps == 6 and solo.image.shape == (48, 64, 3)
+    np.testing.assert_allclose(np.array(both[0].history), np.array(solo.history), rtol=1e-5)
+    assert both[1].history[0].total != solo.history[0].total
+
+    low_cfg, high_cfg = pyramid.level_configs(cfgs[0])
+    (low,) = stylize.optimize([low_cfg], [level_inputs(low_cfg, validate(cfgs[0]))])
+    np.testing.assert_allclose(np.array(low.history), np.array(solo.history[:4]), rtol=1e-5)
+    high = stylize.level_groups(cfgs[:1])[1]
+    problem = jax.tree.map(lambda a: a[0], high.problems)
+    start = pyramid.upsample(low.image[None], (48, 64))[0]
+    terms = high.structure.loop.objective(start, high.params, problem.targets, problem.hp, problem.key)
+    np.testing.assert_allclose(float(terms.total), solo.history[4].total, rtol=1e-5)
 
 
 PAUSE = """
