@@ -96,7 +96,7 @@ def metrics(group: Group, member: Member, r: MemberResult) -> dict:
         "loss_evaluations": r.evaluations,
         "compile_seconds": r.compile_seconds,
         "run_seconds": r.run_seconds,
-        "image_size": [int(s) for s in member.content.shape[:2]],
+        "image_size": [int(s) for s in r.image.shape[:2]],
         "style_size": _one_or_all([[int(s) for s in style.shape[:2]] for style in member.styles]),
         "optimizer": cfg.optim.name,
         "conv": group.structure.model.conv,

@@ -30,7 +30,7 @@ nstjax.driver.free_memory_bytes = lambda: 0  # with memory_check=true every run 
 def test_run_keys_metrics_and_progress_bar(tmp_path, synthetic_weights_file, nstjax_cache):
     run_dir = tmp_path / "run"
     args = [a for a in small_run_args(synthetic_weights_file, run_dir) if a != "progress=false"]
-    args += ["progress=true", "model.remat=on", "model.conv=direct", "optim.steps=10", "optim.max_evaluations=3",
+    args += ["progress=true", "model.remat=on", "optim.steps=10", "optim.max_evaluations=3",
              "image.max_pixels=null", "image.style_scale=1.5", "memory_check=false"]
     proc = subprocess.run(patched_cli_args(NO_FREE_MEMORY, args), cwd=ROOT, env=env(nstjax_cache),
                           capture_output=True, text=True, timeout=300)
@@ -59,7 +59,7 @@ def test_init_style_path_noise_and_seeds(tmp_path, synthetic_weights_file, nstja
     Image.open(EXAMPLES / "the_scream.jpg").transpose(Image.FLIP_LEFT_RIGHT).save(flipped)
     sweep_dir = tmp_path / "sweep"
     args = [a for a in small_run_args(synthetic_weights_file, tmp_path / "unused") if not a.startswith("hydra.")]
-    proc = run_cli(["-m", *args, "optim.steps=0", "model.conv=direct", f"init=style,{flipped},noise", "seed=1,2",
+    proc = run_cli(["-m", *args, "optim.steps=0", f"init=style,{flipped},noise", "seed=1,2",
                     f"hydra.sweep.dir={sweep_dir}"], nstjax_cache)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "6 points in 1 group(s)" in proc.stderr

@@ -16,7 +16,7 @@ from nstjax.errors import UserError
 from nstjax.build import validate
 
 SHALLOW = ("loss.content_layers=[relu2_2]", "loss.style_layers=[relu1_1,relu2_1,relu3_1]",
-           "loss.style_layer_weights=null", "model.conv=direct")  # three VGG blocks: quick to compile
+           "loss.style_layer_weights=null")  # three VGG blocks: quick to compile
 
 
 @pytest.mark.parametrize("size, min_size, factor, want", [
@@ -61,13 +61,15 @@ def test_each_level_starts_from_the_level_below_upsampled_and_members_equal_solo
     from nstjax.build import level_inputs
 
     base = [*small_run_args(synthetic_weights_file, tmp_path)[:-1], "image.size=64", *SHALLOW, "optim.steps=3",
-            "pyramid.min_size=32", "pyramid.steps=3"]
+            "pyramid.min_size=32", "pyramid.steps=3", "init=noise"]  # noise: no zero content loss at step 0
     cfgs = [config.compose([*base, f"loss.beta={b}"]) for b in (1e3, 1e5)]
     both, (solo,) = stylize.optimize(cfgs), stylize.optimize(cfgs[:1])
     assert [r.level for r in solo.history] == [0] * 4 + [1] * 4
     assert [lv["size"] for lv in solo.levels] == [[24, 32], [48, 64]]
     assert solo.steps == 6 and solo.image.shape == (48, 64, 3)
-    np.testing.assert_allclose(np.array(both[0].history), np.array(solo.history), rtol=1e-5)
+    # float32 reduction order (batched vs solo) compounds over the levels: 1e-5 per level's run
+    np.testing.assert_allclose(np.array(both[0].history[:5]), np.array(solo.history[:5]), rtol=1e-5)
+    np.testing.assert_allclose(np.array(both[0].history), np.array(solo.history), rtol=1e-4)
     assert both[1].history[0].total != solo.history[0].total
 
     low_cfg, high_cfg = pyramid.level_configs(cfgs[0])

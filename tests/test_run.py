@@ -25,7 +25,7 @@ def finished_runs(tmp_path_factory, synthetic_weights_file, nstjax_cache):
     runs = {}
     for optim in ("adam", "lbfgs"):
         run_dir = tmp_path_factory.mktemp(optim) / "run"
-        extra = [f"optim={optim}", "save_every=2"]
+        extra = [f"optim={optim}", "save_every=2", "model.conv=auto"]
         if optim == "lbfgs":
             extra.append("optim.linesearch=none")
         args = small_run_args(synthetic_weights_file, run_dir, *extra)

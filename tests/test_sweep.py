@@ -14,7 +14,7 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from cli import EXAMPLES, ROOT, env, run_cli, start_cli, tree_digest, wait_for_files
+from cli import EXAMPLES, ROOT, env, quick_conv, run_cli, start_cli, tree_digest, wait_for_files
 from nstjax import config, stylize, sweep
 from nstjax.optimize import HistoryRow
 from nstjax.outputs import read_history
@@ -26,7 +26,7 @@ def small(weights, *extra):
     """Overrides of a fast run: synthetic weights, 32 px, a few L-BFGS steps without line search."""
     return [f"model.weights={weights}", f"content={EXAMPLES / 'tubingen.jpg'}",
             f"style={EXAMPLES / 'starry_night.jpg'}", "image.size=32", "optim.steps=4",
-            "optim.linesearch=none", "optim.lr=0.5", "progress=false", *extra]
+            "optim.linesearch=none", "optim.lr=0.5", "progress=false", *quick_conv(extra), *extra]
 
 
 def read_csv(path):
@@ -130,7 +130,7 @@ def test_a_bad_point_is_refused_before_anything_runs(tmp_path, synthetic_weights
 
 def test_a_group_refused_by_the_memory_check_leaves_no_sweep(tmp_path, synthetic_weights_file, nstjax_cache):
     sweep_dir = tmp_path / "new" / "multirun"
-    proc = run_cli(["-m", *small(synthetic_weights_file), "model.conv=direct", "optim.memory_size=100000000",
+    proc = run_cli(["-m", *small(synthetic_weights_file), "optim.memory_size=100000000",
                     "loss.beta=1e3,1e5", f"hydra.sweep.dir={sweep_dir}"], nstjax_cache)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and " points in " not in ln]
