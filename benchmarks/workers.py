@@ -291,7 +291,6 @@ def ttq_jax(args):
     ``pyramid.*`` (nstjax.pyramid): ``pyramid`` = {min_size, factor, steps}, each level below the
     full size run for ``steps`` steps, then upsampled as nstjax does. Compile time (all levels) is
     measured apart and excluded from the run time."""
-    import jax
     import jax.numpy as jnp
 
     from nstjax.optimize import Loop, OptimSpec, Status

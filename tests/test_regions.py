@@ -13,7 +13,7 @@ from PIL import Image
 from cli import EXAMPLES, run_cli, small_run_args
 from nstjax import build, config, regions
 from nstjax.errors import UserError
-from nstjax.vgg import LAYER_NAMES, VGG19, gram_matrix, layer_stride
+from nstjax.vgg import LAYER_NAMES, gram_matrix, layer_stride
 
 STYLE_LAYERS = ["relu1_1", "relu2_1", "relu3_1"]
 
