@@ -16,11 +16,20 @@ def synthetic_params():
     return jax.tree.map(jnp.asarray, make_synthetic_params(0))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def nstjax_cache(tmp_path_factory):
-    """A cache dir shared by the session's runs (weights, compiled programs)."""
-    path = tmp_path_factory.mktemp("nstjax-cache")
+    """A cache dir (weights, compiled programs) shared by every run of the session: the CLI's
+    subprocesses, both pytest workers, and the test processes themselves (JAX's compilation
+    cache, as the CLI sets it), so a program compiled once is loaded by the runs that need it
+    again."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the workers' common folder
+    path = root / "nstjax-cache"
+    path.mkdir(exist_ok=True)
     os.environ["NSTJAX_CACHE"] = str(path)
+    jax.config.update("jax_compilation_cache_dir", str(path / "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     return path
 
 

@@ -10,7 +10,18 @@ shares no code with the reference.
 import numpy as np
 import pytest
 
-import neural_style_reference as ref
+
+class _Reference:
+    """tests/neural_style_reference.py, imported when first used: it needs torch, and this module
+    is collected without it too (pytest -m "not torch")."""
+
+    def __getattr__(self, name):
+        import neural_style_reference
+
+        return getattr(neural_style_reference, name)
+
+
+ref = _Reference()
 
 CHANNELS = {1: 64, 2: 128, 3: 256}
 LAYERS = ("conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1")
