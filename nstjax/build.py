@@ -137,13 +137,19 @@ def load_resized(cfg: DictConfig, spec: LossSpec, path: str, what: str) -> np.nd
             f"{deepest}, which needs at least {least} px on each side: use a larger image"
         )
     img = images.resize_longest(img, size)
+    check_resized(img, what, spec, f"raise {key} or use shallower layers")
+    return img
+
+
+def check_resized(img: np.ndarray, what: str, spec: LossSpec, remedy: str) -> None:
+    """Refuse a resized input smaller than the deepest layer needs; ``remedy`` says what to do."""
+    deepest = max(spec.layers, key=layer_stride)
+    least = layer_stride(deepest)
     if min(img.shape[:2]) < least:
         raise UserError(
             f"the {what} image is {img.shape[1]}×{img.shape[0]} px after resizing, too small for "
-            f"layer {deepest}, which needs at least {least} px on each side: raise {key} "
-            "or use shallower layers"
+            f"layer {deepest}, which needs at least {least} px on each side: {remedy}"
         )
-    return img
 
 
 def load_inputs(cfg: DictConfig, spec: LossSpec) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -247,15 +253,18 @@ def validate(cfg: DictConfig) -> Inputs:
     if str(cfg.model.weights) not in SOURCES:
         resolve(cfg.model.weights)  # a file path, or an unknown name: refused, listing the names
     content, styles = load_inputs(cfg, spec)
-    for level in pyramid.level_configs(cfg)[:-1]:  # the smaller levels' images too
-        try:
-            load_inputs(level, spec)
-        except UserError as e:
-            raise UserError(f"pyramid level of {level.image.size} px: {e}; or raise pyramid.min_size") from None
     loaded = load_regions(cfg, spec, content)
     for style in styles + [r.style for r in loaded]:
         check_loss_shapes(cfg, spec, content.shape, style.shape)
-    return Inputs(spec, content, styles, loaded)
+    inputs = Inputs(spec, content, styles, loaded)
+    for level in pyramid.level_configs(cfg)[:-1]:  # the smaller levels' inputs, as the run makes them
+        try:
+            small = level_inputs(level, inputs)
+            for what, img in [("content", small.content)] + [("style", s) for s in small.styles]:
+                check_resized(img, what, spec, "raise pyramid.min_size or use shallower layers")
+        except UserError as e:
+            raise UserError(f"pyramid level of {level.image.size} px: {e}") from None
+    return inputs
 
 
 def level_inputs(level: DictConfig, inputs: Inputs) -> Inputs:
@@ -350,17 +359,20 @@ class Group:
         return colors.finish(self.structure.color, pixels, self.members[i].content)
 
 
-def build_group(cfgs: Sequence[DictConfig], inputs: Sequence[Inputs] | None = None) -> Group:
+def build_group(cfgs: Sequence[DictConfig], inputs: Sequence[Inputs] | None = None,
+                weights: VGGWeights | None = None) -> Group:
     """Load the weights once, each member's images, targets and initial image, and stack them.
 
     ``cfgs`` must share their structure (:func:`structure_key`); ``inputs`` are their
-    :func:`validate` results, if already at hand.
+    :func:`validate` results, if already at hand; ``weights`` those of another group of the
+    same run (a pyramid's level below: ``Group.weights``, already normalised), not read again.
     """
     inputs = list(inputs) if inputs is not None else [validate(c) for c in cfgs]
     first, spec = cfgs[0], inputs[0].spec
-    weights = load_weights(first.model.weights, preprocessing=preprocessing_override(first))
-    if first.model.normalize:
-        weights = dataclasses.replace(weights, params=normalized_weights(first, weights))
+    if weights is None:
+        weights = load_weights(first.model.weights, preprocessing=preprocessing_override(first))
+        if first.model.normalize:
+            weights = dataclasses.replace(weights, params=normalized_weights(first, weights))
     model = VGG19(weights.preprocessing, enum_value(first.model.pooling),
                   enum_value(first.model.precision), use_remat(first, inputs[0].content.shape),
                   conv=conv_algorithm(first), ceil_mode=first.model.ceil_mode)

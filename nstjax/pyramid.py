@@ -31,8 +31,8 @@ def sizes(cfg: DictConfig) -> list[int]:
     if p.min_size is None:
         return [size]
     out = [size]
-    while round(out[-1] / p.factor) >= p.min_size and round(out[-1] / p.factor) < out[-1]:
-        out.append(round(out[-1] / p.factor))
+    while p.min_size <= (below := round(out[-1] / p.factor)) < out[-1]:
+        out.append(below)
     return out[::-1]
 
 

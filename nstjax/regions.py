@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nstjax import images
+from nstjax import colors, images
 from nstjax.errors import UserError
 from nstjax.style_losses import gram_divisor, style_layer_loss
 from nstjax.vgg import BLOCK_SIZES, pooled_size
@@ -81,8 +81,7 @@ def load_mask(path: str, shape: tuple[int, int], key: str, max_pixels: int | Non
     if rgb.max(initial=0.0) <= WHITE:
         raise UserError(f"{key}: the mask {path} has no white pixel (white marks the region): "
                         "draw the region in white on black")
-    mask = images.resize_to(rgb, *shape) @ np.array([0.299, 0.587, 0.114], np.float32)
-    return np.clip(mask, 0.0, 1.0).astype(np.float32)
+    return np.clip(colors.luminance(images.resize_to(rgb, *shape)), 0.0, 1.0).astype(np.float32)
 
 
 def propagate(mask: np.ndarray, layers: Sequence[str], mode: str, ceil: bool = False) -> dict[str, np.ndarray]:

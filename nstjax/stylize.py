@@ -31,8 +31,11 @@ def level_groups(cfgs: Sequence[DictConfig], inputs: Sequence[Inputs] | None = N
     per_level = list(zip(*[pyramid.level_configs(c) for c in cfgs]))
     if len(per_level) == 1:
         return [build_group(cfgs, inputs)]
-    return [build_group(list(level), [level_inputs(c, inp) for c, inp in zip(level, inputs)])
-            for level in per_level]
+    groups: list[Group] = []
+    for level in per_level:  # the weights read once, for the first level
+        groups.append(build_group(list(level), [level_inputs(c, inp) for c, inp in zip(level, inputs)],
+                                  groups[0].weights if groups else None))
+    return groups
 
 
 def _driver(levels: Sequence[Group], group_dir: Path | None, member_dirs: Sequence[Path | None], log) -> Driver:
