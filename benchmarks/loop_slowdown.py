@@ -32,13 +32,13 @@ def main(argv=None):
     from benchmarks.common import EXAMPLES, SETUPS, load_image, random_params
     from benchmarks.conv_variants import patched
     from nstjax.losses import compute_targets, make_objective
-    from nstjax.vgg import VGG19
+    from nstjax.vgg import VGG
 
     setup = SETUPS["tutorial"]()
     params = jax.tree.map(jnp.asarray, random_params(0))
     content = jnp.asarray(load_image(EXAMPLES / "tubingen.jpg", a.size))
     style = jnp.asarray(load_image(EXAMPLES / "starry_night.jpg", a.size))
-    model = VGG19(setup["prep"], "max")
+    model = VGG(setup["prep"], "max")
     targets = compute_targets(model, params, content, style, setup["spec"])
     hp = setup["make_hp"]()
     obj = make_objective(model, setup["spec"])

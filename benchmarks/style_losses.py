@@ -50,11 +50,11 @@ def measure(options: dict, size: int, reps: int, params_np) -> dict:
     import jax.numpy as jnp
 
     from nstjax.losses import HParams, LossSpec, compute_targets, make_objective
-    from nstjax.vgg import CAFFE, VGG19, default_conv, prepare_params
+    from nstjax.vgg import CAFFE, VGG, default_conv, prepare_params
 
     spec = LossSpec(**options)
     conv = default_conv("float32")
-    model = VGG19(CAFFE, "avg", conv=conv)
+    model = VGG(CAFFE, "avg", conv=conv)
     params = prepare_params(jax.tree.map(jnp.asarray, params_np), conv, spec.layers)
     content, style, x = (jnp.asarray(a) for a in bench_images(size))
     targets = jax.block_until_ready(jax.jit(lambda p, c, s: compute_targets(model, p, c, s, spec))(

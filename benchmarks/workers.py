@@ -61,10 +61,10 @@ def _jax_problem(setup, params_np, content, style, precision="float32", remat=Fa
     import jax.numpy as jnp
 
     from nstjax.losses import compute_targets, make_objective
-    from nstjax.vgg import VGG19, default_conv, prepare_params
+    from nstjax.vgg import VGG, default_conv, prepare_params
 
     conv = default_conv(precision) if (variant or "nstjax").split("+")[0] == "nstjax" else "direct"
-    model = VGG19(setup["prep"], setup["pooling"], precision=precision, remat=remat, conv=conv)
+    model = VGG(setup["prep"], setup["pooling"], precision=precision, remat=remat, conv=conv)
     params = prepare_params(jax.tree.map(jnp.asarray, params_np), conv, setup["spec"].layers)
     with _variant(variant):
         targets = compute_targets(model, params, jnp.asarray(content), jnp.asarray(style), setup["spec"])

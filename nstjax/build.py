@@ -30,7 +30,8 @@ from nstjax.errors import UserError
 from nstjax.losses import HParams, LossSpec, Targets, compute_targets, make_objective
 from nstjax.optimize import Loop, OptimSpec, Problem
 from nstjax.style_losses import StyleHParams, banded_remat_refusal
-from nstjax.vgg import VGG19, Preprocessing, UnknownLayerError, default_conv, layer_stride, prepare_params
+from nstjax.vgg import (VGG, Preprocessing, UnknownLayerError, architecture, default_conv, layer_stride,
+                        prepare_params)
 from nstjax.weights import SOURCES, VGGWeights, cache_dir, load_weights, resolve
 from nstjax.yardstick import YARDSTICK_LAYERS, yardstick_targets
 
@@ -54,8 +55,11 @@ def enum_value(v):
 
 
 def loss_spec(cfg: DictConfig) -> LossSpec:
+    """The loss structure; its layers must be layers of model.arch."""
     try:
-        return LossSpec.from_config(cfg.loss, regions=len(cfg.regions or []))
+        spec = LossSpec.from_config(cfg.loss, regions=len(cfg.regions or []))
+        architecture(enum_value(cfg.model.arch)).check_layers(spec.layers)
+        return spec
     except UnknownLayerError as e:
         raise UserError(f"loss.content_layers / loss.style_layers: {e}") from e
     except ValueError as e:
@@ -168,7 +172,8 @@ def load_regions(cfg: DictConfig, spec: LossSpec, content: np.ndarray) -> list[r
         except UserError as e:
             raise UserError(f"{key}: {e}") from e
 
-    return regions.load_regions(cfg, content.shape[:2], load_style, spec.style_layers, cfg.model.ceil_mode)
+    return regions.load_regions(cfg, content.shape[:2], load_style, spec.style_layers, cfg.model.ceil_mode,
+                                enum_value(cfg.model.arch))
 
 
 def initial_image(cfg: DictConfig, content: np.ndarray, styles: Sequence[np.ndarray],
@@ -192,7 +197,8 @@ def check_init(cfg: DictConfig) -> None:
 
 def normalized_weights(cfg: DictConfig, weights: VGGWeights) -> dict:
     """The params of Gatys et al.'s normalised VGG19 (:mod:`nstjax.normalize`) for this pooling."""
-    model = VGG19(weights.preprocessing, enum_value(cfg.model.pooling), ceil_mode=cfg.model.ceil_mode)
+    model = VGG(weights.preprocessing, enum_value(cfg.model.pooling), ceil_mode=cfg.model.ceil_mode,
+                arch=weights.arch)
     return normalize.normalized_params(model, weights.params,
                                        weights.sha256, normalize_folder(cfg), cfg.model.normalize_size,
                                        cache_dir(), cfg.image.max_pixels)
@@ -201,6 +207,14 @@ def normalized_weights(cfg: DictConfig, weights: VGGWeights) -> dict:
 def normalize_folder(cfg: DictConfig) -> Path:
     """model.normalize_images, or the bundled examples' folder."""
     return Path(cfg.model.normalize_images or example_image(DEFAULT_CONTENT).parent)
+
+
+def check_arch(cfg: DictConfig, weights_arch: str) -> None:
+    """Refuse weights of another network than model.arch, naming both."""
+    arch = enum_value(cfg.model.arch)
+    if weights_arch != arch:
+        raise UserError(f"model.weights={cfg.model.weights} holds a {weights_arch.upper()}, model.arch is "
+                        f"{arch}: set model.arch={weights_arch} (or choose {arch.upper()} weights)")
 
 
 def use_remat(cfg: DictConfig, shape) -> bool:
@@ -252,6 +266,8 @@ def validate(cfg: DictConfig) -> Inputs:
     preprocessing_override(cfg)
     if str(cfg.model.weights) not in SOURCES:
         resolve(cfg.model.weights)  # a file path, or an unknown name: refused, listing the names
+    else:
+        check_arch(cfg, SOURCES[str(cfg.model.weights)].arch)
     content, styles = load_inputs(cfg, spec)
     loaded = load_regions(cfg, spec, content)
     for style in styles + [r.style for r in loaded]:
@@ -313,7 +329,7 @@ def structure_key(cfg: DictConfig, inputs: Inputs) -> str:
 class Structure:
     """What every member of a group shares: part of the compiled program."""
 
-    model: VGG19
+    model: VGG
     loss: LossSpec
     optim: OptimSpec
     chunk_steps: int
@@ -371,11 +387,12 @@ def build_group(cfgs: Sequence[DictConfig], inputs: Sequence[Inputs] | None = No
     first, spec = cfgs[0], inputs[0].spec
     if weights is None:
         weights = load_weights(first.model.weights, preprocessing=preprocessing_override(first))
+        check_arch(first, weights.arch)
         if first.model.normalize:
             weights = dataclasses.replace(weights, params=normalized_weights(first, weights))
-    model = VGG19(weights.preprocessing, enum_value(first.model.pooling),
+    model = VGG(weights.preprocessing, enum_value(first.model.pooling),
                   enum_value(first.model.precision), use_remat(first, inputs[0].content.shape),
-                  conv=conv_algorithm(first), ceil_mode=first.model.ceil_mode)
+                  conv=conv_algorithm(first), ceil_mode=first.model.ceil_mode, arch=weights.arch)
     structure = Structure(model, spec, optim_spec(first), int(first.chunk_steps), int(first.optim.steps),
                           min(first.optim.max_evaluations or 2**31 - 1, 2**31 - 1),
                           color=enum_value(first.color_control), members=enum_value(first.member_batching))
@@ -413,10 +430,10 @@ def blended_targets(targets_fn, params, content: jax.Array, styles: Sequence[np.
     return each[0]._replace(style=blend.blend([t.style for t in each], weights))
 
 
-def guided_grams(model: VGG19, params, style: jax.Array, guides: dict, layers: Sequence[str]) -> dict:
+def guided_grams(model: VGG, params, style: jax.Array, guides: dict, layers: Sequence[str]) -> dict:
     """The guided Gram matrices (S ∘ T)ᵀ (S ∘ T) of one style image under its guide at each layer."""
     grams = model.apply({"params": params}, style[None], (), tuple(layers),
-                        guides={name: guides[name][None] for name in layers}, method=VGG19.features).grams
+                        guides={name: guides[name][None] for name in layers}, method=VGG.features).grams
     return {name: grams[name][0, 0] for name in layers}
 
 

@@ -20,6 +20,7 @@ from nstjax.regions import PROPAGATIONS
 from nstjax.images import DEFAULT_MAX_PIXELS
 from nstjax.losses import TV_NORMS, LossSpec
 from nstjax.optimize import MEMBER_BATCHING, OptimSpec
+from nstjax.vgg import ARCHITECTURES, DEFAULT_ARCH
 from nstjax.style_losses import (CONTENT_LOSSES, CONTENT_REDUCTIONS, GRAM_NORMS, MMD_KERNELS,
                                  STYLE_LOSSES, STYLE_REDUCTIONS, StyleHParams)
 
@@ -69,6 +70,7 @@ ColorControl = _choices("ColorControl", COLOR_CONTROLS,
 ContentLoss = _choices("ContentLoss", CONTENT_LOSSES,
                        "The per-layer content loss (nstjax.style_losses.CONTENT_LOSSES).")
 
+Arch = _choices("Arch", ARCHITECTURES, "The VGG network (nstjax.vgg.ARCHITECTURES): vgg19, vgg16, vgg13 or vgg11.")
 MaskPropagation = _choices("MaskPropagation", PROPAGATIONS,
                            "How region masks reach deeper layers (nstjax.regions): simple or inside.")
 MemberBatching = _choices("MemberBatching", MEMBER_BATCHING,
@@ -109,6 +111,7 @@ class ImageConfig:
 @dataclass
 class ModelConfig:
     weights: str = "vgg19"  # a registry name (python -m nstjax.weights list) or a file path
+    arch: Arch = Arch[DEFAULT_ARCH]  # the network the weights are of: vgg19 | vgg16 | vgg13 | vgg11
     pooling: Pooling = Pooling.avg
     ceil_mode: bool = False  # pool in Caffe's ceil mode: odd sizes keep their last row and column (neural-style)
     precision: Precision = Precision.float32

@@ -32,7 +32,7 @@ from nstjax import gradnorm, regions
 from nstjax.style_losses import (CONTENT_REDUCTIONS, GRAM_NORMS, STYLE_REDUCTIONS, LayerInput,
                                  LayerLossOptions, StyleHParams, content_loss, gram_divisor,
                                  style_layer_loss)
-from nstjax.vgg import VGG19, Features, check_layers, layer_stride
+from nstjax.vgg import VGG, Features, check_layers, layer_stride
 
 __all__ = ["CONTENT_REDUCTIONS", "GRAM_NORMS", "STYLE_REDUCTIONS", "TV_NORMS", "HParams", "LossSpec",
            "StyleHParams", "Targets", "Terms", "compute_targets", "content_loss", "gram_divisor",
@@ -170,7 +170,7 @@ def total_variation(x: jax.Array, norm: str = "squared") -> jax.Array:
     return jnp.sum(jnp.abs(dy)) + jnp.sum(jnp.abs(dx))
 
 
-def compute_targets(model: VGG19, params, content: jax.Array, style: jax.Array,
+def compute_targets(model: VGG, params, content: jax.Array, style: jax.Array,
                     spec: LossSpec) -> Targets:
     """P = features of the content image; the style loss's targets of the style image."""
     content_acts = model.apply({"params": params}, content[None], spec.content_layers)
@@ -183,7 +183,7 @@ def compute_targets(model: VGG19, params, content: jax.Array, style: jax.Array,
     )
 
 
-def _style_features(model: VGG19, params, image: jax.Array, spec: LossSpec,
+def _style_features(model: VGG, params, image: jax.Array, spec: LossSpec,
                     extra_layers: tuple[str, ...] = (), guides: dict | None = None) -> Features:
     """One model pass: ``extra_layers`` and the style layers as the style loss reads them
     (feature maps, or only sums over positions: Gram matrices, and channel sums for 'moments';
@@ -192,10 +192,10 @@ def _style_features(model: VGG19, params, image: jax.Array, spec: LossSpec,
     maps = reads == "features"
     layers = tuple(dict.fromkeys(extra_layers + (spec.style_layers if maps else ())))
     return model.apply({"params": params}, image[None], layers, () if maps else spec.style_layers,
-                       spec.style_layers if reads == "moments" else (), guides, method=VGG19.features)
+                       spec.style_layers if reads == "moments" else (), guides, method=VGG.features)
 
 
-def _layer_input(model: VGG19, name: str, image_shape, feats: Features, reads: str) -> LayerInput:
+def _layer_input(model: VGG, name: str, image_shape, feats: Features, reads: str) -> LayerInput:
     """A style layer's :class:`LayerInput` from the model's features of one image."""
     if reads == "features":
         return LayerInput(tuple(feats.acts[name].shape[1:]), features=feats.acts[name][0])
@@ -204,7 +204,7 @@ def _layer_input(model: VGG19, name: str, image_shape, feats: Features, reads: s
     return LayerInput(shape, gram=feats.grams[name][0], sums=sums)
 
 
-def make_objective(model: VGG19, spec: LossSpec) -> Callable[..., Terms]:
+def make_objective(model: VGG, spec: LossSpec) -> Callable[..., Terms]:
     """Return ``objective(pixels, params, targets, hparams, key=None) -> Terms``, pure and jittable.
 
     ``pixels`` is one (H, W, 3) RGB image in [0, 1]; ``key`` a typed PRNG key

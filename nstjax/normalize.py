@@ -38,10 +38,14 @@ import numpy as np
 from nstjax import images
 from nstjax.atomic import write_text
 from nstjax.errors import UserError
-from nstjax.vgg import CONV_LAYERS, VGG19
+from nstjax.vgg import VGG
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp")
-RELU_LAYERS = tuple("relu" + name[4:] for name in CONV_LAYERS)
+
+
+def relu_layers(conv_layers: Sequence[str]) -> tuple[str, ...]:
+    """The ReLU after each convolution."""
+    return tuple("relu" + name[4:] for name in conv_layers)
 
 
 def image_files(folder: str | Path) -> list[Path]:
@@ -54,22 +58,24 @@ def image_files(folder: str | Path) -> list[Path]:
     return files
 
 
-def filter_means(model: VGG19, params: dict, imgs: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+def filter_means(model: VGG, params: dict, imgs: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
     """μ_l per ReLU layer (one value per filter): each image's mean over positions, averaged
     over the images, in the network ``model`` with ``params``."""
+    relus = relu_layers(model.architecture.conv_layers)
     fn = jax.jit(lambda p, x: {k: jnp.mean(v[0], axis=(0, 1)) for k, v in model.apply({"params": p}, x[None],
-                                                                                        RELU_LAYERS).items()})
-    total = {name: 0.0 for name in RELU_LAYERS}
+                                                                                        relus).items()})
+    total = {name: 0.0 for name in relus}
     for img in imgs:
         means = jax.device_get(fn(params, jnp.asarray(img, jnp.float32)))
-        total = {name: total[name] + np.asarray(means[name], np.float64) for name in RELU_LAYERS}
-    return {name: total[name] / len(imgs) for name in RELU_LAYERS}
+        total = {name: total[name] + np.asarray(means[name], np.float64) for name in relus}
+    return {name: total[name] / len(imgs) for name in relus}
 
 
 def rescale(params: dict, means: dict[str, np.ndarray]) -> dict:
-    """W′ = W · μ_in / μ_out and b′ = b / μ_out per convolution (μ = 0 taken as 1)."""
+    """W′ = W · μ_in / μ_out and b′ = b / μ_out per convolution (μ = 0 taken as 1), in forward order."""
     out, previous = {}, np.ones(3)
-    for conv, relu in zip(CONV_LAYERS, RELU_LAYERS):
+    convs = sorted(params, key=lambda name: (int(name[4]), int(name[6:])))
+    for conv, relu in zip(convs, relu_layers(convs)):
         mu = np.where(means[relu] > 0, means[relu], 1.0)
         kernel = np.asarray(params[conv]["kernel"], np.float64) * previous[:, None] / mu
         bias = np.asarray(params[conv]["bias"], np.float64) / mu
@@ -86,7 +92,7 @@ def cache_key(weights_sha256: str, pooling: str, files: Sequence[Path], size: in
     return h.hexdigest()
 
 
-def normalized_params(model: VGG19, params: dict, weights_sha256: str, folder: str | Path, size: int,
+def normalized_params(model: VGG, params: dict, weights_sha256: str, folder: str | Path, size: int,
                       cache: Path, max_pixels: int | None = None) -> dict:
     """``params`` of the normalised network: the filter means from ``cache`` when it holds them
     for this key, else computed on the images of ``folder`` (longest side ``size``) and cached."""

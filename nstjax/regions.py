@@ -45,7 +45,7 @@ import numpy as np
 from nstjax import colors, images
 from nstjax.errors import UserError
 from nstjax.style_losses import gram_divisor, style_layer_loss
-from nstjax.vgg import BLOCK_SIZES, pooled_size
+from nstjax.vgg import DEFAULT_ARCH, architecture, pooled_size
 
 PROPAGATIONS = ("simple", "inside")
 """The ``mask_propagation`` choices."""
@@ -84,13 +84,15 @@ def load_mask(path: str, shape: tuple[int, int], key: str, max_pixels: int | Non
     return np.clip(colors.luminance(images.resize_to(rgb, *shape)), 0.0, 1.0).astype(np.float32)
 
 
-def propagate(mask: np.ndarray, layers: Sequence[str], mode: str, ceil: bool = False) -> dict[str, np.ndarray]:
-    """The guide T_l of each of ``layers`` from a mask at the image's size, through VGG19's
-    convolutions and poolings (``mode``: simple or inside; ``ceil``: the pooling's ceil mode)."""
+def propagate(mask: np.ndarray, layers: Sequence[str], mode: str, ceil: bool = False,
+              arch: str = DEFAULT_ARCH) -> dict[str, np.ndarray]:
+    """The guide T_l of each of ``layers`` from a mask at the image's size, through the network's
+    convolutions and poolings (``mode``: simple or inside; ``ceil``: the pooling's ceil mode;
+    ``arch``: the VGG network, :data:`nstjax.vgg.ARCHITECTURES`)."""
     if mode not in PROPAGATIONS:
         raise ValueError(f"mask_propagation must be one of {', '.join(PROPAGATIONS)}, not {mode!r}")
     wanted, out, t = set(layers), {}, np.asarray(mask, np.float64)
-    for block, convs in enumerate(BLOCK_SIZES, 1):
+    for block, convs in enumerate(architecture(arch).block_sizes, 1):
         for i in range(1, convs + 1):
             if mode == "inside":
                 t = _erode3x3(t)
@@ -131,7 +133,7 @@ def check_coverage(guides: dict, key: str, mode: str) -> None:
 
 
 def load_regions(cfg, content_shape: tuple[int, int], load_style, layers: Sequence[str],
-                 ceil: bool) -> list[Region]:
+                 ceil: bool, arch: str = DEFAULT_ARCH) -> list[Region]:
     """Each of ``cfg.regions`` loaded and checked: masks, weights, style images (``load_style(path,
     key)`` resizes one as the run's style), and the guides at ``layers`` (every one covering
     something)."""
@@ -147,7 +149,7 @@ def load_regions(cfg, content_shape: tuple[int, int], load_style, layers: Sequen
         style = load_style(region.style, f"{key}.style")
         style_mask = (np.ones(style.shape[:2], np.float32) if region.style_mask is None else
                       load_mask(region.style_mask, style.shape[:2], f"{key}.style_mask", cfg.image.max_pixels))
-        guides, style_guides = propagate(mask, layers, mode, ceil), propagate(style_mask, layers, mode, ceil)
+        guides, style_guides = (propagate(m, layers, mode, ceil, arch) for m in (mask, style_mask))
         check_coverage(guides, f"{key}.mask", mode)
         check_coverage(style_guides, f"{key}.style_mask", mode)
         out.append(Region(float(region.weight), style, guides, style_guides))

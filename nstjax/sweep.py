@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from nstjax import checkpoint, config, rundir
 from nstjax.atomic import atomic_path, write_text
-from nstjax.build import Inputs, preprocessing_override, structure_key, validate
+from nstjax.build import Inputs, check_arch, preprocessing_override, structure_key, validate
 from nstjax.driver import EXIT_DIVERGED, EXIT_SIGNAL, SIGNALS
 from nstjax.errors import UserError
 from nstjax.stylize import run_group
@@ -59,7 +59,7 @@ def plan(points: Sequence[Point]) -> list[list[Point]]:
             p.inputs = validate(p.cfg)
             key = OmegaConf.to_yaml(p.cfg.model)
             if key not in read:
-                load_weights(p.cfg.model.weights, preprocessing=preprocessing_override(p.cfg))
+                check_arch(p.cfg, load_weights(p.cfg.model.weights, preprocessing=preprocessing_override(p.cfg)).arch)
                 read.add(key)
         except UserError as e:
             raise UserError(f"sweep point {p.n} ({' '.join(p.overrides)}): {e}") from e

@@ -1,9 +1,10 @@
-"""VGG19 (Simonyan & Zisserman 2014) as a frozen Flax feature extractor.
+"""The VGG networks (Simonyan & Zisserman 2014) as frozen Flax feature extractors.
 
-The 16 convolutions of VGG19 (blocks of 2, 2, 4, 4, 4 3×3 convolutions, zero
-'SAME' padding, each followed by a ReLU; a 2×2 stride-2 pooling after each
-block), NHWC. A call returns the named activations asked for and stops after
-the deepest one:
+VGG19's 16 convolutions (blocks of 2, 2, 4, 4, 4 3×3 convolutions, zero 'SAME'
+padding, each followed by a ReLU; a 2×2 stride-2 pooling after each block),
+NHWC; VGG16 (2, 2, 3, 3, 3), VGG13 (2, 2, 2, 2, 2) and VGG11 (1, 1, 2, 2, 2)
+likewise (:data:`ARCHITECTURES`). A call returns the named activations asked
+for and stops after the deepest one:
 
     conv{b}_{i}  convolution output, before the ReLU
     relu{b}_{i}  after the ReLU
@@ -26,51 +27,87 @@ import jax.numpy as jnp
 
 from nstjax import winograd
 
-BLOCK_SIZES = (2, 2, 4, 4, 4)
 BLOCK_CHANNELS = (64, 128, 256, 512, 512)
-
-CONV_LAYERS: tuple[str, ...] = tuple(
-    f"conv{b}_{i}" for b, n in enumerate(BLOCK_SIZES, 1) for i in range(1, n + 1)
-)
-
-
-def _layer_names() -> tuple[str, ...]:
-    names = []
-    for b, n in enumerate(BLOCK_SIZES, 1):
-        for i in range(1, n + 1):
-            names += [f"conv{b}_{i}", f"relu{b}_{i}"]
-        names.append(f"pool{b}")
-    return tuple(names)
-
-
-LAYER_NAMES: tuple[str, ...] = _layer_names()
-"""Every activation the model can return, in forward order."""
-
-
-def conv_shapes() -> dict[str, tuple[tuple[int, int, int, int], tuple[int]]]:
-    """Kernel (HWIO) and bias shape of each convolution of VGG19."""
-    shapes, c_in = {}, 3
-    for b, (n, c_out) in enumerate(zip(BLOCK_SIZES, BLOCK_CHANNELS), 1):
-        for i in range(1, n + 1):
-            shapes[f"conv{b}_{i}"] = ((3, 3, c_in, c_out), (c_out,))
-            c_in = c_out
-    return shapes
 
 
 class UnknownLayerError(ValueError):
-    """A layer name that VGG19 does not have."""
+    """A layer name that the network does not have."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """One network of the VGG family (Simonyan & Zisserman 2014, Table 1): five blocks of
+    ``block_sizes`` 3×3 convolutions with ``BLOCK_CHANNELS`` channels, each block followed by a
+    2×2 pooling. Layer names follow the blocks: ``conv{b}_{i}``, ``relu{b}_{i}``, ``pool{b}``."""
+
+    name: str
+    block_sizes: tuple[int, ...]
+
+    @functools.cached_property
+    def conv_layers(self) -> tuple[str, ...]:
+        """The convolutions in forward order."""
+        return tuple(f"conv{b}_{i}" for b, n in enumerate(self.block_sizes, 1) for i in range(1, n + 1))
+
+    @functools.cached_property
+    def layer_names(self) -> tuple[str, ...]:
+        """Every activation the model can return, in forward order."""
+        names = []
+        for b, n in enumerate(self.block_sizes, 1):
+            for i in range(1, n + 1):
+                names += [f"conv{b}_{i}", f"relu{b}_{i}"]
+            names.append(f"pool{b}")
+        return tuple(names)
+
+    def conv_shapes(self) -> dict[str, tuple[tuple[int, int, int, int], tuple[int]]]:
+        """Kernel (HWIO) and bias shape of each convolution."""
+        shapes, c_in = {}, 3
+        for b, (n, c_out) in enumerate(zip(self.block_sizes, BLOCK_CHANNELS), 1):
+            for i in range(1, n + 1):
+                shapes[f"conv{b}_{i}"] = ((3, 3, c_in, c_out), (c_out,))
+                c_in = c_out
+        return shapes
+
+    def check_layers(self, layers: Iterable[str]) -> tuple[str, ...]:
+        """Return ``layers`` as a tuple, or raise naming the valid layer names."""
+        layers = tuple(layers)
+        unknown = [name for name in layers if name not in self.layer_names]
+        if unknown:
+            raise UnknownLayerError(
+                f"unknown {self.name.upper()} layer {', '.join(map(repr, unknown))}; valid names: "
+                + ", ".join(self.layer_names)
+            )
+        return layers
+
+    def deepest(self, layers: Iterable[str]) -> str:
+        """The last of ``layers`` in forward order."""
+        return max(self.check_layers(layers), key=self.layer_names.index)
+
+
+ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
+    Architecture("vgg11", (1, 1, 2, 2, 2)),
+    Architecture("vgg13", (2, 2, 2, 2, 2)),
+    Architecture("vgg16", (2, 2, 3, 3, 3)),
+    Architecture("vgg19", (2, 2, 4, 4, 4)),
+)}
+DEFAULT_ARCH = "vgg19"
+
+
+def architecture(name: str) -> Architecture:
+    """The architecture ``name``, or a ValueError listing the choices."""
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown model.arch {name!r}: use one of {', '.join(ARCHITECTURES)}")
+    return ARCHITECTURES[name]
+
+
+VGG19_ARCH = ARCHITECTURES["vgg19"]
+LAYER_NAMES = VGG19_ARCH.layer_names
+"""Every layer name of the family (VGG19's names hold every shallower network's)."""
 
 
 def check_layers(layers: Iterable[str]) -> tuple[str, ...]:
-    """Return ``layers`` as a tuple, or raise naming the valid layer names."""
-    layers = tuple(layers)
-    unknown = [name for name in layers if name not in LAYER_NAMES]
-    if unknown:
-        raise UnknownLayerError(
-            f"unknown VGG19 layer {', '.join(map(repr, unknown))}; valid names: "
-            + ", ".join(LAYER_NAMES)
-        )
-    return layers
+    """``layers`` as a tuple, each a layer name of the family (VGG19's names), else raise listing
+    them; :meth:`Architecture.check_layers` checks one network's."""
+    return VGG19_ARCH.check_layers(layers)
 
 
 def layer_channels(name: str) -> int:
@@ -287,7 +324,7 @@ def channel_sums(features: jax.Array) -> jax.Array:
 
 
 class Features(NamedTuple):
-    """What :meth:`VGG19.features` returns by layer name: activations, Gram matrices Fᵀ F and
+    """What :meth:`VGG.features` returns by layer name: activations, Gram matrices Fᵀ F and
     per-channel sums Σᵢ fᵢ."""
 
     acts: dict[str, jax.Array]
@@ -329,11 +366,11 @@ def _run_block(x, convs, block: int, names: tuple[str, ...], grams: tuple[str, .
                        {n: channel_sums(acts[n]) for n in sums})
 
 
-def _convs_run(block: int, stop: str) -> int:
-    """How many convolutions of block ``block`` run before ``stop``."""
+def _convs_run(block: int, size: int, stop: str) -> int:
+    """How many convolutions of block ``block`` (of ``size``) run before ``stop``."""
     if _block_of(stop) == block and "_" in stop:
         return int(stop.split("_")[1])
-    return BLOCK_SIZES[block - 1]
+    return size
 
 
 def _band_rows(height: int, width: int, channels: int, band_elements: int) -> int:
@@ -364,7 +401,7 @@ def _run_block_banded(x, convs, block: int, names: tuple[str, ...], grams: tuple
     the same bands (zero past the image's end).
     """
     n, height, width, _ = x.shape
-    k = _convs_run(block, stop)
+    k = _convs_run(block, len(convs), stop)
     rows = _band_rows(height, width, BLOCK_CHANNELS[block - 1], band_elements)
     count = -(-height // rows)
     x_pad = jnp.pad(x, ((0, 0), (k, count * rows - height + k), (0, 0), (0, 0)))
@@ -434,25 +471,27 @@ class _ConvParams(nn.Module):
         return kernel, bias, transformed
 
 
-class VGG19(nn.Module):
-    """VGG19's convolutional part returning named activations.
+class VGG(nn.Module):
+    """A VGG network's convolutional part (VGG11, 13, 16 or 19) returning named activations.
 
-    Params are ``{conv1_1: {kernel (3, 3, in, out), bias (out,)}, ...}``.
+    Params are ``{conv1_1: {kernel (3, 3, in, out), bias (out,)}, ...}``, one per convolution
+    of ``arch``.
 
     Attributes:
       preprocessing: what the weights expect of their input.
       pooling: 'max' (as trained) or 'avg' (Gatys et al. 2016 for synthesis).
       precision: 'float32'; 'tf32' (TF32 convolutions on GPUs) or 'bfloat16'
         (bfloat16 convolution inputs, float32 accumulation and outputs).
-      conv: 'direct' (XLA's convolution) or 'winograd' (F(4×4, 3×3) in float32
-        for the convolutions with ≥ 128 input channels, see :mod:`nstjax.winograd`;
-        needs precision 'float32').
       remat: recompute each block's activations in the backward pass
         (``jax.checkpoint`` per block, in horizontal bands of about
         ``band_elements`` values per activation) to fit large images.
+      conv: 'direct' (XLA's convolution) or 'winograd' (F(4×4, 3×3) in float32
+        for the convolutions with ≥ 128 input channels, see :mod:`nstjax.winograd`;
+        needs precision 'float32').
       ceil_mode: pool in Caffe's ceil mode (odd sizes keep their last row and
         column, as the Caffe VGG19 that neural-style runs); False: floor mode,
         as torchvision.
+      arch: the network (:data:`ARCHITECTURES`): 'vgg19' (Gatys et al.), 'vgg16', 'vgg13', 'vgg11'.
     """
 
     preprocessing: Preprocessing = CAFFE
@@ -462,6 +501,11 @@ class VGG19(nn.Module):
     conv: str = "direct"
     ceil_mode: bool = False
     band_elements: int = 1 << 26
+    arch: str = DEFAULT_ARCH
+
+    @property
+    def architecture(self) -> Architecture:
+        return architecture(self.arch)
 
     def layer_shape(self, name: str, height: int, width: int) -> tuple[int, int, int]:
         """(H, W, N) of activation ``name`` for an image of height × width."""
@@ -482,7 +526,8 @@ class VGG19(nn.Module):
         With ``remat`` a layer asked for only as a Gram matrix or sums is never
         held whole in memory.
         """
-        layers, grams, sums = check_layers(layers), check_layers(grams), check_layers(sums)
+        arch = self.architecture
+        layers, grams, sums = arch.check_layers(layers), arch.check_layers(grams), arch.check_layers(sums)
         if not layers + grams + sums:
             raise ValueError("no layers asked for")
         if self.pooling not in ("max", "avg"):
@@ -493,9 +538,9 @@ class VGG19(nn.Module):
             raise ValueError(f"conv must be one of {CONV_ALGORITHMS}, not {self.conv!r}")
         if self.conv == "winograd" and self.precision != "float32":
             raise ValueError("conv='winograd' computes in float32: use precision='float32' or conv='direct'")
-        shapes = conv_shapes()
-        params = {name: _ConvParams(shapes[name][0], name=name)() for name in CONV_LAYERS}
-        deepest = max(layers + grams + sums, key=LAYER_NAMES.index)
+        shapes = arch.conv_shapes()
+        params = {name: _ConvParams(shapes[name][0], name=name)() for name in arch.conv_layers}
+        deepest = arch.deepest(layers + grams + sums)
         x = self.preprocessing(rgb.astype(jnp.float32))
         out = Features({}, {}, {})
         for b in range(1, _block_of(deepest) + 1):
@@ -508,7 +553,7 @@ class VGG19(nn.Module):
                 pooling=self.pooling, precision=self.precision, conv=self.conv, ceil=self.ceil_mode,
                 guides={n: g for n, g in (guides or {}).items() if _block_of(n) == b},
             )
-            convs = [params[f"conv{b}_{i}"] for i in range(1, BLOCK_SIZES[b - 1] + 1)]
+            convs = [params[f"conv{b}_{i}"] for i in range(1, arch.block_sizes[b - 1] + 1)]
             x, feats = block(x, convs)
             out.acts.update(feats.acts)
             out.grams.update(feats.grams)

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from nstjax.vgg import VGG19
+from nstjax.vgg import VGG
 
 CONTENT_LAYER = "relu4_2"
 STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
@@ -30,16 +30,16 @@ class YardstickTargets(NamedTuple):
     grams: dict[str, jax.Array]  # raw Gram matrices SᵀS of the style image
 
 
-def yardstick_targets(model: VGG19, params, content: jax.Array, style: jax.Array) -> YardstickTargets:
+def yardstick_targets(model: VGG, params, content: jax.Array, style: jax.Array) -> YardstickTargets:
     acts = model.apply({"params": params}, content[None], (CONTENT_LAYER,))
-    grams = model.apply({"params": params}, style[None], grams=STYLE_LAYERS, method=VGG19.features).grams
+    grams = model.apply({"params": params}, style[None], grams=STYLE_LAYERS, method=VGG.features).grams
     return YardstickTargets(acts[CONTENT_LAYER][0], {name: grams[name][0] for name in STYLE_LAYERS})
 
 
-def yardstick(model: VGG19, params, pixels: jax.Array, targets: YardstickTargets) -> dict[str, jax.Array]:
+def yardstick(model: VGG, params, pixels: jax.Array, targets: YardstickTargets) -> dict[str, jax.Array]:
     """``{"content": ½Σ(F−P)², "style": (E_l for each of STYLE_LAYERS)}`` of one (H, W, 3) image."""
     feats = model.apply({"params": params}, pixels[None], (CONTENT_LAYER,), STYLE_LAYERS,
-                        method=VGG19.features)
+                        method=VGG.features)
     content = 0.5 * jnp.sum(jnp.square(feats.acts[CONTENT_LAYER][0].astype(jnp.float32) - targets.content))
     style = []
     for name in STYLE_LAYERS:

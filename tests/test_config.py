@@ -2,6 +2,7 @@
 
 from importlib import resources
 
+import numpy as np
 import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
@@ -10,6 +11,7 @@ from omegaconf.errors import ConfigAttributeError, ValidationError
 from nstjax import config
 from nstjax.losses import HParams
 from nstjax.build import hparams, loss_spec, optim_spec
+from nstjax.errors import UserError
 
 config.register()
 PRESETS = ["gatys2016", "pytorch_tutorial", "tf_tutorial", "neural_style", "preview"]
@@ -41,7 +43,8 @@ def test_gatys2016_is_the_seed():
     assert cfg.model.weights == "vgg19" and cfg.model.pooling.value == "avg"
     assert list(cfg.loss.content_layers) == ["relu4_2"]
     assert list(cfg.loss.style_layers) == ["relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"]
-    assert list(cfg.loss.style_layer_weights) == [0.2] * 5
+    assert cfg.loss.style_layer_weights is None  # 1/L each: 1/5
+    np.testing.assert_allclose(hparams(cfg, loss_spec(cfg)).style_layer_weights, [0.2] * 5)
     assert (cfg.loss.alpha, cfg.loss.beta) == (1.0, 1e4)
     assert cfg.loss.style_reduction.value == "gatys" and cfg.loss.gram_norm.value == "none"
     assert cfg.loss.content_reduction.value == "half_sum"
@@ -105,3 +108,39 @@ def test_remat_mode_and_threshold(mode, pixels, expected):
 
     cfg = composed(f"model.remat={mode}")
     assert use_remat(cfg, (pixels, 1, 3)) is expected
+
+
+def test_style_layers_alone_take_equal_weights():
+    cfg = composed("loss.style_layers=[relu1_1,relu3_1]")
+    hp = hparams(cfg, loss_spec(cfg))
+    np.testing.assert_allclose(hp.style_layer_weights, [0.5, 0.5])  # 1/L for the layers given
+    cfg = composed("+experiment=neural_style", "loss.style_layers=[relu1_1,relu3_1]")  # a preset's own: 5 values
+    with pytest.raises(UserError, match="style_layer_weights has 5 values for 2 layers"):
+        hparams(cfg, loss_spec(cfg))
+
+
+@pytest.mark.parametrize("arch, bad, good", [("vgg16", "relu3_4", "relu3_3"), ("vgg11", "relu1_2", "relu4_2"),
+                                             ("vgg13", "conv5_3", "conv5_2")])
+def test_layers_of_the_chosen_network(arch, bad, good):
+    assert loss_spec(composed(f"model.arch={arch}", f"loss.content_layers=[{good}]")).content_layers == (good,)
+    with pytest.raises(UserError) as e:
+        loss_spec(composed(f"model.arch={arch}", f"loss.content_layers=[{bad}]"))
+    assert f"unknown {arch.upper()} layer '{bad}'" in str(e.value) and good in str(e.value)
+
+
+def test_weights_of_another_network_are_refused_naming_both():
+    from nstjax.build import check_arch
+
+    with pytest.raises(UserError, match="model.weights=vgg16 holds a VGG16, model.arch is vgg19: set model.arch=vgg16"):
+        check_arch(composed("model.weights=vgg16"), "vgg16")
+    check_arch(composed("model=vgg16"), "vgg16")
+    with pytest.raises(UserError, match="holds a VGG19, model.arch is vgg16"):
+        check_arch(composed("model.arch=vgg16"), "vgg19")
+
+
+def test_unknown_arch_lists_the_choices():
+    with pytest.raises(Exception) as info:
+        composed("model.arch=vgg18")
+    message = str(info.value.__cause__)
+    assert isinstance(info.value.__cause__, ValidationError) and "model.arch" in message
+    assert all(a in message for a in ("vgg11", "vgg13", "vgg16", "vgg19"))

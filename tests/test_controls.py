@@ -90,12 +90,12 @@ def test_blended_style_targets_are_the_weighted_sum_of_each_images_gram(syntheti
 
     from nstjax.blend import blend_weights
     from nstjax.losses import LossSpec, compute_targets
-    from nstjax.vgg import VGG19
+    from nstjax.vgg import VGG
 
     rng = np.random.default_rng(2)
     content, a, b = (rng.random(s, dtype=np.float32) for s in ((32, 40, 3), (24, 32, 3), (40, 24, 3)))
     spec = LossSpec(content_layers=("relu2_1",), style_layers=("relu1_1", "relu3_1"), gram_norm=gram_norm)
-    model = VGG19(CAFFE, "avg")
+    model = VGG(CAFFE, "avg")
     w = blend_weights([0.7, 0.3], 2)
     got = build.blended_targets(functools.partial(compute_targets, model, spec=spec), synthetic_params,
                                 jnp.asarray(content), [a, b], w)
@@ -345,11 +345,11 @@ def test_normalized_gradients_follow_neural_style(synthetic_params):
     import jax.numpy as jnp
 
     from nstjax.losses import HParams, LossSpec, compute_targets, make_objective
-    from nstjax.vgg import VGG19
+    from nstjax.vgg import VGG
 
     rng = np.random.default_rng(6)
     content, style, x = (jnp.asarray(rng.random((32, 32, 3)), jnp.float32) for _ in range(3))
-    model = VGG19(CAFFE, "avg")
+    model = VGG(CAFFE, "avg")
     spec = LossSpec(content_layers=("relu2_1",), style_layers=("relu1_1", "relu2_1"), normalize_gradients=True)
     plain = LossSpec(content_layers=("relu2_1",), style_layers=("relu1_1", "relu2_1"))
     targets = compute_targets(model, synthetic_params, content, style, plain)
@@ -389,7 +389,7 @@ def test_normalized_vgg_has_mean_activation_one_and_caches_its_means(synthetic_p
     from PIL import Image
 
     from nstjax import normalize
-    from nstjax.vgg import VGG19
+    from nstjax.vgg import VGG
 
     rng = np.random.default_rng(7)
     folder = tmp_path / "images"
@@ -397,7 +397,7 @@ def test_normalized_vgg_has_mean_activation_one_and_caches_its_means(synthetic_p
     for name, shape in (("a.png", (48, 40, 3)), ("b.jpg", (40, 48, 3))):
         Image.fromarray((rng.random(shape) * 255).astype(np.uint8)).save(folder / name)
     (folder / "notes.txt").write_text("not an image")
-    model = VGG19(CAFFE, "avg")
+    model = VGG(CAFFE, "avg")
     params = jax.tree.map(np.asarray, synthetic_params)
     got = normalize.normalized_params(model, params, "sha", folder, 32, tmp_path / "cache")
 

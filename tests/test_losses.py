@@ -9,7 +9,7 @@ import pytest
 
 from nstjax.losses import (CONTENT_REDUCTIONS, GRAM_NORMS, STYLE_REDUCTIONS, HParams, LossSpec,
                            content_loss, gram_divisor, make_objective, style_layer_loss, total_variation)
-from nstjax.vgg import CAFFE, VGG19, gram_matrix
+from nstjax.vgg import CAFFE, VGG, gram_matrix
 
 RNG = np.random.default_rng(7)
 F = RNG.standard_normal((3, 5, 4)).astype(np.float32)  # H=3, W=5, N=4: M=15
@@ -93,7 +93,7 @@ def test_objective_combines_terms_with_weights(synthetic_params):
     """total = α·L_content + β·Σ w_l E_l + λ·TV, with layers read from the model."""
     spec = LossSpec(content_layers=("relu2_1",), style_layers=("relu1_1", "relu2_1"),
                     gram_norm="M", style_reduction="mean", content_reduction="sum")
-    model = VGG19(CAFFE, "avg")
+    model = VGG(CAFFE, "avg")
     x = jnp.asarray(RNG.random((16, 12, 3)), jnp.float32)
     c = jnp.asarray(RNG.random((16, 12, 3)), jnp.float32)
     s = jnp.asarray(RNG.random((20, 8, 3)), jnp.float32)
@@ -127,7 +127,7 @@ def test_objective_combines_terms_with_weights(synthetic_params):
 
 def test_objective_vmaps_over_hyperparameters(synthetic_params):
     spec = LossSpec(content_layers=("relu2_1",), style_layers=("relu1_1",))
-    model = VGG19(CAFFE, "max")
+    model = VGG(CAFFE, "max")
     x = jnp.asarray(RNG.random((16, 16, 3)), jnp.float32)
     from nstjax.losses import compute_targets
 

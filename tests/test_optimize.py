@@ -10,10 +10,10 @@ import pytest
 from nstjax.build import stack
 from nstjax.losses import HParams, LossSpec, compute_targets, make_objective
 from nstjax.optimize import Loop, OptimSpec, Problem, Status, scale_by_adam_epsilon_hat
-from nstjax.vgg import CAFFE, VGG19
+from nstjax.vgg import CAFFE, VGG
 
 SPEC = LossSpec(content_layers=("relu2_1",), style_layers=("relu1_1", "relu2_1"))
-MODEL = VGG19(CAFFE, "avg")
+MODEL = VGG(CAFFE, "avg")
 OBJECTIVE = make_objective(MODEL, SPEC)
 NO_LIMIT = jnp.int32(2**31 - 1)
 LOOPS = {  # shared compiled loops: one compile per optimiser for the module

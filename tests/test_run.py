@@ -13,7 +13,7 @@ from cli import EXAMPLES, run_cli, small_run_args
 from nstjax import config
 from nstjax.losses import compute_targets, make_objective
 from nstjax.build import hparams, initial_image, load_inputs, loss_spec
-from nstjax.vgg import VGG19
+from nstjax.vgg import VGG
 from nstjax.weights import load_weights
 
 config.register()
@@ -79,7 +79,7 @@ def test_history_step0_is_the_objective_at_the_initial_image(finished_runs):
     weights = load_weights(cfg.model.weights)
     content, (style,) = load_inputs(cfg, spec)
     x0 = initial_image(cfg, content, [style], weights.preprocessing, jax.random.key(cfg.seed))
-    model = VGG19(weights.preprocessing, cfg.model.pooling.value)
+    model = VGG(weights.preprocessing, cfg.model.pooling.value)
     targets = compute_targets(model, weights.params, content, style, spec)
     terms = make_objective(model, spec)(x0, weights.params, targets, hparams(cfg, spec))
     with open(run_dir / "history.csv", newline="") as f:

@@ -17,7 +17,7 @@ from nstjax.losses import HParams, LossSpec, compute_targets, make_objective
 from nstjax.style_losses import (STYLE_LOSSES, LayerLossOptions, StyleHParams, histogram_match,
                                  layer_loss, random_directions, self_similarity_loss,
                                  sliced_wasserstein_distance, trace_sqrtm)
-from nstjax.vgg import CAFFE, VGG19
+from nstjax.vgg import CAFFE, VGG
 
 RNG = np.random.default_rng(11)
 N = 4
@@ -384,7 +384,7 @@ def test_config_defaults_are_the_specs_defaults():
 def test_objective_with_each_loss_has_finite_value_and_gradient(synthetic_params, style_loss, options):
     spec = LossSpec(content_layers=("relu2_1",), style_layers=("relu1_1", "relu2_1"), style_loss=style_loss,
                     style_positions=16, **options)
-    model = VGG19(CAFFE, "avg")
+    model = VGG(CAFFE, "avg")
     x = jnp.asarray(RNG.random((8, 8, 3)), jnp.float32)
     content = jnp.asarray(RNG.random((8, 8, 3)), jnp.float32)
     style = jnp.asarray(RNG.random((12, 8, 3)), jnp.float32)
@@ -432,7 +432,7 @@ def test_sums_over_positions_losses_are_the_same_with_banded_remat(synthetic_par
     hparams = HParams.create(spec, beta=1.0, **BANDED_HP.get(name, {}))
 
     def run(remat):
-        model = VGG19(CAFFE, "avg", remat=remat, band_elements=BANDS)
+        model = VGG(CAFFE, "avg", remat=remat, band_elements=BANDS)
         targets = compute_targets(model, synthetic_params, content, style, spec)
         objective = make_objective(model, spec)
         return jax.jit(jax.value_and_grad(lambda p: objective(p, synthetic_params, targets, hparams).style))(x)
@@ -462,7 +462,7 @@ def test_banded_remat_never_holds_a_style_layer_of_a_sums_loss_whole(synthetic_p
     """With remat, relu1_1 (40×36×64) appears in the program of loss + gradient only in bands, unless
     the loss reads the feature map itself."""
     spec = LossSpec(content_layers=("relu2_1",), style_layers=("relu1_1", "relu2_1"), style_loss=style_loss)
-    model = VGG19(CAFFE, "avg", remat=True, band_elements=BANDS)
+    model = VGG(CAFFE, "avg", remat=True, band_elements=BANDS)
     x = jnp.zeros((40, 36, 3), jnp.float32)
     targets = jax.eval_shape(lambda: compute_targets(model, synthetic_params, x, x, spec))
     objective = make_objective(model, spec)

@@ -18,7 +18,7 @@ from cli import EXAMPLES, ROOT, env, quick_conv, run_cli, start_cli, tree_digest
 from nstjax import config, stylize, sweep
 from nstjax.optimize import HistoryRow
 from nstjax.outputs import read_history
-from nstjax.vgg import CAFFE, VGG19
+from nstjax.vgg import CAFFE, VGG
 from nstjax.yardstick import CONTENT_LAYER, STYLE_LAYERS, yardstick, yardstick_targets
 
 
@@ -275,7 +275,7 @@ def test_submitit_local_launcher_runs_each_group_as_a_job(tmp_path, synthetic_we
 
 def test_yardsticks_follow_the_formulas(synthetic_params):
     rng = np.random.default_rng(5)
-    model = VGG19(CAFFE, "avg")
+    model = VGG(CAFFE, "avg")
     content, style, x = (jnp.asarray(rng.random(s), jnp.float32) for s in ((32, 24, 3), (40, 32, 3), (32, 24, 3)))
     got = yardstick(model, synthetic_params, x, yardstick_targets(model, synthetic_params, content, style))
 

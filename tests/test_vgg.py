@@ -1,4 +1,4 @@
-"""The Flax VGG19 against an independent PyTorch reference, layer by layer, and its contract."""
+"""The Flax VGG networks against an independent PyTorch reference, layer by layer, and their contract."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import weights_fixtures as wf
-from nstjax.vgg import CAFFE, LAYER_NAMES, TORCHVISION, VGG19, UnknownLayerError
+from nstjax.vgg import ARCHITECTURES, CAFFE, LAYER_NAMES, TORCHVISION, VGG, UnknownLayerError
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +40,71 @@ def torch_reference(params, rgb: np.ndarray, preprocessing, pooling: str, ceil: 
     return {k: v.permute(0, 2, 3, 1).numpy() for k, v in out.items()}
 
 
+def torchvision_features(arch: str):
+    """torchvision.models.vgg.make_layers(cfgs[...]) for ``arch``, written out with torch.nn."""
+    import torch.nn as nn
+
+    layers, c_in = [], 3
+    for v in wf.TORCHVISION_CFGS[arch]:
+        if v == "M":
+            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+        else:
+            layers += [nn.Conv2d(c_in, v, kernel_size=3, padding=1), nn.ReLU(inplace=True)]
+            c_in = v
+    return nn.Sequential(*layers)
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("arch", ["vgg11", "vgg13", "vgg16", "vgg19"])
+def test_layer_table_is_torchvisions_module_structure(arch):
+    """Each network's convolutions, in order, have the shapes of torchvision's ``features``; a
+    pooling follows each block, and the layer names count the convolutions within each block."""
+    import torch.nn as nn
+
+    features, table = torchvision_features(arch), ARCHITECTURES[arch]
+    convs = [m for m in features if isinstance(m, nn.Conv2d)]
+    shapes = table.conv_shapes()
+    assert len(convs) == len(table.conv_layers) == len(shapes)
+    for conv, name in zip(convs, table.conv_layers):
+        o, i, h, w = conv.weight.shape
+        assert shapes[name] == ((h, w, i, o), (o,)), name
+    blocks, run = [], 0
+    for m in features:
+        run += isinstance(m, nn.Conv2d)
+        if isinstance(m, nn.MaxPool2d):
+            blocks, run = blocks + [run], 0
+    assert tuple(blocks) == table.block_sizes
+    assert [n for n in table.layer_names if n.startswith("pool")] == [f"pool{b}" for b in range(1, 6)]
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("arch", ["vgg11", "vgg13", "vgg16"])
+def test_shallower_networks_match_torch_layer_by_layer(arch):
+    """VGG11/13/16 with synthetic weights against torchvision's ``features`` (float64) loaded
+    with the same weights in its own layout: every ReLU and pooling output."""
+    import torch
+
+    params = wf.synthetic_params(1, arch)
+    features = torchvision_features(arch).double().eval()
+    features.load_state_dict({k.removeprefix("features."): torch.from_numpy(v).double()
+                              for k, v in wf.torchvision_state(params).items()})
+    rgb = np.random.default_rng(2).uniform(0, 1, (1, 40, 56, 3)).astype(np.float32)
+    x = torch.from_numpy(TORCHVISION(rgb).__array__().astype(np.float64)).permute(0, 3, 1, 2)
+    want = []
+    with torch.no_grad():
+        for m in features:
+            x = m(x)
+            if not isinstance(m, torch.nn.Conv2d):
+                want.append(x.permute(0, 2, 3, 1).numpy())
+    names = [n for n in ARCHITECTURES[arch].layer_names if not n.startswith("conv")]
+    got = VGG(TORCHVISION, "max", arch=arch).apply({"params": params}, jnp.asarray(rgb), names)
+    assert len(want) == len(names)
+    for name, w in zip(names, want):
+        np.testing.assert_allclose(np.asarray(got[name]), w, rtol=1e-5, atol=1e-5 * np.abs(w).max(), err_msg=name)
+    with pytest.raises(UnknownLayerError, match=f"unknown {arch.upper()} layer 'relu5_4'"):
+        VGG(arch=arch).apply({"params": params}, jnp.zeros((1, 32, 32, 3)), ["relu5_4"])
+
+
 @pytest.mark.parametrize("preprocessing, pooling, size, ceil", [
     (CAFFE, "max", (40, 56), False), (CAFFE, "avg", (37, 53), False),
     (TORCHVISION, "max", (37, 53), False), (TORCHVISION, "avg", (40, 56), False),
@@ -51,7 +116,7 @@ def test_matches_torch_reference_layer_by_layer(params, preprocessing, pooling, 
     """Every activation, both conventions, both poolings, even and odd sizes, floor mode and
     ceil mode (torch's ``ceil_mode=True``: Caffe's)."""
     rgb = np.random.default_rng(1).uniform(0, 1, (2, *size, 3)).astype(np.float32)
-    model = VGG19(preprocessing, pooling, ceil_mode=ceil)
+    model = VGG(preprocessing, pooling, ceil_mode=ceil)
     got = model.apply({"params": params}, jnp.asarray(rgb), LAYER_NAMES)
     want = torch_reference(params, rgb, preprocessing, pooling, ceil)
     assert list(got) == list(LAYER_NAMES)
@@ -66,7 +131,7 @@ def test_matches_torch_reference_layer_by_layer(params, preprocessing, pooling, 
 def test_pooling_floors_odd_sizes_or_ceils_them_in_ceil_mode(params):
     layers = ["pool1", "pool2", "relu3_1", "pool5"]
     for ceil, want in ((False, [(18, 26), (9, 13), (9, 13), (1, 1)]), (True, [(19, 27), (10, 14), (10, 14), (2, 2)])):
-        model = VGG19(ceil_mode=ceil)
+        model = VGG(ceil_mode=ceil)
         out = model.apply({"params": params}, jnp.zeros((1, 37, 53, 3)), layers)
         assert [out[name].shape[1:3] for name in layers] == want
         assert [model.layer_shape(name, 37, 53)[:2] for name in layers] == want
@@ -74,7 +139,7 @@ def test_pooling_floors_odd_sizes_or_ceils_them_in_ceil_mode(params):
 
 def test_unknown_layer_lists_valid_names(params):
     with pytest.raises(UnknownLayerError) as e:
-        VGG19().apply({"params": params}, jnp.zeros((1, 16, 16, 3)), ["relu1_1", "relu6_1"])
+        VGG().apply({"params": params}, jnp.zeros((1, 16, 16, 3)), ["relu1_1", "relu6_1"])
     message = str(e.value)
     assert "'relu6_1'" in message and "valid names" in message
     assert all(name in message for name in ("conv1_1", "relu5_4", "pool5"))
@@ -82,7 +147,7 @@ def test_unknown_layer_lists_valid_names(params):
 
 def test_returns_only_the_requested_layers_in_order(params):
     layers = ["relu4_1", "conv1_1", "pool2"]
-    out = VGG19().apply({"params": params}, jnp.zeros((1, 32, 32, 3)), layers)
+    out = VGG().apply({"params": params}, jnp.zeros((1, 32, 32, 3)), layers)
     assert list(out) == layers
     assert out["conv1_1"].shape == (1, 32, 32, 64)
     assert out["pool2"].shape == (1, 8, 8, 128)
@@ -91,7 +156,7 @@ def test_returns_only_the_requested_layers_in_order(params):
 
 def _convolutions(params, layers, remat=False) -> list[int]:
     """Output channels of each convolution in the traced program."""
-    jaxpr = jax.make_jaxpr(lambda p, x: VGG19(remat=remat).apply({"params": p}, x, layers))(
+    jaxpr = jax.make_jaxpr(lambda p, x: VGG(remat=remat).apply({"params": p}, x, layers))(
         params, jnp.zeros((1, 32, 32, 3)))
     channels = []
 
@@ -128,10 +193,10 @@ def test_banded_remat_gives_the_same_activations_grams_and_gradients(params, poo
     x = jnp.asarray(np.random.default_rng(2).uniform(0, 1, shape), jnp.float32)
 
     def run(remat):
-        model = VGG19(pooling=pooling, remat=remat, ceil_mode=ceil, band_elements=64 * 40 * 4)
+        model = VGG(pooling=pooling, remat=remat, ceil_mode=ceil, band_elements=64 * 40 * 4)
 
         def loss(x):
-            out = model.apply({"params": params}, x, layers, grams, method=VGG19.features)
+            out = model.apply({"params": params}, x, layers, grams, method=VGG.features)
             # each term scaled to about 1 (the random weights make deep activations large)
             return sum(jnp.mean(v) / jax.lax.stop_gradient(jnp.abs(v).max())
                        for v in jax.tree.leaves(out)), out
@@ -149,7 +214,7 @@ def test_banded_remat_gives_the_same_activations_grams_and_gradients(params, poo
 
 
 def test_banded_remat_uses_several_bands_when_asked(params):
-    jaxpr = jax.make_jaxpr(lambda p, x: VGG19(remat=True, band_elements=64 * 32 * 4).apply(
+    jaxpr = jax.make_jaxpr(lambda p, x: VGG(remat=True, band_elements=64 * 32 * 4).apply(
         {"params": p}, x, ["relu1_1"]))(params, jnp.zeros((1, 32, 32, 3)))
     lengths = [eqn.params["length"] for eqn in jaxpr.jaxpr.eqns if eqn.primitive.name == "scan"]
     assert lengths == [8]
@@ -157,8 +222,8 @@ def test_banded_remat_uses_several_bands_when_asked(params):
 
 def test_features_grams_are_gram_matrices_of_the_activations(params):
     x = jnp.asarray(np.random.default_rng(3).uniform(0, 1, (2, 20, 28, 3)), jnp.float32)
-    out = VGG19().apply({"params": params}, x, ["relu2_1"], ["relu1_1", "relu2_1"], method=VGG19.features)
-    acts = VGG19().apply({"params": params}, x, ["relu1_1", "relu2_1"])
+    out = VGG().apply({"params": params}, x, ["relu2_1"], ["relu1_1", "relu2_1"], method=VGG.features)
+    acts = VGG().apply({"params": params}, x, ["relu1_1", "relu2_1"])
     for name in ("relu1_1", "relu2_1"):
         f = np.asarray(acts[name], np.float64).reshape(2, -1, acts[name].shape[-1])
         np.testing.assert_allclose(out.grams[name], np.einsum("nmi,nmj->nij", f, f), rtol=1e-5)
@@ -166,7 +231,7 @@ def test_features_grams_are_gram_matrices_of_the_activations(params):
 
 
 def test_synthetic_params_have_the_module_structure(params):
-    abstract = jax.eval_shape(lambda key, x: VGG19().init(key, x, ["relu1_1"]),
+    abstract = jax.eval_shape(lambda key, x: VGG().init(key, x, ["relu1_1"]),
                               jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
     want = jax.tree.map(lambda a: (a.shape, a.dtype), abstract["params"])
     got = jax.tree.map(lambda a: (a.shape, a.dtype), params)
@@ -182,7 +247,7 @@ def test_gradients_match_plain_autodiff(params):
     weights = jnp.asarray(np.random.default_rng(6).standard_normal((1, 10, 12, 128)), jnp.float32)
 
     def loss(x, p):
-        out = VGG19(CAFFE, "max").apply({"params": {**params, **p}}, x, ["relu2_1"])
+        out = VGG(CAFFE, "max").apply({"params": {**params, **p}}, x, ["relu2_1"])
         return jnp.sum(out["relu2_1"] * weights)
 
     def plain_conv(x, kernel, bias, precision):

@@ -26,7 +26,7 @@ import safetensors.numpy
 
 import weights_fixtures as wf
 from nstjax.errors import UserError
-from nstjax.vgg import CAFFE, CONV_LAYERS, TORCHVISION, Preprocessing
+from nstjax.vgg import CAFFE, TORCHVISION, Preprocessing
 from nstjax.weights import (DEFAULT, SOURCES, VGGWeights, WeightsError, cache_dir, fetch_source,
                             load_weights, save_canonical)
 from nstjax.weights import __main__ as weights_main
@@ -75,8 +75,8 @@ def cache(tmp_path, monkeypatch):
 
 
 def assert_same_params(got, want):
-    assert list(got) == list(CONV_LAYERS)
-    for name in CONV_LAYERS:
+    assert list(got) == wf.conv_names()
+    for name in wf.conv_names():
         assert set(got[name]) == {"kernel", "bias"}
         for part in ("kernel", "bias"):
             assert got[name][part].dtype == np.float32
@@ -101,7 +101,8 @@ def error(fn, *args, **kwargs) -> str:
 
 def test_registry_sources():
     assert DEFAULT == "vgg19"
-    assert list(SOURCES) == ["vgg19", "vgg19-torchvision", "vgg19-torchvision-pth"]
+    assert list(SOURCES) == ["vgg19", "vgg19-torchvision", "vgg19-torchvision-pth", "vgg16",
+                             "vgg16-torchvision-pth", "vgg13-torchvision-pth", "vgg11-torchvision-pth"]
     keras = SOURCES["vgg19"]  # the file and md5 keras/src/applications/vgg19.py pins (include_top=False)
     assert keras.url == ("https://storage.googleapis.com/tensorflow/keras-applications/vgg19/"
                          "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5")
@@ -116,16 +117,31 @@ def test_registry_sources():
     assert pth.url == "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth"
     assert pth.url.rsplit("/", 1)[1] == pth.filename and pth.filename.endswith(".pth")
     assert pth.preprocessing == TORCHVISION and pth.licence == "BSD-3-Clause"
-    assert [s.check for s in SOURCES.values()] == ["md5 full", "sha256 full", "sha256 prefix"]
+    keras16 = SOURCES["vgg16"]  # keras/src/applications/vgg16.py: WEIGHTS_PATH_NO_TOP and its md5
+    assert keras16.url == ("https://storage.googleapis.com/tensorflow/keras-applications/vgg16/"
+                           "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5")
+    assert keras16.known_hash == "md5:6d6bbae143d832006294945121d1f1fc" and keras16.size == 58_889_256
+    assert keras16.preprocessing == CAFFE and keras16.arch == "vgg16"
+    # torchvision's VGG{11,13,16}_Weights.IMAGENET1K_V1 urls; their _file_size (MiB) for the sizes
+    for arch, url, mib in (("vgg16", "https://download.pytorch.org/models/vgg16-397923af.pth", 527.796),
+                           ("vgg13", "https://download.pytorch.org/models/vgg13-19584684.pth", 507.545),
+                           ("vgg11", "https://download.pytorch.org/models/vgg11-8a719046.pth", 506.84)):
+        source = SOURCES[f"{arch}-torchvision-pth"]
+        assert source.url == url and source.arch == arch and source.preprocessing == TORCHVISION
+        assert source.approx_size / 2**20 == pytest.approx(mib, abs=5e-4)
+    assert SOURCES["vgg16-torchvision-pth"].size == 553_433_881
+    assert [s.arch for s in SOURCES.values()] == ["vgg19"] * 3 + ["vgg16", "vgg16", "vgg13", "vgg11"]
+    assert [s.check for s in SOURCES.values()] == ["md5 full", "sha256 full"] + ["sha256 prefix", "md5 full"] + [
+        "sha256 prefix"] * 3
 
 
 @pytest.mark.torch
 def test_pth_pin_is_the_prefix_torch_hub_reads_from_its_name():
     import torch
 
-    pth = SOURCES["vgg19-torchvision-pth"]
-    # torch.hub's check_hash: the sha256 must start with the hex digits after the name's last '-'
-    assert pth.known_hash == "sha256:" + torch.hub.HASH_REGEX.search(pth.filename).group(1)
+    for pth in (s for s in SOURCES.values() if s.filename.endswith(".pth")):
+        # torch.hub's check_hash: the sha256 must start with the hex digits after the name's last '-'
+        assert pth.known_hash == "sha256:" + torch.hub.HASH_REGEX.search(pth.filename).group(1)
 
 
 def test_hash_pins_are_whole_or_long_enough_prefixes():
@@ -141,7 +157,10 @@ def test_every_model_config_names_a_registry_source():
 
     names = {p.stem: OmegaConf.load(p).weights for p in (ROOT / "configs" / "model").glob("*.yaml")}
     assert names == {"vgg19": "vgg19", "vgg19_torchvision": "vgg19-torchvision",
-                     "vgg19_torchvision_pth": "vgg19-torchvision-pth"}
+                     "vgg19_torchvision_pth": "vgg19-torchvision-pth", "vgg16": "vgg16",
+                     "vgg16_torchvision_pth": "vgg16-torchvision-pth"}
+    for p in (ROOT / "configs" / "model").glob("*.yaml"):  # each names the network of its weights
+        assert OmegaConf.load(p).get("arch", "vgg19") == SOURCES[names[p.stem]].arch, p.name
 
 
 # --- reading each format ------------------------------------------------------------------------
@@ -169,7 +188,7 @@ def test_npz_without_metadata_needs_the_preprocessing(files, params):
 def test_npz_layout_decides_the_preprocessing(params, tmp_path):
     for layout, state, want in (
         ("keras", {f"{g}/{g}_{p}_1:0": params[n]["kernel" if p == "W" else "bias"]
-                   for n in CONV_LAYERS for g in [wf.keras_group(n)] for p in "Wb"}, CAFFE),
+                   for n in wf.conv_names() for g in [wf.keras_group(n)] for p in "Wb"}, CAFFE),
         ("torchvision", wf.torchvision_state(params), TORCHVISION),
     ):
         path = tmp_path / f"{layout}.npz"
@@ -229,7 +248,7 @@ def test_canonical_file_round_trip(files, params, tmp_path, preprocessing):
         keys, metadata = set(f.keys()), f.metadata()
         assert all(f.get_tensor(k).dtype == np.float32 for k in keys)
         assert f.get_tensor("conv1_1/kernel").shape == (3, 3, 3, 64)
-    assert keys == {f"{n}/{p}" for n in CONV_LAYERS for p in ("kernel", "bias")}  # no classifier
+    assert keys == {f"{n}/{p}" for n in wf.conv_names() for p in ("kernel", "bias")}  # no classifier
     assert Preprocessing(**json.loads(metadata["preprocessing"])) == preprocessing
     assert metadata["source"] == str(files["safetensors"])
     assert metadata["origin_sha256"] == sha256(files["safetensors"])
@@ -295,7 +314,7 @@ def test_not_a_vgg_file(tmp_path):
     path = tmp_path / "x.safetensors"
     safetensors.numpy.save_file({"encoder.weight": np.zeros(3, np.float32)}, str(path))
     message = error(load_weights, path)
-    assert "no VGG19 conv weights" in message and "encoder.weight" in message
+    assert "no VGG conv weights" in message and "encoder.weight" in message
 
 
 def test_non_finite_values(params, tmp_path):
@@ -309,8 +328,8 @@ def test_unknown_extension_name_and_missing_file(tmp_path):
     (tmp_path / "weights.bin").write_bytes(b"x")
     message = error(load_weights, tmp_path / "weights.bin")
     assert "'.bin'" in message and all(s in message for s in (".h5", ".safetensors", ".npz", ".pth"))
-    message = error(load_weights, "vgg16")
-    assert "'vgg16'" in message and "vgg19, vgg19-torchvision" in message and "path" in message
+    message = error(load_weights, "vgg17")
+    assert "'vgg17'" in message and "vgg19, vgg19-torchvision" in message and "path" in message
     message = error(load_weights, tmp_path / "missing.h5")
     assert "no such weights file" in message and "missing.h5" in message
 
@@ -732,7 +751,7 @@ def test_cli_list_and_fetch(files, cache, capsys):
     out = result.stdout
     assert "vgg19 (default)" in out and "vgg19-torchvision" in out and "80.1 MB" in out
     assert "CC BY 4.0" in out and "BSD-3-Clause" in out and str(cache) in out
-    assert out.count(" no ") == 3
+    assert out.count(" no ") == len(SOURCES)
     checks = {line.split()[0]: line.split("  ")  for line in out.splitlines()[1:4]}
     assert "md5 full" in checks["vgg19"] and "sha256 full" in checks["vgg19-torchvision"]
     assert "sha256 prefix" in checks["vgg19-torchvision-pth"]
@@ -740,8 +759,8 @@ def test_cli_list_and_fetch(files, cache, capsys):
     code, out, _ = main("fetch", "vgg19", capsys=capsys)
     assert code == 0 and out.strip() == str(cache / "vgg19.safetensors")
     code, out, _ = main("list", capsys=capsys)
-    assert code == 0 and out.count(" yes ") == 1 and out.count(" no ") == 2
-    assert_fails(*main("fetch", "vgg16", capsys=capsys)[::2], "unknown weights 'vgg16'",
+    assert code == 0 and out.count(" yes ") == 1 and out.count(" no ") == len(SOURCES) - 1
+    assert_fails(*main("fetch", "vgg17", capsys=capsys)[::2], "unknown weights 'vgg17'",
                  "vgg19-torchvision")
 
 

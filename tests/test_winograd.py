@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from nstjax import vgg, winograd
-from nstjax.vgg import CAFFE, LAYER_NAMES, VGG19, prepare_params
+from nstjax.vgg import CAFFE, LAYER_NAMES, VGG, prepare_params
 
 
 def direct(x, kernel):
@@ -68,8 +68,8 @@ def test_vgg_with_winograd_matches_direct_layer_by_layer(params, remat, prepared
     """conv='winograd' (kernels transformed in the model or beforehand; banded remat or not)
     gives every activation of the direct model to float32 Winograd's accuracy."""
     x = jnp.asarray(np.random.default_rng(2).uniform(0, 1, (2, 37, 53, 3)), jnp.float32)
-    want = jax.jit(lambda x: VGG19(CAFFE, "max").apply({"params": params}, x, LAYER_NAMES))(x)
-    model = VGG19(CAFFE, "max", conv="winograd", remat=remat, band_elements=64 * 40 * 4)
+    want = jax.jit(lambda x: VGG(CAFFE, "max").apply({"params": params}, x, LAYER_NAMES))(x)
+    model = VGG(CAFFE, "max", conv="winograd", remat=remat, band_elements=64 * 40 * 4)
     p = prepare_params(params, "winograd") if prepared else params
     got = jax.jit(lambda p, x: model.apply({"params": p}, x, LAYER_NAMES))(p, x)
     for name in LAYER_NAMES:
@@ -93,4 +93,4 @@ def test_default_conv_is_winograd_on_cpu_in_float32_only():
 
 def test_winograd_needs_float32(params):
     with pytest.raises(ValueError, match="precision='float32'"):
-        VGG19(precision="bfloat16", conv="winograd").apply({"params": params}, jnp.zeros((1, 8, 8, 3)), ["relu1_1"])
+        VGG(precision="bfloat16", conv="winograd").apply({"params": params}, jnp.zeros((1, 8, 8, 3)), ["relu1_1"])

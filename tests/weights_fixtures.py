@@ -1,7 +1,8 @@
-"""Synthetic VGG19 weights and writers for each file layout, independent of nstjax.weights.
+"""Synthetic VGG weights and writers for each file layout, independent of nstjax.
 
-``synthetic_params`` has the full VGG19 shapes with He-scaled random values,
-so activations stay finite and of order one through all 16 layers.
+``synthetic_params`` has the full shapes of a VGG network (VGG19 unless asked)
+with He-scaled random values, so activations stay finite and of order one
+through all its layers. The networks are torchvision's ``cfgs``.
 """
 
 from __future__ import annotations
@@ -12,16 +13,38 @@ import h5py
 import numpy as np
 import safetensors.numpy
 
-from nstjax.vgg import CONV_LAYERS, conv_shapes
+TORCHVISION_CFGS = {  # torchvision/models/vgg.py: cfgs "A", "B", "D", "E"; a number: a 3×3 conv + ReLU
+    "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "vgg13": [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
+    "vgg19": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
+              512, 512, 512, 512, "M"],
+}
 
-TORCHVISION_INDICES = (0, 2, 5, 7, 10, 12, 14, 16, 19, 21, 23, 25, 28, 30, 32, 34)
+
+def conv_table(arch: str = "vgg19") -> list[tuple[str, int, tuple, tuple]]:
+    """Each convolution of torchvision's ``arch``: (name conv{block}_{i}, its index in
+    ``features`` as make_layers numbers it, HWIO kernel shape, bias shape)."""
+    table, index, block, i, c_in = [], 0, 1, 0, 3
+    for v in TORCHVISION_CFGS[arch]:
+        if v == "M":
+            index, block, i = index + 1, block + 1, 0
+            continue
+        i += 1
+        table.append((f"conv{block}_{i}", index, (3, 3, c_in, v), (v,)))
+        index, c_in = index + 2, v
+    return table
 
 
-def synthetic_params(seed: int = 0) -> dict:
+def conv_names(arch: str = "vgg19") -> list[str]:
+    return [name for name, *_ in conv_table(arch)]
+
+
+def synthetic_params(seed: int = 0, arch: str = "vgg19") -> dict:
     """``{conv1_1: {kernel: (3, 3, in, out), bias: (out,)}, ...}`` float32 numpy arrays."""
     rng = np.random.default_rng(seed)
     params = {}
-    for name, (kshape, bshape) in conv_shapes().items():
+    for name, _, kshape, bshape in conv_table(arch):
         std = np.float32(np.sqrt(2.0 / (9 * kshape[2])))
         params[name] = {
             "kernel": rng.standard_normal(kshape, dtype=np.float32) * std,
@@ -31,14 +54,15 @@ def synthetic_params(seed: int = 0) -> dict:
 
 
 def keras_group(name: str) -> str:
-    return f"block{name[4]}_conv{name[6]}"
+    return f"block{name[4]}_conv{name[6:]}"
 
 
 def write_keras_h5(path, params: dict) -> None:
-    """The layout of Keras' vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5."""
+    """The layout of Keras' vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5 (vgg16_… for a VGG16)."""
+    names = list(params)
     with h5py.File(path, "w") as f:
         layer_names = ["input_1"]
-        for name in CONV_LAYERS:
+        for k, name in enumerate(names):
             group = keras_group(name)
             g = f.create_group(group)
             weight_names = [f"{group}_W_1:0", f"{group}_b_1:0"]
@@ -46,7 +70,7 @@ def write_keras_h5(path, params: dict) -> None:
             g.create_dataset(weight_names[0], data=params[name]["kernel"])
             g.create_dataset(weight_names[1], data=params[name]["bias"])
             layer_names.append(group)
-            if name in ("conv1_2", "conv2_2", "conv3_4", "conv4_4", "conv5_4"):
+            if k + 1 == len(names) or names[k + 1][4] != name[4]:  # the block's last convolution
                 pool = f"block{name[4]}_pool"
                 f.create_group(pool).attrs["weight_names"] = np.array([], dtype="S")
                 layer_names.append(pool)
@@ -56,11 +80,15 @@ def write_keras_h5(path, params: dict) -> None:
 def torchvision_state(params: dict) -> dict:
     """``features.N.weight`` (OIHW) and ``features.N.bias`` numpy arrays."""
     state = {}
-    for index, name in zip(TORCHVISION_INDICES, CONV_LAYERS):
+    for name, index, _, _ in conv_table(_arch_of(params)):
         kernel = params[name]["kernel"].transpose(3, 2, 0, 1)
         state[f"features.{index}.weight"] = np.ascontiguousarray(kernel)
         state[f"features.{index}.bias"] = params[name]["bias"].copy()
     return state
+
+
+def _arch_of(params: dict) -> str:
+    return next(arch for arch in TORCHVISION_CFGS if conv_names(arch) == list(params))
 
 
 def write_torchvision_safetensors(path, params: dict, with_classifier: bool = True) -> None:
@@ -76,7 +104,7 @@ def write_torchvision_safetensors(path, params: dict, with_classifier: bool = Tr
 def write_npz(path, params: dict, preprocessing=None) -> None:
     """Canonical key names (conv1_1/kernel); ``metadata.preprocessing`` when given."""
     arrays = {f"{name}/{part}": params[name][part]
-              for name in CONV_LAYERS for part in ("kernel", "bias")}
+              for name in params for part in ("kernel", "bias")}
     if preprocessing is not None:
         arrays["metadata.preprocessing"] = np.array(json.dumps(preprocessing.to_dict()))
     with open(path, "wb") as f:
@@ -84,7 +112,7 @@ def write_npz(path, params: dict, preprocessing=None) -> None:
 
 
 def write_pth(path, params: dict) -> None:
-    """A torchvision VGG19 ``features`` state dict saved with torch.save."""
+    """A torchvision VGG ``features`` state dict saved with torch.save."""
     import torch
 
     state = {k: torch.from_numpy(v) for k, v in torchvision_state(params).items()}

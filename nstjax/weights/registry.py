@@ -7,7 +7,7 @@ import hashlib
 import os
 import re
 
-from nstjax.vgg import CAFFE, TORCHVISION, Preprocessing
+from nstjax.vgg import CAFFE, DEFAULT_ARCH, TORCHVISION, Preprocessing
 from nstjax.weights.formats import SUFFIXES, WeightsError
 
 DEFAULT = "vgg19"
@@ -15,7 +15,7 @@ DEFAULT = "vgg19"
 
 @dataclasses.dataclass(frozen=True)
 class WeightSource:
-    """A downloadable VGG19 weights file.
+    """A downloadable VGG weights file (``arch``: the network, :data:`nstjax.vgg.ARCHITECTURES`).
 
     ``known_hash`` is ``"md5:..."`` or ``"sha256:..."`` (pooch's spelling): the
     whole digest, or a prefix of it (at least 8 hex digits) where that is all
@@ -34,6 +34,7 @@ class WeightSource:
     preprocessing: Preprocessing
     licence: str
     description: str
+    arch: str = DEFAULT_ARCH
 
     def __post_init__(self):
         algorithm, _, digest = self.known_hash.partition(":")
@@ -121,6 +122,35 @@ SOURCES: dict[str, WeightSource] = {
             licence="BSD-3-Clause",
             description="torchvision's IMAGENET1K_V1, torchvision's own file",
         ),
+        WeightSource(
+            name="vgg16",
+            url="https://storage.googleapis.com/tensorflow/keras-applications/vgg16/"
+                "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            filename="vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            size=58_889_256,
+            approx_size=58_889_256,
+            known_hash="md5:6d6bbae143d832006294945121d1f1fc",  # keras/applications/vgg16.py
+            file_format="Keras HDF5 (conv layers only)",
+            preprocessing=CAFFE,
+            licence="CC BY 4.0",
+            description="the original Oxford VGG16 (Caffe), as Keras ships it",
+            arch="vgg16",
+        ),
+        *(WeightSource(
+            name=f"{arch}-torchvision-pth",
+            url=f"https://download.pytorch.org/models/{arch}-{digest}.pth",
+            filename=f"{arch}-{digest}.pth",
+            size=size,
+            approx_size=size or round(megabytes * 2**20),  # torchvision's _file_size (MiB)
+            known_hash=f"sha256:{digest}",  # the prefix in the file name, what torch.hub checks
+            file_format="PyTorch state dict (needs torch)",
+            preprocessing=TORCHVISION,
+            licence="BSD-3-Clause",
+            description=f"torchvision's {arch.upper()}_Weights.IMAGENET1K_V1, torchvision's own file",
+            arch=arch,
+        ) for arch, digest, size, megabytes in (("vgg16", "397923af", 553_433_881, 527.796),
+                                                ("vgg13", "19584684", None, 507.545),
+                                                ("vgg11", "8a719046", None, 506.84))),
     )
 }
 
