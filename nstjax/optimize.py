@@ -179,16 +179,18 @@ class Loop:
     shared. A single run is a batch of one. :meth:`compile` shards the member
     axis over a device mesh. ``n`` and ``max_evaluations`` are traced.
 
-    Inside the chunk's ``lax.scan`` each step runs every member's step
-    (``members``): ``'vmap'`` batches them (a member that has stopped is
-    computed and discarded; with the zoom line search each step waits for the
-    slowest member's while loop), ``'map'`` runs them one after another inside
-    the same program (``lax.map``: each member's working set stays that of a
-    solo run, a stopped member costs nothing and each line search runs only as
-    long as its own member needs; one compile and one process still serve them
-    all). A ``vmap`` of whole
-    per-member chunks instead of per-member steps is 6× slower on XLA:CPU (its
-    ``cond`` becomes a select over a batched loop).
+    A chunk is a loop whose trip count is ``n``: it computes the steps it takes
+    and no more, and stops early once no member is active. Each step runs
+    every member's step (``members``): ``'vmap'`` batches them (a member that
+    has stopped is computed and discarded; the zoom line search's branches
+    become selects that evaluate both, and each step waits for the slowest
+    member's while loop), ``'map'`` runs them one after another inside the
+    same program (``lax.map``: each member's working set stays that of a solo
+    run, a stopped member costs nothing and each line search runs only as
+    long as its own member needs; one compile and one process still serve
+    them all). A batch of one member runs unbatched either way. A ``vmap`` of
+    whole per-member chunks instead of per-member steps is 6× slower on
+    XLA:CPU (its ``cond`` becomes a select over a batched loop).
     """
 
     def __init__(self, objective: Objective, spec: OptimSpec, chunk_steps: int = 10, members: str = "vmap"):
@@ -242,14 +244,19 @@ class Loop:
         kept = _select(status == Status.RUNNING, new._replace(opt_state=None), state._replace(opt_state=None))
         return kept._replace(opt_state=opt_state, status=status, evaluations=new.evaluations)
 
+    def _vmapped(self, problems: Problem) -> bool:
+        """Whether members are batched by ``vmap``: with 'vmap' and more than one member (a batch
+        of one runs unbatched, so that the line search's branches stay branches)."""
+        return self.members == "vmap" and problems.lr.shape[0] > 1
+
     def init(self, problems: Problem, params) -> LoopState:
-        if self.members == "vmap":
+        if self._vmapped(problems):
             return jax.vmap(self._init_one, in_axes=(0, None))(problems, params)
         return jax.lax.map(lambda p: self._init_one(p, params), problems)
 
     def _steps(self, active, state: LoopState, problems: Problem, params) -> LoopState:
         """One step of every ``active`` member; the others keep their state."""
-        if self.members == "vmap":  # every member computed, the inactive ones' discarded
+        if self._vmapped(problems):  # every member computed, the inactive ones' discarded
             stepped = jax.vmap(self._step_one, in_axes=(0, 0, None))(state, problems, params)
             return _select(active, stepped, state)
 
@@ -260,15 +267,29 @@ class Loop:
         return jax.lax.map(step_if, (active, state, problems))
 
     def chunk(self, state: LoopState, problems: Problem, params, n, max_evaluations):
-        def body(state, i):
-            active = (i < n) & (state.status == Status.RUNNING) & (state.evaluations < max_evaluations)
-            state = self._steps(active, state, problems, params)
+        """Up to ``n`` steps (a loop whose trip count is ``n``, so a chunk of fewer steps costs
+        only those), and none once no member is active."""
+        members = state.step.shape[0]
+
+        def active(state):
+            return (state.status == Status.RUNNING) & (state.evaluations < max_evaluations)
+
+        def more(carry):
+            i, state, _, _ = carry
+            return (i < jnp.minimum(n, self.chunk_steps)) & jnp.any(active(state))
+
+        def body(carry):
+            i, state, rows, valid = carry
+            now = active(state)
+            state = self._steps(now, state, problems, params)
             t = state.terms
             row = jnp.stack([state.step.astype(jnp.float32), t.total, t.content, t.style, t.tv,
                              state.evaluations.astype(jnp.float32)], axis=-1)
-            return state, (row, active & (state.status == Status.RUNNING))
+            return i + 1, state, rows.at[i].set(row), valid.at[i].set(now & (state.status == Status.RUNNING))
 
-        state, (rows, valid) = jax.lax.scan(body, state, jnp.arange(self.chunk_steps))
+        rows = jnp.zeros((self.chunk_steps, members, 6), jnp.float32)
+        valid = jnp.zeros((self.chunk_steps, members), bool)
+        _, state, rows, valid = jax.lax.while_loop(more, body, (jnp.int32(0), state, rows, valid))
         return state, jnp.swapaxes(rows, 0, 1), jnp.swapaxes(valid, 0, 1)
 
     def compile(self, problems: Problem, params, mesh: Mesh | None = None) -> Program:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import jax
+import numpy as np
 from omegaconf import DictConfig
 
 from nstjax import images, outputs, pyramid
@@ -84,8 +85,36 @@ def run_group(cfgs: Sequence[DictConfig], member_dirs: Sequence[Path], group_dir
     def write(index: list[int], results: list[MemberResult]) -> None:
         for i, r in zip(index, results):
             write_outputs(member_dirs[i], group, group.members[i], r, extra[i])
+            if r.status == "finished" and (why := not_improved(improvement(group, i, r))):
+                log(f"warning: {member_dirs[i]}: {why}")
 
     return _driver(levels, group_dir, member_dirs, log).run(write, resume, start)
+
+
+UNCHANGED = 0.5 / 255
+"""A result whose pixels moved by less than this on average (half a grey level) is unchanged."""
+
+
+def improvement(group: Group, i: int, r: MemberResult) -> dict:
+    """Whether member ``i``'s run did anything: ``loss_ratio`` = its final total over its first
+    (at the last pyramid level), ``pixel_change`` = mean |result − initial image| in [0, 1], and
+    ``improved`` = the loss fell and the image changed (a grey image never passes silently)."""
+    rows = [h for h in r.history if h.level == r.history[-1].level]
+    ratio = rows[-1].total / rows[0].total if rows[0].total > 0 else float("nan")
+    start = group.output_image(i, np.asarray(group.problems.pixels[i]))
+    change = float(np.mean(np.abs(np.asarray(r.image, np.float64) - start)))
+    return {"improved": bool(ratio < 1.0 and change >= UNCHANGED), "loss_ratio": ratio, "pixel_change": change}
+
+
+def not_improved(facts: dict) -> str | None:
+    """The warning for a run that did not improve, else None."""
+    if facts["improved"]:
+        return None
+    if facts["pixel_change"] < UNCHANGED:
+        return (f"the image is nearly unchanged (mean pixel change {facts['pixel_change']:.2g}): the result is "
+                "not stylised; raise optim.steps, optim.lr or loss.beta")
+    return (f"the loss did not fall (final / initial = {facts['loss_ratio']:.3g}): the result is not "
+            "stylised; lower optim.lr, or use optim.linesearch=zoom or optim=adam")
 
 
 def metrics(group: Group, member: Member, r: MemberResult) -> dict:
@@ -115,6 +144,7 @@ def metrics(group: Group, member: Member, r: MemberResult) -> dict:
         "members": len(group.members),
         "platform": jax.default_backend(),
         "seed": cfg.seed,
+        **improvement(group, next(i for i, m in enumerate(group.members) if m is member), r),
         "yardstick": r.yardstick,
         "versions": outputs.versions(),
     }
