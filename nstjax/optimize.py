@@ -28,6 +28,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from nstjax.lbfgs import torch_lbfgs
 from nstjax.losses import HParams, Targets, Terms
 
 OPTIMIZERS = ("adam", "lbfgs")
@@ -40,11 +41,12 @@ class OptimSpec:
 
     adam: optax.adam(lr, b1, b2, eps); with ``epsilon_hat`` ε is added to √v
     instead of √v̂ (Kingma & Ba 2015, end of §2; what Keras and TensorFlow do).
-    lbfgs: optax.lbfgs with ``memory_size`` pairs; ``linesearch='zoom'`` uses
+    lbfgs with ``memory_size`` pairs: ``linesearch='zoom'`` is optax.lbfgs with
     optax's zoom line search (strong Wolfe, at most ``max_linesearch_steps``
-    evaluations a step, lr unused); ``'none'`` takes the step ``lr`` · direction,
-    one evaluation a step, as torch.optim.LBFGS does by default (the first
-    step is scaled by min(1, 1/‖g‖)).
+    evaluations a step, lr unused); ``'none'`` is :func:`nstjax.lbfgs.torch_lbfgs`,
+    torch.optim.LBFGS's rule (and torch7 optim.lbfgs's, neural-style's) without
+    line search, one evaluation a step: the step lr · direction, the first one
+    min(1, 1/‖g‖₁) · lr · (−g); a pair is kept only if yᵀs > 1e-10.
     ``clip``: the pixels are clipped to [0, 1] after each step; False leaves them
     unclamped during the optimisation (neural-style; the saved image is clamped).
     """
@@ -78,7 +80,7 @@ class OptimSpec:
                     self.max_linesearch_steps, initial_guess_strategy="one"
                 ),
             )
-        return optax.lbfgs(learning_rate=lr, memory_size=self.memory_size, linesearch=None)
+        return torch_lbfgs(lr, memory_size=self.memory_size)
 
 
 def scale_by_adam_epsilon_hat(b1: float, b2: float, eps: float) -> optax.GradientTransformation:
