@@ -1,4 +1,5 @@
-"""The optimisation loop: optax Adam or L-BFGS over the pixels, in jitted chunks.
+"""The optimisation loop: Adam or L-BFGS (optax's; without line search torch's rule,
+:mod:`nstjax.lbfgs`) over the pixels, in jitted chunks.
 
 Each step computes an update from the gradient at the current image (L-BFGS
 with the zoom line search evaluates the objective more times on its own), adds

@@ -157,7 +157,7 @@ module, after which the net stops before that ReLU. With relu*/pool* layers
 nn.Threshold in place: ``if ((*input_data) <= threshold) *gradOutput_data = 0``
 on the (already rectified) tensor.
 
-All here is float64 (the Lua runs float32, or CUDA float32).
+All here is float64 (the Lua runs float32, or CUDA float32), unless a ``dtype`` says otherwise.
 """
 
 from __future__ import annotations
@@ -383,8 +383,9 @@ class _Sequential:
 
 
 def build_net(params, *, content_layers, style_layers, content_weight, style_weight, tv_weight,
-              pooling="max", normalize_gradients=False):
-    """The nn.Sequential neural_style.lua assembles; returns (net, content_losses, style_losses)."""
+              pooling="max", normalize_gradients=False, dtype=torch.float64):
+    """The nn.Sequential neural_style.lua assembles; returns (net, content_losses, style_losses).
+    Its weights in ``dtype`` (float64; float32 is what the Lua computes in)."""
     if pooling not in ("max", "avg"):
         raise ValueError(f"pooling must be 'max' or 'avg', not {pooling!r}")
     content_layers, style_layers = list(content_layers), list(style_layers)
@@ -404,7 +405,7 @@ def build_net(params, *, content_layers, style_layers, content_weight, style_wei
         if not (ci < len(content_layers) or si < len(style_layers)):
             break
         if kind == "conv":
-            modules.append(_Conv(name, *to_torch_conv(params, name)))
+            modules.append(_Conv(name, *(w.to(dtype) for w in to_torch_conv(params, name))))
         elif kind == "relu":
             modules.append(_ReLU(name))
         else:
@@ -422,23 +423,15 @@ def build_net(params, *, content_layers, style_layers, content_weight, style_wei
     return _Sequential(modules), content_losses, style_losses
 
 
-@torch.no_grad()
-def neural_style_eval(params, image, content, styles, blend_weights=None, *, content_layers=("relu4_2",),
-                      style_layers=("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"),
-                      content_weight=5.0, style_weight=100.0, tv_weight=1e-3, pooling="max",
-                      normalize_gradients=False) -> dict:
-    """neural_style.lua's loss and gradient at ``image``, float64.
-
-    ``params``: {conv{b}_{i}: {kernel: (3, 3, C_in, C_out) HWIO, bias: (C_out,)}}, Caffe VGG-19
-    weights (BGR input channels, 0–255-scaled mean-subtracted input). ``image``, ``content`` and
-    each of ``styles``: (H, W, 3) RGB in [0, 1] (the styles any size). ``blend_weights``: one per
-    style, None = equal; normalised to sum 1.
-
-    Returns {"content": Σ ContentLoss.loss, "style": Σ StyleLoss.loss (TV adds none),
-    "grad_caffe": (3, H, W) gradient w.r.t. the Caffe-space (BGR) image, as feval returns it
-    (TV and, with normalize_gradients, the normalised terms included), "grad_rgb": (H, W, 3) the same
-    w.r.t. the RGB [0, 1] image (×256, BGR -> RGB)}.
-    """
+def neural_style_feval(params, content, styles, blend_weights=None, *, content_layers=("relu4_2",),
+                       style_layers=("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"),
+                       content_weight=5.0, style_weight=100.0, tv_weight=1e-3, pooling="max",
+                       normalize_gradients=False, dtype=torch.float64):
+    """neural_style.lua up to its ``feval``: the net built and the targets captured once; returns
+    ``feval(image)``, which gives what :func:`neural_style_eval` returns at ``image`` (each call
+    one forward and one backward pass, as the Lua's). ``dtype``: what the net computes in, the
+    images preprocessed in float64 and then cast (float64; float32 is the Lua's own, for
+    measuring what float32 rounding does)."""
     styles = list(styles)
     if not styles:
         raise ValueError("at least one style image")
@@ -453,29 +446,53 @@ def neural_style_eval(params, image, content, styles, blend_weights=None, *, con
     net, content_losses, style_losses = build_net(
         params, content_layers=content_layers, style_layers=style_layers, content_weight=content_weight,
         style_weight=style_weight, tv_weight=tv_weight, pooling=pooling,
-        normalize_gradients=normalize_gradients)
+        normalize_gradients=normalize_gradients, dtype=dtype)
 
-    # Capture content targets
-    for m in content_losses:
-        m.mode = "capture"
-    net.forward(preprocess(content))
-    # Capture style targets
-    for m in content_losses:
-        m.mode = "none"
-    for style, w in zip(styles, blend_weights):
-        for m in style_losses:
-            m.mode, m.blend_weight = "capture", w
-        net.forward(preprocess(style))
-    for m in content_losses + style_losses:
-        m.mode = "loss"
+    def caffe(image):
+        return preprocess(image).to(dtype)
 
-    # feval
-    x = preprocess(image)
-    y = net.forward(x)
-    grad = net.update_grad_input(x, torch.zeros_like(y))
-    grad_caffe = grad.numpy().astype(np.float64)
-    # x_caffe[c] = 256 * rgb[..., 2 - c] - mean[c]
-    grad_rgb = SCALE * np.ascontiguousarray(grad_caffe[::-1].transpose(1, 2, 0))
-    return {"content": float(sum(m.loss for m in content_losses)),
-            "style": float(sum(m.loss for m in style_losses)),
-            "grad_caffe": grad_caffe, "grad_rgb": grad_rgb}
+    with torch.no_grad():
+        # Capture content targets
+        for m in content_losses:
+            m.mode = "capture"
+        net.forward(caffe(content))
+        # Capture style targets
+        for m in content_losses:
+            m.mode = "none"
+        for style, w in zip(styles, blend_weights):
+            for m in style_losses:
+                m.mode, m.blend_weight = "capture", w
+            net.forward(caffe(style))
+        for m in content_losses + style_losses:
+            m.mode = "loss"
+
+    @torch.no_grad()
+    def feval(image) -> dict:
+        x = caffe(image)
+        y = net.forward(x)
+        grad = net.update_grad_input(x, torch.zeros_like(y))
+        grad_caffe = grad.numpy().astype(np.float64)
+        # x_caffe[c] = 256 * rgb[..., 2 - c] - mean[c]
+        grad_rgb = SCALE * np.ascontiguousarray(grad_caffe[::-1].transpose(1, 2, 0))
+        return {"content": float(sum(m.loss for m in content_losses)),
+                "style": float(sum(m.loss for m in style_losses)),
+                "grad_caffe": grad_caffe, "grad_rgb": grad_rgb}
+
+    return feval
+
+
+def neural_style_eval(params, image, content, styles, blend_weights=None, **options) -> dict:
+    """neural_style.lua's loss and gradient at ``image``, float64.
+
+    ``params``: {conv{b}_{i}: {kernel: (3, 3, C_in, C_out) HWIO, bias: (C_out,)}}, Caffe VGG-19
+    weights (BGR input channels, 0–255-scaled mean-subtracted input). ``image``, ``content`` and
+    each of ``styles``: (H, W, 3) RGB in [0, 1] (the styles any size). ``blend_weights``: one per
+    style, None = equal; normalised to sum 1. ``options``: :func:`neural_style_feval`'s (layers,
+    weights, pooling, normalize_gradients, dtype; neural_style.lua's defaults, float64).
+
+    Returns {"content": Σ ContentLoss.loss, "style": Σ StyleLoss.loss (TV adds none),
+    "grad_caffe": (3, H, W) gradient w.r.t. the Caffe-space (BGR) image, as feval returns it
+    (TV and, with normalize_gradients, the normalised terms included), "grad_rgb": (H, W, 3) the same
+    w.r.t. the RGB [0, 1] image (×256, BGR -> RGB)}.
+    """
+    return neural_style_feval(params, content, styles, blend_weights, **options)(image)

@@ -288,3 +288,25 @@ def test_loss_on_a_conv_layer_sees_the_in_place_relu_on_the_backward_pass():
         np.testing.assert_allclose(got["grad_caffe"], g.numpy(), rtol=1e-10,
                                    atol=1e-12 * np.abs(g.numpy()).max())
     assert not np.allclose(out["grad_caffe"], last["grad_caffe"])
+
+
+@pytest.mark.torch
+def test_feval_is_a_function_of_the_image_and_float32_its_rounding():
+    """neural_style_feval's net, built once, gives at an image what a fresh neural_style_eval does,
+    whatever it was called at before; with dtype=float32 (what the Lua computes in) the same to
+    float32's accuracy."""
+    import torch
+
+    params, (image, content, styles) = _params(), _images()
+    layers = {"content_layers": CONTENT_LAYERS, "style_layers": STYLE_LAYERS}
+    feval = ref.neural_style_feval(params, content, styles, **layers)
+    first = feval(image)
+    feval(np.random.default_rng(3).uniform(0, 1, image.shape))
+    again, fresh = feval(image), ref.neural_style_eval(params, image, content, styles, **layers)
+    for out in (again, fresh):
+        assert out["content"] == first["content"] and out["style"] == first["style"]
+        np.testing.assert_array_equal(out["grad_rgb"], first["grad_rgb"])
+    single = ref.neural_style_feval(params, content, styles, dtype=torch.float32, **layers)(image)
+    np.testing.assert_allclose([single["content"], single["style"]], [first["content"], first["style"]], rtol=1e-5)
+    assert single["grad_rgb"].dtype == np.float64
+    assert np.linalg.norm(single["grad_rgb"] - first["grad_rgb"]) <= 1e-5 * np.linalg.norm(first["grad_rgb"])

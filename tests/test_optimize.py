@@ -136,10 +136,10 @@ def test_chunking_does_not_change_the_result(problem):
     np.testing.assert_array_equal(np.asarray(a.pixels), np.asarray(b.pixels))
 
 
-MAPPED = {name: Loop(OBJECTIVE, LOOPS[name].spec, chunk_steps=4, members="map") for name in ("lbfgs-zoom",)}
+MAPPED = {name: Loop(OBJECTIVE, LOOPS[name].spec, chunk_steps=4, members="map") for name in ("lbfgs-zoom", "lbfgs-none")}
 
 
-@pytest.mark.parametrize("name,members", [(n, "vmap") for n in sorted(LOOPS)] + [("lbfgs-zoom", "map")])
+@pytest.mark.parametrize("name,members", [(n, "vmap") for n in sorted(LOOPS)] + [(n, "map") for n in sorted(MAPPED)])
 def test_batched_members_equal_their_solo_runs(name, members, problem):
     """Members differing in β and learning rate: each one's rows are its solo run's (1e-5)."""
     x0, params, targets = problem

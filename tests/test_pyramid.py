@@ -60,16 +60,18 @@ def test_each_level_starts_from_the_level_below_upsampled_and_members_equal_solo
 
     from nstjax.build import level_inputs
 
-    base = [*small_run_args(synthetic_weights_file, tmp_path)[:-1], "image.size=64", *SHALLOW, "optim.steps=3",
+    # Adam: L-BFGS without line search (torch's rule: a tiny first step, then steps of lr 1) amplifies
+    # the float32 reduction-order differences of batched and solo runs, to 5e-3 by level 1's third
+    # step (tests/test_lbfgs.py has why); Adam keeps them at float32's (≤ 1e-7 measured).
+    plain = [a for a in small_run_args(synthetic_weights_file, tmp_path)[:-1] if a != "optim.linesearch=none"]
+    base = [*plain, "optim=adam", "optim.lr=0.05", "image.size=64", *SHALLOW, "optim.steps=3",
             "pyramid.min_size=32", "pyramid.steps=3", "init=noise"]  # noise: no zero content loss at step 0
     cfgs = [config.compose([*base, f"loss.beta={b}"]) for b in (1e3, 1e5)]
     both, (solo,) = stylize.optimize(cfgs), stylize.optimize(cfgs[:1])
     assert [r.level for r in solo.history] == [0] * 4 + [1] * 4
     assert [lv["size"] for lv in solo.levels] == [[24, 32], [48, 64]]
     assert solo.steps == 6 and solo.image.shape == (48, 64, 3)
-    # float32 reduction order (batched vs solo) compounds over the levels: 1e-5 per level's run
-    np.testing.assert_allclose(np.array(both[0].history[:5]), np.array(solo.history[:5]), rtol=1e-5)
-    np.testing.assert_allclose(np.array(both[0].history), np.array(solo.history), rtol=1e-4)
+    np.testing.assert_allclose(np.array(both[0].history), np.array(solo.history), rtol=1e-5)
     assert both[1].history[0].total != solo.history[0].total
 
     low_cfg, high_cfg = pyramid.level_configs(cfgs[0])
