@@ -19,19 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-BLOCK_SIZES = (2, 2, 4, 4, 4)
-
-
-def _layer_names() -> tuple[str, ...]:
-    names = []
-    for b, n in enumerate(BLOCK_SIZES, 1):
-        for i in range(1, n + 1):
-            names += [f"conv{b}_{i}", f"relu{b}_{i}"]
-        names.append(f"pool{b}")
-    return tuple(names)
-
-
-LAYER_NAMES = _layer_names()
+from nstjax.vgg import LAYER_NAMES
 
 
 def set_precision(precision: str) -> None:
@@ -64,11 +52,17 @@ def preprocess(x: torch.Tensor, channel_order: str, scale: float, mean, std) -> 
     return (x * scale - mean) / std
 
 
+def block_sizes(weights: dict) -> tuple[int, ...]:
+    """The convolutions per block of the VGG network whose conv{b}_{i} ``weights`` are."""
+    return tuple(sum(name.startswith(f"conv{b}_") for name in weights) for b in range(1, 6))
+
+
 def features(x: torch.Tensor, weights: dict, layers: Sequence[str], pooling: str = "max") -> dict:
-    """Named VGG19 activations of an NCHW batch, stopping after the deepest one."""
+    """Named VGG activations of an NCHW batch (the network that ``weights`` make: VGG11 to 19),
+    stopping after the deepest one."""
     deepest = max(layers, key=LAYER_NAMES.index)
     wanted, out = set(layers), {}
-    for b, n in enumerate(BLOCK_SIZES, 1):
+    for b, n in enumerate(block_sizes(weights), 1):
         for i in range(1, n + 1):
             w, bias = weights[f"conv{b}_{i}"]
             x = F.conv2d(x, w, bias, padding=1)

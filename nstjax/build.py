@@ -89,7 +89,7 @@ def optim_spec(cfg: DictConfig) -> OptimSpec:
         return OptimSpec("adam", b1=o.b1, b2=o.b2, eps=o.eps, epsilon_hat=o.epsilon_hat, clip=o.clip)
     if o.name == "lbfgs":
         return OptimSpec("lbfgs", memory_size=o.memory_size, linesearch=enum_value(o.linesearch),
-                         max_linesearch_steps=o.max_linesearch_steps, clip=o.clip)
+                         max_linesearch_steps=o.max_linesearch_steps, clip=o.clip, max_increase=o.max_increase)
     raise UserError(f"optim.name {o.name!r} is unknown: use optim=adam or optim=lbfgs")
 
 
@@ -106,6 +106,9 @@ def check_numbers(cfg: DictConfig) -> None:
             raise UserError(f"{key} = {value} must be ≥ {least}")
     if not (cfg.image.style_scale > 0 and math.isfinite(cfg.image.style_scale)):
         raise UserError(f"image.style_scale = {cfg.image.style_scale} must be a positive number")
+    increase = o.get("max_increase")
+    if increase is not None and not (math.isfinite(increase) and increase >= 1):
+        raise UserError(f"optim.max_increase = {increase} must be a number ≥ 1, or null to take every step")
 
 
 def preprocessing_override(cfg: DictConfig) -> Preprocessing | None:

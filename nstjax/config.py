@@ -184,6 +184,9 @@ class LBFGSConfig(OptimConfig):
     memory_size: int = 100
     linesearch: Linesearch = Linesearch.zoom
     max_linesearch_steps: int = 20
+    # linesearch=none: a step whose loss exceeds max_increase × the last is taken back and tried
+    # 10× shorter (the length grows back 2× a step); null: torch.optim.LBFGS's steps exactly
+    max_increase: Optional[float] = 10.0
 
 
 @dataclass

@@ -60,6 +60,7 @@ class OptimSpec:
     memory_size: int = 100
     linesearch: str = "zoom"
     max_linesearch_steps: int = 20
+    max_increase: float | None = None
     clip: bool = True
 
     def __post_init__(self):
@@ -67,6 +68,11 @@ class OptimSpec:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, not {self.name!r}")
         if self.linesearch not in LINESEARCHES:
             raise ValueError(f"linesearch must be one of {LINESEARCHES}, not {self.linesearch!r}")
+
+    @property
+    def safeguarded(self) -> bool:
+        """L-BFGS without line search with the safeguard on (``max_increase``)."""
+        return self.name == "lbfgs" and self.linesearch == "none" and self.max_increase is not None
 
     def transformation(self, lr: jax.Array) -> optax.GradientTransformationExtraArgs:
         if self.name == "adam" and self.epsilon_hat:
@@ -100,6 +106,10 @@ def scale_by_adam_epsilon_hat(b1: float, b2: float, eps: float) -> optax.Gradien
         return scale * mu / (jnp.sqrt(nu) + eps), optax.ScaleByAdamState(count, mu, nu)
 
     return optax.GradientTransformation(init, update)
+
+
+SAFEGUARD_SHRINK = 0.1
+SAFEGUARD_GROW = 2.0
 
 
 class Status(enum.IntEnum):
@@ -140,6 +150,7 @@ class LoopState(NamedTuple):
     step: jax.Array  # int32, steps taken
     evaluations: jax.Array  # int32, objective evaluations so far
     status: jax.Array  # int32 Status: RUNNING or why the run stopped
+    scale: jax.Array  # float32: the step length factor of L-BFGS's safeguard (OptimSpec.max_increase), 1 else
 
 
 class HistoryRow(NamedTuple):
@@ -218,10 +229,10 @@ class Loop:
         opt_state = self.spec.transformation(problem.lr).init(problem.pixels)
         status = jnp.where(_finite(terms.total, grad), Status.RUNNING, Status.NONFINITE_LOSS)
         return LoopState(problem.pixels, opt_state, terms, grad, key, jnp.int32(0), jnp.int32(1),
-                         status.astype(jnp.int32))
+                         status.astype(jnp.int32), jnp.ones((), problem.pixels.dtype))
 
     def _step_one(self, state: LoopState, problem: Problem, params) -> LoopState:
-        tx = self.spec.transformation(problem.lr)
+        tx = self.spec.transformation(problem.lr * state.scale)
         key, eval_key = jax.random.split(state.key)
 
         def value_fn(x):
@@ -240,7 +251,13 @@ class Loop:
             jnp.where(_finite(terms.total, grad), Status.RUNNING, Status.NONFINITE_LOSS),
         ).astype(jnp.int32)
         new = LoopState(pixels, opt_state, terms, grad, key, state.step + 1,
-                        state.evaluations + 1 + jnp.int32(linesearch_evals), status)
+                        state.evaluations + 1 + jnp.int32(linesearch_evals), status, state.scale)
+        if self.spec.safeguarded:  # a finite step that raises the loss too far is taken back, shorter
+            back = (status == Status.RUNNING) & (terms.total > self.spec.max_increase * state.terms.total)
+            new = _select(back, state._replace(opt_state=None, key=key, step=new.step, evaluations=new.evaluations,
+                                               scale=state.scale * SAFEGUARD_SHRINK),
+                          new._replace(opt_state=None, scale=jnp.minimum(1.0, state.scale * SAFEGUARD_GROW)))
+            new = new._replace(opt_state=opt_state)
         # A non-finite step is not taken: keep the last finite image, losses and step, record why.
         # The optimiser state is not kept (the member stops there, and a second copy of an L-BFGS
         # history would double the memory of the step).
@@ -286,11 +303,11 @@ class Loop:
             now = active(state)
             state = self._steps(now, state, problems, params)
             t = state.terms
-            row = jnp.stack([state.step.astype(jnp.float32), t.total, t.content, t.style, t.tv,
-                             state.evaluations.astype(jnp.float32)], axis=-1)
+            row = jnp.stack([state.step.astype(rows.dtype), t.total, t.content, t.style, t.tv,
+                             state.evaluations.astype(rows.dtype)], axis=-1)
             return i + 1, state, rows.at[i].set(row), valid.at[i].set(now & (state.status == Status.RUNNING))
 
-        rows = jnp.zeros((self.chunk_steps, members, 6), jnp.float32)
+        rows = jnp.zeros((self.chunk_steps, members, 6), state.terms.total.dtype)
         valid = jnp.zeros((self.chunk_steps, members), bool)
         _, state, rows, valid = jax.lax.while_loop(more, body, (jnp.int32(0), state, rows, valid))
         return state, jnp.swapaxes(rows, 0, 1), jnp.swapaxes(valid, 0, 1)

@@ -97,11 +97,13 @@ UNCHANGED = 0.5 / 255
 
 def improvement(group: Group, i: int, r: MemberResult) -> dict:
     """Whether member ``i``'s run did anything: ``loss_ratio`` = its final total over its first
-    (at the last pyramid level), ``pixel_change`` = mean |result − initial image| in [0, 1], and
+    (at its last pyramid level), ``pixel_change`` = mean |result − initial image| in [0, 1], and
     ``improved`` = the loss fell and the image changed (a grey image never passes silently)."""
     rows = [h for h in r.history if h.level == r.history[-1].level]
     ratio = rows[-1].total / rows[0].total if rows[0].total > 0 else float("nan")
     start = group.output_image(i, np.asarray(group.problems.pixels[i]))
+    if start.shape != r.image.shape:  # interrupted at a smaller pyramid level
+        start = images.resize_to(start, *r.image.shape[:2])
     change = float(np.mean(np.abs(np.asarray(r.image, np.float64) - start)))
     return {"improved": bool(ratio < 1.0 and change >= UNCHANGED), "loss_ratio": ratio, "pixel_change": change}
 

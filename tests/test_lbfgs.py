@@ -333,9 +333,9 @@ def _nstjax_steps(weights_file, *overrides):
     from nstjax import config
     from nstjax.build import build_group
 
-    cfg = config.compose([*overrides, f"model.weights={weights_file}", f"content={EXAMPLES / 'tubingen.jpg'}",
+    cfg = config.compose([f"model.weights={weights_file}", f"content={EXAMPLES / 'tubingen.jpg'}",
                           f"style={EXAMPLES / 'starry_night.jpg'}", "image.size=32", "model.conv=direct",
-                          "seed=0", f"optim.steps={STEPS}", "chunk_steps=1"])
+                          "seed=0", f"optim.steps={STEPS}", "chunk_steps=1", *overrides])
     group = build_group([cfg])
     assert group.structure.optim.linesearch == "none" and group.structure.optim.memory_size == 100
     program = group.structure.loop.compile(group.problems, group.params)
@@ -416,7 +416,8 @@ def test_neural_style_preset_follows_torch_lbfgs(synthetic_weights_file, one_thr
     import neural_style_reference
     import weights_fixtures
 
-    group, terms, pixels = _nstjax_steps(synthetic_weights_file, "+experiment=neural_style", "init=uniform")
+    group, terms, pixels = _nstjax_steps(synthetic_weights_file, "+experiment=neural_style", "init=uniform",
+                                         "optim.max_increase=null")
     assert not group.structure.optim.clip
     member = group.members[0]
     feval = neural_style_reference.neural_style_feval(weights_fixtures.synthetic_params(0), member.content,
@@ -488,7 +489,7 @@ def test_pytorch_tutorial_preset_follows_torch_lbfgs(synthetic_weights_file, one
     import torch
 
     group, terms, pixels = _nstjax_steps(synthetic_weights_file, "+experiment=pytorch_tutorial",
-                                         *TORCHVISION_PREPROCESSING)
+                                         *TORCHVISION_PREPROCESSING, "optim.max_increase=null")
     assert group.structure.optim.clip
     member = group.members[0]
     np.testing.assert_array_equal(pixels[0], member.content)  # init = content
@@ -497,3 +498,87 @@ def test_pytorch_tutorial_preset_follows_torch_lbfgs(synthetic_weights_file, one
     bounds = (pixels == 0) | (pixels == 1)
     assert not bounds[0].any() and bounds[1:].any()  # the clip mattered (on the steps that overshoot)
     assert final.max() <= 0.1 and np.sqrt(np.mean(final**2)) <= 0.02, final
+
+
+# --- The safeguard (optim.max_increase): a step that multiplies the loss is taken back, shorter ------------
+
+HAT = 1000.0
+
+
+def _hat(x, params, targets, hp, key=None):
+    """f(x) = (‖x − c‖² − a)²: near c the loss falls outwards with negative curvature (as a Gram
+    loss near a flat image), so torch's second step, the raw gradient (the first pair has yᵀs < 0
+    and is skipped), lands far out on the quartic wall."""
+    from nstjax.losses import Terms
+
+    total = jnp.square(jnp.sum(jnp.square(x - targets)) - HAT)
+    return Terms(total, total, jnp.zeros_like(total), jnp.zeros_like(total))
+
+
+def _guarded_numpy(x0, c, lr, kappa, steps, grow=2.0, shrink=0.1):
+    """The safeguard written out in float64 numpy over torch's rule (memory 100, no clip): returns the
+    losses after each step, which steps were taken back, and the step-length factors."""
+    shape, c = x0.shape, c.reshape(-1)
+
+    def f(x):
+        r = x - c
+        return (r @ r - HAT) ** 2, 4 * (r @ r - HAT) * r
+
+    x = x0.reshape(-1).copy()
+    loss, g = f(x)
+    pairs, h_diag, prev_g, prev_u, count, scale = [], 1.0, None, None, 0, 1.0
+    losses, back, scales = [loss], [], [scale]
+    for _ in range(steps):
+        if count:
+            y, s = g - prev_g, prev_u
+            if y @ s > 1e-10:
+                pairs.append((s, y, 1 / (y @ s)))
+                h_diag = (y @ s) / (y @ y)
+        q, al = -g.copy(), []
+        for s, y, rho in reversed(pairs):
+            al.append(rho * (s @ q))
+            q -= al[-1] * y
+        d = q * h_diag
+        for (s, y, rho), a in zip(pairs, reversed(al)):
+            d += (a - rho * (y @ d)) * s
+        t = (min(1.0, 1.0 / np.abs(g).sum()) if count == 0 else 1.0) * lr * scale
+        prev_g, prev_u, count = g, t * d, count + 1
+        new_loss, new_g = f(x + t * d)
+        if new_loss > kappa * loss:  # taken back: the image, loss and gradient stay
+            back.append(True)
+            scale *= shrink
+        else:
+            back.append(False)
+            x, loss, g, scale = x + t * d, new_loss, new_g, min(1.0, scale * grow)
+        losses.append(loss)
+        scales.append(scale)
+    return np.array(losses), back, np.array(scales), x.reshape(shape)
+
+
+def test_safeguard_takes_back_a_step_that_raises_the_loss_tenfold():
+    """Loop with optim.max_increase=10 against the rule written out in numpy (float64): the same
+    losses, the same steps taken back, the same step-length factors; without it, torch's second
+    step raises the loss by orders of magnitude."""
+    from nstjax.build import stack
+    from nstjax.optimize import Loop, OptimSpec, Problem
+
+    rng = np.random.default_rng(4)
+    x0 = rng.uniform(0.0, 1.0, (4, 4, 3))
+    c = x0 - 0.01 * rng.uniform(-1, 1, x0.shape)
+    with jax.enable_x64(True):
+        results = {}
+        for kappa in (10.0, None):
+            loop = Loop(_hat, OptimSpec("lbfgs", linesearch="none", clip=False, max_increase=kappa), chunk_steps=6)
+            problems = stack([Problem(jnp.asarray(x0), jnp.asarray(c), jnp.float64(1), jnp.float32(1.0),
+                                      jax.random.key(0))])
+            state = jax.jit(loop.init)(problems, None)
+            state, rows, valid = jax.jit(loop.chunk)(state, problems, None, jnp.int32(6), jnp.int32(2**31 - 1))
+            results[kappa] = np.asarray(rows[0, :, 1]), np.asarray(state.pixels[0]), float(state.scale[0])
+    losses, back, scales, x = _guarded_numpy(x0, c, 1.0, 10.0, 6)
+    assert back[1] and not back[0], back  # the second step is the one torch overshoots
+    guarded, pixels, scale = results[10.0]
+    np.testing.assert_allclose(guarded, losses[1:], rtol=1e-10)
+    np.testing.assert_allclose(pixels, x, rtol=0, atol=1e-12)
+    assert scale == pytest.approx(scales[-1])
+    unguarded = results[None][0]
+    assert unguarded[1] > 100 * losses[1] and guarded[-1] < losses[0]  # torch's overshoot; the guarded run descends

@@ -76,7 +76,27 @@ def bad_inputs(tmp):
          ["loss.sw_projections", "≥ 1"]),
         ("style_positions below 2", ["loss.style_loss=remd", "loss.style_positions=1"],
          ["loss.style_positions", "≥ 2"]),
+        ("a safeguard below 1", ["optim.max_increase=0.5"], ["optim.max_increase", "≥ 1", "null"]),
+        ("weights of another network", ["model.arch=vgg16"], ["holds a VGG19", "model.arch is vgg16",
+                                                              "model.arch=vgg19"]),
+        ("an ONNX file that is no VGG", [f"model.weights={_onnx_of_one_conv(tmp / 'one.onnx')}"],
+         ["one.onnx", "1 Conv nodes", "not a VGG conv base"]),
     ]
+
+
+def _onnx_of_one_conv(path):
+    """An ONNX graph with a single 3×3 convolution: not a VGG conv base."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(np.zeros((8, 3, 3, 3), np.float32), "w"),
+             numpy_helper.from_array(np.zeros(8, np.float32), "b")]
+    node = helper.make_node("Conv", ["x", "w", "b"], ["y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    graph = helper.make_graph([node], "one", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=inits)
+    onnx.save(helper.make_model(graph), str(path))
+    return path
 
 
 def _case_names():

@@ -40,20 +40,6 @@ def torch_reference(params, rgb: np.ndarray, preprocessing, pooling: str, ceil: 
     return {k: v.permute(0, 2, 3, 1).numpy() for k, v in out.items()}
 
 
-def torchvision_features(arch: str):
-    """torchvision.models.vgg.make_layers(cfgs[...]) for ``arch``, written out with torch.nn."""
-    import torch.nn as nn
-
-    layers, c_in = [], 3
-    for v in wf.TORCHVISION_CFGS[arch]:
-        if v == "M":
-            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
-        else:
-            layers += [nn.Conv2d(c_in, v, kernel_size=3, padding=1), nn.ReLU(inplace=True)]
-            c_in = v
-    return nn.Sequential(*layers)
-
-
 @pytest.mark.torch
 @pytest.mark.parametrize("arch", ["vgg11", "vgg13", "vgg16", "vgg19"])
 def test_layer_table_is_torchvisions_module_structure(arch):
@@ -61,7 +47,7 @@ def test_layer_table_is_torchvisions_module_structure(arch):
     pooling follows each block, and the layer names count the convolutions within each block."""
     import torch.nn as nn
 
-    features, table = torchvision_features(arch), ARCHITECTURES[arch]
+    features, table = wf.torch_features(arch), ARCHITECTURES[arch]
     convs = [m for m in features if isinstance(m, nn.Conv2d)]
     shapes = table.conv_shapes()
     assert len(convs) == len(table.conv_layers) == len(shapes)
@@ -85,9 +71,7 @@ def test_shallower_networks_match_torch_layer_by_layer(arch):
     import torch
 
     params = wf.synthetic_params(1, arch)
-    features = torchvision_features(arch).double().eval()
-    features.load_state_dict({k.removeprefix("features."): torch.from_numpy(v).double()
-                              for k, v in wf.torchvision_state(params).items()})
+    features = wf.load_torch_features(wf.torch_features(arch), params)
     rgb = np.random.default_rng(2).uniform(0, 1, (1, 40, 56, 3)).astype(np.float32)
     x = torch.from_numpy(TORCHVISION(rgb).__array__().astype(np.float64)).permute(0, 3, 1, 2)
     want = []

@@ -53,6 +53,44 @@ def synthetic_params(seed: int = 0, arch: str = "vgg19") -> dict:
     return params
 
 
+def torch_features(arch: str = "vgg19", pooling: str = "max"):
+    """torchvision.models.vgg.make_layers(cfgs[...]) for ``arch``, written out with torch.nn (with
+    ``pooling='avg'``, average pooling in place of max, as Gatys et al.)."""
+    import torch.nn as nn
+
+    layers, c_in = [], 3
+    for v in TORCHVISION_CFGS[arch]:
+        if v == "M":
+            layers.append(nn.MaxPool2d(kernel_size=2, stride=2) if pooling == "max" else nn.AvgPool2d(2, 2))
+        else:
+            layers += [nn.Conv2d(c_in, v, kernel_size=3, padding=1), nn.ReLU()]
+            c_in = v
+    return nn.Sequential(*layers)
+
+
+def torch_layer_names(arch: str = "vgg19") -> list[str]:
+    """The name of each module of :func:`torch_features`: conv{b}_{i}, relu{b}_{i}, pool{b}."""
+    names, block, i = [], 1, 0
+    for v in TORCHVISION_CFGS[arch]:
+        if v == "M":
+            names.append(f"pool{block}")
+            block, i = block + 1, 0
+        else:
+            i += 1
+            names += [f"conv{block}_{i}", f"relu{block}_{i}"]
+    return names
+
+
+def load_torch_features(features, params: dict, dtype=None):
+    """``features`` with ``params`` (HWIO numpy) loaded in torchvision's layout."""
+    import torch
+
+    dtype = dtype or torch.float64
+    features.load_state_dict({k.removeprefix("features."): torch.from_numpy(v).to(dtype)
+                              for k, v in torchvision_state(params).items()})
+    return features.to(dtype).eval()
+
+
 def keras_group(name: str) -> str:
     return f"block{name[4]}_conv{name[6:]}"
 
