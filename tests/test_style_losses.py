@@ -16,7 +16,7 @@ from scipy.optimize import linear_sum_assignment
 from nstjax.losses import HParams, LossSpec, compute_targets, make_objective
 from nstjax.style_losses import (STYLE_LOSSES, LayerLossOptions, StyleHParams, histogram_match,
                                  layer_loss, random_directions, self_similarity_loss,
-                                 sliced_wasserstein_distance, trace_sqrtm)
+                                 sliced_wasserstein_distance, trace_sqrt_product)
 from nstjax.vgg import CAFFE, VGG19
 
 RNG = np.random.default_rng(11)
@@ -75,11 +75,17 @@ def test_gaussian_w2_matches_scipy_sqrtm():
     np.testing.assert_allclose(value("gaussian_w2"), expected, rtol=1e-4)
 
 
-def test_trace_sqrtm_gradient_is_half_the_inverse_square_root():
-    a = RNG.standard_normal((5, 5))
-    a = a @ a.T + np.eye(5)
-    grad = jax.grad(trace_sqrtm)(jnp.asarray(a, jnp.float32))
-    np.testing.assert_allclose(grad, 0.5 * np.linalg.inv(scipy.linalg.sqrtm(a).real), rtol=1e-4, atol=1e-6)
+def test_trace_sqrt_product_and_its_gradient_match_scipy():
+    """tr (B Σ Bᵀ)^½, ∂/∂Σ = ½ Bᵀ C^-½ B and ∂/∂B = C^-½ B Σ (C = B Σ Bᵀ) for full-rank Σ and B."""
+    rng = np.random.default_rng(5)
+    a, b = rng.standard_normal((5, 7)), rng.standard_normal((5, 5))
+    cov = a @ a.T / 7 + 0.1 * np.eye(5)
+    inv_root = np.linalg.inv(scipy.linalg.sqrtm(b @ cov @ b.T).real)
+    value, (d_cov, d_b) = jax.value_and_grad(trace_sqrt_product, argnums=(0, 1))(
+        jnp.asarray(cov, jnp.float32), jnp.asarray(b, jnp.float32), 5)
+    np.testing.assert_allclose(value, np.trace(scipy.linalg.sqrtm(b @ cov @ b.T).real), rtol=1e-5)
+    np.testing.assert_allclose(d_cov, 0.5 * b.T @ inv_root @ b, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(d_b, inv_root @ b @ cov, rtol=1e-4, atol=1e-5)
 
 
 def numpy_quantiles(sorted_columns, m):
