@@ -121,11 +121,24 @@ def main(argv=None) -> int:
         "preset": a.preset, "size": a.size, "weights": a.weights, "arch": a.arch, "evaluations": a.evaluations,
         "target": target, "target_factor": a.target, "lowest": best, "rows": rows,
         "traces": {name: r["trace"] for name, r in runs.items()}, "device": str(jax.devices()[0].device_kind)})
-    from nstjax import images
-
-    for name, r in runs.items():
-        images.save_image(RESULTS / "quality" / f"{a.label}-{name.replace(' ', '_')}.png", r["image"])
+    contact_sheet(RESULTS / f"quality-{a.label}.jpg", runs)
     return 0
+
+
+def contact_sheet(path, runs: dict) -> None:
+    """Each run's final image, labelled, in rows of five."""
+    from PIL import Image, ImageDraw
+
+    tiles = [(name, Image.fromarray(np.uint8(np.clip(r["image"], 0, 1) * 255 + 0.5))) for name, r in runs.items()]
+    w, h = tiles[0][1].size
+    cols = 5
+    sheet = Image.new("RGB", (cols * (w + 4), -(-len(tiles) // cols) * (h + 18)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for k, (name, im) in enumerate(tiles):
+        x, y = (k % cols) * (w + 4), (k // cols) * (h + 18)
+        sheet.paste(im, (x, y))
+        draw.text((x + 2, y + h + 3), name, fill="black")
+    sheet.save(path, quality=85)
 
 
 if __name__ == "__main__":

@@ -185,7 +185,8 @@ class LBFGSConfig(OptimConfig):
     linesearch: Linesearch = Linesearch.zoom
     max_linesearch_steps: int = 20
     # linesearch=none: a step whose loss exceeds max_increase × the last is taken back and tried
-    # 10× shorter (the length grows back 2× a step); null: torch.optim.LBFGS's steps exactly
+    # shorter (10×, and no pixel moving more than 0.05; the length grows back 10× a step taken);
+    # null: torch.optim.LBFGS's steps exactly (nstjax.optimize.backtrack)
     max_increase: Optional[float] = 10.0
 
 

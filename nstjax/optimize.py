@@ -109,7 +109,15 @@ def scale_by_adam_epsilon_hat(b1: float, b2: float, eps: float) -> optax.Gradien
 
 
 SAFEGUARD_SHRINK = 0.1
-SAFEGUARD_GROW = 2.0
+SAFEGUARD_REACH = 0.05
+SAFEGUARD_GROW = 10.0
+
+
+def backtrack(update: jax.Array) -> jax.Array:
+    """The factor by which to shorten a step ``update`` that was taken back: 10× shorter, and short
+    enough that no pixel moves by more than SAFEGUARD_REACH (a step that overshot by orders of
+    magnitude comes back in one retry, not in one retry per factor of 10)."""
+    return jnp.minimum(SAFEGUARD_SHRINK, SAFEGUARD_REACH / jnp.max(jnp.abs(update)))
 
 
 class Status(enum.IntEnum):
@@ -254,8 +262,9 @@ class Loop:
                         state.evaluations + 1 + jnp.int32(linesearch_evals), status, state.scale)
         if self.spec.safeguarded:  # a finite step that raises the loss too far is taken back, shorter
             back = (status == Status.RUNNING) & (terms.total > self.spec.max_increase * state.terms.total)
+            shorter = state.scale * backtrack(updates)
             new = _select(back, state._replace(opt_state=None, key=key, step=new.step, evaluations=new.evaluations,
-                                               scale=state.scale * SAFEGUARD_SHRINK),
+                                               scale=shorter),
                           new._replace(opt_state=None, scale=jnp.minimum(1.0, state.scale * SAFEGUARD_GROW)))
             new = new._replace(opt_state=opt_state)
         # A non-finite step is not taken: keep the last finite image, losses and step, record why.

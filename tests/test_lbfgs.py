@@ -515,9 +515,11 @@ def _hat(x, params, targets, hp, key=None):
     return Terms(total, total, jnp.zeros_like(total), jnp.zeros_like(total))
 
 
-def _guarded_numpy(x0, c, lr, kappa, steps, grow=2.0, shrink=0.1):
-    """The safeguard written out in float64 numpy over torch's rule (memory 100, no clip): returns the
-    losses after each step, which steps were taken back, and the step-length factors."""
+def _guarded_numpy(x0, c, lr, kappa, steps, grow=10.0, shrink=0.1, reach=0.05):
+    """The safeguard written out in float64 numpy over torch's rule (memory 100, no clip): a step
+    that raises the loss more than ``kappa``× is taken back and the step length scaled by
+    min(shrink, reach / max|step|); after a step taken, the scale grows ``grow``× up to 1. Returns
+    the losses after each step, which steps were taken back, and the step-length factors."""
     shape, c = x0.shape, c.reshape(-1)
 
     def f(x):
@@ -546,7 +548,7 @@ def _guarded_numpy(x0, c, lr, kappa, steps, grow=2.0, shrink=0.1):
         new_loss, new_g = f(x + t * d)
         if new_loss > kappa * loss:  # taken back: the image, loss and gradient stay
             back.append(True)
-            scale *= shrink
+            scale *= min(shrink, reach / np.abs(t * d).max())
         else:
             back.append(False)
             x, loss, g, scale = x + t * d, new_loss, new_g, min(1.0, scale * grow)

@@ -18,10 +18,11 @@ COMMENTS = {
     # β = 10⁴; L-BFGS from the content image (with the zoom line search, 500 steps: the README).
     "gatys2016": {"model.weights": "vgg19", "model.pooling": "avg", **GATYS_LOSS, "init": "content",
                   "optim.name": "lbfgs", "optim.linesearch": "zoom", "optim.steps": 500, "image.size": 512},
-    # The Gatys et al. 2016 objective at 256 px, 100 L-BFGS steps without line search, lr 0.5, memory 30.
+    # The Gatys et al. 2016 objective at 256 px, 100 L-BFGS steps without line search, lr 1, memory 100,
+    # the safeguard on (max_increase 10).
     "preview": {"model.weights": "vgg19", "model.pooling": "avg", **GATYS_LOSS, "init": "content",
                 "image.size": 256, "optim.name": "lbfgs", "optim.steps": 100, "optim.linesearch": "none",
-                "optim.lr": 0.5, "optim.memory_size": 30},
+                "optim.lr": 1.0, "optim.memory_size": 100, "optim.max_increase": 10.0},
     # Caffe VGG-19, max pooling in ceil mode, ×256 in Caffe space; content relu4_2, style
     # relu1_1…relu5_1; content_weight 5 and style_weight 100 on every layer; MSE (mean) content;
     # Gram ÷ N·M, MSE (mean); tv_weight 1e-3 on ½Σ(Δx² + Δy²) over the (H−1)×(W−1) block of the
