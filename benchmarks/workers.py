@@ -144,7 +144,7 @@ def _problems(x, targets, hp, lr):
     from nstjax.optimize import Problem
 
     return jax.tree.map(lambda leaf: leaf[None], Problem(jnp.asarray(x), targets, hp, jnp.float32(lr),
-                                                          jax.random.key(0)))
+                                                          jax.random.key(0), jnp.float32(0)))
 
 
 def eval_jax(args):

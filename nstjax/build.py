@@ -38,7 +38,7 @@ from nstjax.yardstick import YARDSTICK_LAYERS, yardstick_targets
 DEFAULT_CONTENT = "tubingen.jpg"
 DEFAULT_STYLE = "starry_night.jpg"
 MEMBER_KEYS = ("content", "style", "style_blend_weights", "regions", "init", "init_noise_std", "seed", "loss.alpha", "loss.beta",
-               "loss.tv_weight", "loss.content_layer_weights", "loss.style_layer_weights", "optim.lr",
+               "loss.tv_weight", "loss.content_layer_weights", "loss.style_layer_weights", "optim.lr", "optim.ema_decay",
                *(f"loss.{k}" for k in StyleHParams._fields))
 """The keys in which the members of one group may differ: they become arrays of the Problem."""
 GROUP_KEYS = ("resume",)
@@ -106,6 +106,9 @@ def check_numbers(cfg: DictConfig) -> None:
             raise UserError(f"{key} = {value} must be ≥ {least}")
     if not (cfg.image.style_scale > 0 and math.isfinite(cfg.image.style_scale)):
         raise UserError(f"image.style_scale = {cfg.image.style_scale} must be a positive number")
+    decay = o.ema_decay
+    if decay is not None and not (math.isfinite(decay) and 0.0 <= decay < 1.0):
+        raise UserError(f"optim.ema_decay = {decay} must be in [0, 1) (null: no average)")
     increase = o.get("max_increase")
     if increase is not None and not (math.isfinite(increase) and increase >= 1):
         raise UserError(f"optim.max_increase = {increase} must be a number ≥ 1, or null to take every step")
@@ -417,7 +420,8 @@ def build_group(cfgs: Sequence[DictConfig], inputs: Sequence[Inputs] | None = No
                      for style, r in zip(region_styles, inp.regions)]
             targets = targets._replace(style=regions.style_targets(grams, inp.regions, spec))
         content = jnp.asarray(inp.content)
-        problems.append(Problem(jnp.asarray(x0), targets, hparams(cfg, spec), jnp.float32(cfg.optim.lr), key))
+        problems.append(Problem(jnp.asarray(x0), targets, hparams(cfg, spec), jnp.float32(cfg.optim.lr), key,
+                                jnp.float32(cfg.optim.ema_decay or 0.0)))
         yard = [yard_fn(params, content, jnp.asarray(s)) for s in inp.styles]
         yards.append(yard[0]._replace(grams=blend.blend([y.grams for y in yard], mix)))
         members.append(Member(cfg, inp.content, inp.styles, input_paths(cfg), mix))

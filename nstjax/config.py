@@ -163,6 +163,9 @@ class OptimConfig:
     lr: float = 1.0
     max_evaluations: Optional[int] = None  # stop once this many objective evaluations are spent
     clip: bool = OptimSpec.clip  # pixels clipped to [0, 1] after each step; false: only the saved image
+    # the result, snapshots and yardsticks are the average of the iterates, a ← d·a + (1 − d)·x (bias-corrected,
+    # crowsonkb's --avg-decay); the history stays the iterates'; null: the last iterate
+    ema_decay: Optional[float] = None
 
 
 @dataclass

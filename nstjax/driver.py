@@ -33,7 +33,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from nstjax import checkpoint, images, pyramid
 from nstjax.build import Group
 from nstjax.errors import UserError
-from nstjax.optimize import MEMBERS, HistoryRow, LoopState, Program, Status, member_mesh
+from nstjax.optimize import MEMBERS, HistoryRow, LoopState, Program, Status, average, member_mesh
 from nstjax.yardstick import as_metrics, yardstick
 
 EXIT_DIVERGED = 3
@@ -257,7 +257,7 @@ class Driver:
                 for i, n in enumerate(index):
                     if self.member_dirs[n] is not None:
                         images.save_image(Path(self.member_dirs[n]) / "levels" / f"level_{k}.png",
-                                          self.group.output_image(n, np.asarray(host.pixels[i])))
+                                          self.group.output_image(n, average(host)[i]))
             if last or interrupted:
                 break
             previous = host
@@ -268,7 +268,7 @@ class Driver:
         """Member ``n`` (row ``i`` of the wave) over its levels."""
         levels, level = earlier["levels"][i], earlier["levels"][i][-1]
         return MemberResult(
-            self.group.output_image(n, np.asarray(host.pixels[i])), [HistoryRow(*r) for r in earlier["histories"][i]],
+            self.group.output_image(n, average(host)[i]), [HistoryRow(*r) for r in earlier["histories"][i]],
             level["status"], level["reason"], sum(x["steps"] for x in levels),
             sum(x["loss_evaluations"] for x in levels),
             {"initial": earlier["initial"][i], "final": as_metrics(_member(final, i))},
@@ -283,7 +283,7 @@ class Driver:
         compiled = self.programs(size)
         problems, yards = self._wave_problems(index, size)
         if previous is not None:  # start from the level below, upsampled; stopped members stay stopped
-            pixels = pyramid.upsample(np.asarray(previous.pixels), tuple(problems.pixels.shape[1:3]))
+            pixels = pyramid.upsample(average(previous), tuple(problems.pixels.shape[1:3]))
             problems = problems._replace(pixels=jax.device_put(pixels, self.members))
         t_run = time.perf_counter()
         state = compiled.program.init(problems, self.params)
@@ -315,12 +315,12 @@ class Driver:
         state = self._drive(compiled.program, state, problems, histories, hooks, level)
         run_seconds = seconds_before + time.perf_counter() - t_run
         signum = SIGNALS.received
-        host = jax.device_get(state)
+        host = jax.device_get(state._replace(opt_state=None, grad=None))  # the optimiser's memory stays
         initial = None
         if earlier["initial"] is None:
             values = jax.device_get(compiled.yardstick(self.params, self._outputs(index, size, problems.pixels), yards))
             initial = [as_metrics(_member(values, i)) for i in range(size)]
-        final = jax.device_get(compiled.yardstick(self.params, self._outputs(index, size, host.pixels), yards))
+        final = jax.device_get(compiled.yardstick(self.params, self._outputs(index, size, average(host)), yards))
         info, interrupted = [], False
         for i in range(size):
             status, reason = "finished", None
@@ -377,10 +377,10 @@ class Driver:
         if not (self.save_every and step % self.save_every == 0):
             return
         name = (f"level_{level}_" if len(self.levels) > 1 else "") + f"step_{step:06d}.png"
+        pixels = np.asarray(average(state))
         for i, n in enumerate(index):
             if new[i]:
-                images.save_image(Path(self.member_dirs[n]) / "snapshots" / name,
-                                  self.group.output_image(n, np.asarray(state.pixels[i])))
+                images.save_image(Path(self.member_dirs[n]) / "snapshots" / name, self.group.output_image(n, pixels[i]))
 
 
 def _row(state: LoopState, i: int, level: int) -> HistoryRow:

@@ -145,6 +145,7 @@ class Problem(NamedTuple):
     hp: HParams
     lr: jax.Array  # float32 learning rate (L-BFGS: step scale with linesearch=none)
     key: jax.Array  # typed PRNG key of the run
+    ema_decay: jax.Array  # float32 d of the average of the iterates (0: the average is the iterate)
 
 
 class LoopState(NamedTuple):
@@ -159,6 +160,16 @@ class LoopState(NamedTuple):
     evaluations: jax.Array  # int32, objective evaluations so far
     status: jax.Array  # int32 Status: RUNNING or why the run stopped
     scale: jax.Array  # float32: the step length factor of L-BFGS's safeguard (OptimSpec.max_increase), 1 else
+    average: jax.Array  # the exponential moving average of the iterates, before bias correction (average())
+    decayed: jax.Array  # d to the power of the updates the average has had: its bias correction
+
+
+def average(state) -> jax.Array:
+    """The bias-corrected exponential moving average of each member's iterates (crowsonkb's
+    ``--avg-decay``; Kingma & Ba's bias correction): a = v / (1 − dᵗ), v ← d·v + (1 − d)·x after
+    x₀ and each step; with d = 0 exactly the iterate. Works on device and host (numpy) states."""
+    decayed = state.decayed.reshape(state.decayed.shape + (1,) * (state.average.ndim - state.decayed.ndim))
+    return state.average / (1 - decayed)
 
 
 class HistoryRow(NamedTuple):
@@ -236,8 +247,9 @@ class Loop:
         terms, grad = self._value_and_grad(problem.pixels, params, problem, eval_key)
         opt_state = self.spec.transformation(problem.lr).init(problem.pixels)
         status = jnp.where(_finite(terms.total, grad), Status.RUNNING, Status.NONFINITE_LOSS)
+        d = problem.ema_decay.astype(problem.pixels.dtype)
         return LoopState(problem.pixels, opt_state, terms, grad, key, jnp.int32(0), jnp.int32(1),
-                         status.astype(jnp.int32), jnp.ones((), problem.pixels.dtype))
+                         status.astype(jnp.int32), jnp.ones((), problem.pixels.dtype), (1 - d) * problem.pixels, d)
 
     def _step_one(self, state: LoopState, problem: Problem, params) -> LoopState:
         tx = self.spec.transformation(problem.lr * state.scale)
@@ -258,8 +270,10 @@ class Loop:
             ~jnp.all(jnp.isfinite(stepped)), Status.NONFINITE_PIXELS,
             jnp.where(_finite(terms.total, grad), Status.RUNNING, Status.NONFINITE_LOSS),
         ).astype(jnp.int32)
+        d = problem.ema_decay.astype(pixels.dtype)
         new = LoopState(pixels, opt_state, terms, grad, key, state.step + 1,
-                        state.evaluations + 1 + jnp.int32(linesearch_evals), status, state.scale)
+                        state.evaluations + 1 + jnp.int32(linesearch_evals), status, state.scale,
+                        d * state.average + (1 - d) * pixels, state.decayed * d)
         if self.spec.safeguarded:  # a finite step that raises the loss too far is taken back, shorter
             back = (status == Status.RUNNING) & (terms.total > self.spec.max_increase * state.terms.total)
             shorter = state.scale * backtrack(updates)

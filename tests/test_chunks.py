@@ -113,3 +113,55 @@ def test_a_run_that_does_not_improve_says_so(tmp_path, synthetic_weights_file):
     rising, warned = run("rising", "optim=adam", "optim.lr=50", "optim.steps=3", "optim.clip=false")
     assert rising["improved"] is False and rising["loss_ratio"] > 1
     assert len(warned) == 1 and "the loss did not fall" in warned[0]
+
+
+def test_ema_of_the_iterates_is_the_bias_corrected_recurrence(problem):
+    """optim.ema_decay: a = v / (1 − dᵗ), v ← d·v + (1 − d)·x over x₀ and each step, against a numpy
+    recurrence on the iterates; d = 0 is exactly the iterate; the loss history is the iterates'."""
+    from nstjax.optimize import Problem, average
+
+    x0, params, targets = problem
+    loop = Loop(OBJECTIVE, OptimSpec("adam"), chunk_steps=1)
+    init, chunk = jax.jit(loop.init), jax.jit(loop.chunk)
+    for d in (0.7, 0.0):
+        probs = batch(x0, targets, [HParams.create(SPEC, beta=1e4)], [0.05])._replace(ema_decay=jnp.float32([d]))
+        state = init(probs, params)
+        iterates = [np.asarray(state.pixels[0], np.float64)]
+        for _ in range(5):
+            state, rows, _ = chunk(state, probs, params, jnp.int32(1), NO_LIMIT)
+            iterates.append(np.asarray(state.pixels[0], np.float64))
+            np.testing.assert_allclose(rows[0, 0, 1], OBJECTIVE(state.pixels[0], params, targets,
+                                                                 HParams.create(SPEC, beta=1e4)).total, rtol=1e-5)
+        v, t = np.zeros_like(iterates[0]), 0
+        for x in iterates:
+            v, t = d * v + (1 - d) * x, t + 1
+        want = v / (1 - d**t)
+        got = np.asarray(average(state)[0])
+        if d:
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+            assert np.abs(got - iterates[-1]).max() > 1e-3  # the average is not the last iterate
+        else:
+            np.testing.assert_array_equal(got, np.asarray(state.pixels[0]))
+
+
+def test_ema_is_checkpointed_and_a_member_key(problem, tmp_path, synthetic_weights_file):
+    """Three steps, a checkpoint written and read back, three more: bitwise the six straight steps,
+    the average included; two points differing only in ema_decay share one program."""
+    from nstjax import build, checkpoint
+
+    x0, params, targets = problem
+    loop = Loop(OBJECTIVE, OptimSpec("adam"), chunk_steps=3)
+    init, chunk = jax.jit(loop.init), jax.jit(loop.chunk)
+    probs = batch(x0, targets, [HParams.create(SPEC, beta=1e4)], [0.05])._replace(ema_decay=jnp.float32([0.9]))
+    straight, _, _ = chunk(chunk(init(probs, params), probs, params, jnp.int32(3), NO_LIMIT)[0], probs, params,
+                           jnp.int32(3), NO_LIMIT)
+    half, _, _ = chunk(init(probs, params), probs, params, jnp.int32(3), NO_LIMIT)
+    checkpoint.save(tmp_path, half, {})
+    resumed, _, _ = chunk(checkpoint.load(tmp_path, half), probs, params, jnp.int32(3), NO_LIMIT)
+    for a, b in zip(jax.tree.leaves(straight.average), jax.tree.leaves(resumed.average)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(np.asarray(straight.decayed), np.asarray(resumed.decayed))
+    cfgs = [config.compose([f"model.weights={synthetic_weights_file}", "image.size=32", f"optim.ema_decay={d}"])
+            for d in (0.5, 0.99)]
+    keys = {build.structure_key(c, build.validate(c)) for c in cfgs}
+    assert len(keys) == 1

@@ -327,7 +327,7 @@ def test_optim_clip_false_leaves_the_pixels_unclamped(clip):
 
     loop = Loop(objective, OptimSpec("adam", clip=clip), chunk_steps=20)
     problems = build.stack([Problem(jnp.full((4, 4, 3), 0.5), {}, jnp.float32(0), jnp.float32(0.1),
-                                    jax.random.key(0))])
+                                    jax.random.key(0), jnp.float32(0))])
     state, _, _ = jax.jit(loop.chunk)(loop.init(problems, None), problems, None, jnp.int32(20), jnp.int32(10**6))
     pixels = np.asarray(state.pixels)
     assert (pixels.max() == 1.0) if clip else (pixels.min() > 1.5)
@@ -404,12 +404,12 @@ def test_normalized_vgg_has_mean_activation_one_and_caches_its_means(synthetic_p
     imgs = [build.images.resize_longest(build.images.load_image(folder / n), 32) for n in ("a.png", "b.jpg")]
 
     def relus(p):  # numpy: each image's mean over positions, then the mean over the images
-        acts = [model.apply({"params": p}, jnp.asarray(x)[None], normalize.RELU_LAYERS) for x in imgs]
+        acts = [model.apply({"params": p}, jnp.asarray(x)[None], normalize.relu_layers(model.architecture.conv_layers)) for x in imgs]
         return {k: np.mean([np.asarray(a[k][0], np.float64).mean(axis=(0, 1)) for a in acts], axis=0)
-                for k in normalize.RELU_LAYERS}, acts
+                for k in normalize.relu_layers(model.architecture.conv_layers)}, acts
 
     (before, acts0), (after, acts1) = relus(params), relus(got)
-    for name in normalize.RELU_LAYERS:
+    for name in normalize.relu_layers(model.architecture.conv_layers):
         live = before[name] > 1e-2 * before[name].max()  # rarely active filters: float32 noise
         assert live.mean() > 0.5, name
         np.testing.assert_allclose(after[name][live], 1.0, rtol=1e-4)

@@ -289,7 +289,7 @@ def test_loop_in_float64_equals_torch_lbfgs(clip):
         for seed, lr, w in members:
             _, c, x0 = _toy_problem(seed)
             problems.append(Problem(jnp.asarray(x0), jnp.asarray(c), jnp.float64(w), jnp.float32(lr),
-                                    jax.random.key(seed)))
+                                    jax.random.key(seed), jnp.float32(0)))
         a = _toy_problem(0)[0]  # the VGG params' place: shared by the members
         problems, params = stack(problems), jnp.asarray(a)
         l1 = [np.abs(w * a @ (x0 - c).reshape(-1)).sum() for (_, _, w), x0, c in
@@ -572,7 +572,7 @@ def test_safeguard_takes_back_a_step_that_raises_the_loss_tenfold():
         for kappa in (10.0, None):
             loop = Loop(_hat, OptimSpec("lbfgs", linesearch="none", clip=False, max_increase=kappa), chunk_steps=6)
             problems = stack([Problem(jnp.asarray(x0), jnp.asarray(c), jnp.float64(1), jnp.float32(1.0),
-                                      jax.random.key(0))])
+                                      jax.random.key(0), jnp.float32(0))])
             state = jax.jit(loop.init)(problems, None)
             state, rows, valid = jax.jit(loop.chunk)(state, problems, None, jnp.int32(6), jnp.int32(2**31 - 1))
             results[kappa] = np.asarray(rows[0, :, 1]), np.asarray(state.pixels[0]), float(state.scale[0])

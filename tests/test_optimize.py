@@ -28,7 +28,8 @@ RUNNING, NONFINITE_LOSS, NONFINITE_PIXELS = Status.RUNNING, Status.NONFINITE_LOS
 
 def batch(x0, targets, hps, lrs, seed=0):
     """Problems of one image and target, one member per (hp, lr)."""
-    return stack([Problem(x0, targets, hp, jnp.float32(lr), jax.random.key(seed)) for hp, lr in zip(hps, lrs)])
+    return stack([Problem(x0, targets, hp, jnp.float32(lr), jax.random.key(seed), jnp.float32(0))
+                  for hp, lr in zip(hps, lrs)])
 
 
 def one(state, i=0):

@@ -77,6 +77,8 @@ def bad_inputs(tmp):
         ("style_positions below 2", ["loss.style_loss=remd", "loss.style_positions=1"],
          ["loss.style_positions", "≥ 2"]),
         ("a safeguard below 1", ["optim.max_increase=0.5"], ["optim.max_increase", "≥ 1", "null"]),
+        ("an average's decay of 1", ["optim.ema_decay=1.0"], ["optim.ema_decay", "[0, 1)"]),
+        ("a nan average's decay", ["optim.ema_decay=nan"], ["optim.ema_decay", "[0, 1)"]),
         ("weights of another network", ["model.arch=vgg16"], ["holds a VGG19", "model.arch is vgg16",
                                                               "model.arch=vgg19"]),
         ("an ONNX file that is no VGG", [f"model.weights={_onnx_of_one_conv(tmp / 'one.onnx')}"],
