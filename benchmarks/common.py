@@ -84,6 +84,15 @@ def random_params(seed: int = 0) -> dict:
     return params
 
 
+def synthetic_weights_file(path: Path, seed: int = 0) -> Path:
+    """:func:`random_params` as a canonical weights file (Caffe preprocessing) at ``path``."""
+    from nstjax.vgg import CAFFE
+    from nstjax.weights import VGGWeights, save_canonical
+
+    save_canonical(path, VGGWeights(random_params(seed), CAFFE, "synthetic", ""))
+    return path
+
+
 def load_params(weights: str | None, seed: int = 0) -> tuple[dict, str]:
     """Random params, or a torchvision VGG19 state dict (.pth: features.N.weight/bias) if given."""
     if not weights:

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from nstjax import blend, colors, images, inits, normalize, pyramid, regions
+from nstjax import blend, colors, images, inits, normalize, programs, pyramid, regions
 from nstjax.errors import UserError
 from nstjax.losses import HParams, LossSpec, Targets, compute_targets, make_objective
 from nstjax.optimize import Loop, OptimSpec, Problem
@@ -344,6 +344,12 @@ class Structure:
     members: str = "vmap"  # Loop's member batching: vmap | map
     color: str = "none"  # color_control (nstjax.colors): what the pixels optimised are
 
+    @property
+    def program_key(self) -> tuple:
+        """What the compiled programs of this structure trace beyond their arguments' shapes (the
+        step counts are arguments): the key of :mod:`nstjax.programs`."""
+        return self.model, self.loss, self.optim, self.color
+
     @functools.cached_property
     def loop(self) -> Loop:
         objective = colors.objective(make_objective(self.model, self.loss), self.color)
@@ -404,9 +410,10 @@ def build_group(cfgs: Sequence[DictConfig], inputs: Sequence[Inputs] | None = No
                           color=enum_value(first.color_control), members=enum_value(first.member_batching))
     params = prepare_params(jax.tree.map(jnp.asarray, weights.params), model.conv,
                             spec.layers + YARDSTICK_LAYERS)
-    targets_fn = jax.jit(functools.partial(compute_targets, model, spec=spec))
-    guided_fn = jax.jit(functools.partial(guided_grams, model, layers=spec.style_layers))
-    yard_fn = jax.jit(functools.partial(yardstick_targets, model))
+    targets_fn = programs.cached_jit("targets", functools.partial(compute_targets, model, spec=spec), (model, spec))
+    guided_fn = programs.cached_jit("guided_grams", functools.partial(guided_grams, model, layers=spec.style_layers),
+                                    (model, spec))
+    yard_fn = programs.cached_jit("yardstick_targets", functools.partial(yardstick_targets, model), model)
     problems, yards, members = [], [], []
     for cfg, inp in zip(cfgs, inputs):
         key = jax.random.key(cfg.seed)

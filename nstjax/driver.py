@@ -30,7 +30,7 @@ import numpy as np
 import psutil
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from nstjax import checkpoint, images, pyramid
+from nstjax import checkpoint, images, programs, pyramid
 from nstjax.build import Group
 from nstjax.errors import UserError
 from nstjax.optimize import MEMBERS, HistoryRow, LoopState, Program, Status, average, member_mesh
@@ -179,11 +179,12 @@ class Driver:
         if key not in self._programs:
             t0 = time.perf_counter()
             problems, yards = self._wave_problems([0], size)
-            program = self.group.structure.loop.compile(problems, self.params, self.mesh)
-            measure = jax.jit(jax.vmap(functools.partial(yardstick, self.group.structure.model),
-                                       in_axes=(None, 0, 0)))
+            structure = self.group.structure
+            program = structure.loop.compile(problems, self.params, self.mesh, structure.program_key)
             rgb = jax.ShapeDtypeStruct(problems.pixels.shape[:-1] + (3,), jnp.float32, sharding=self.members)
-            measure = measure.lower(self.params, rgb, yards).compile()
+            measure = programs.compile("yardstick", jax.vmap(functools.partial(yardstick, structure.model),
+                                                             in_axes=(None, 0, 0)),
+                                       (self.params, rgb, yards), structure.model)
             self._programs[key] = Programs(program, measure, time.perf_counter() - t0)
         return self._programs[key]
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, NamedTuple
 
 import jax
@@ -30,6 +29,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from nstjax.lbfgs import torch_lbfgs
+from nstjax import programs
 from nstjax.losses import HParams, Targets, Terms
 
 OPTIMIZERS = ("adam", "lbfgs")
@@ -330,30 +330,41 @@ class Loop:
                              state.evaluations.astype(rows.dtype)], axis=-1)
             return i + 1, state, rows.at[i].set(row), valid.at[i].set(now & (state.status == Status.RUNNING))
 
-        rows = jnp.zeros((self.chunk_steps, members, 6), state.terms.total.dtype)
-        valid = jnp.zeros((self.chunk_steps, members), bool)
+        # The buffers are made from the state (zeros_like): inside shard_map they vary over the
+        # members as the rows written into them do.
+        rows = jnp.broadcast_to(jnp.zeros_like(state.terms.total)[None, :, None], (self.chunk_steps, members, 6))
+        valid = jnp.broadcast_to(jnp.zeros_like(state.status, dtype=bool)[None], (self.chunk_steps, members))
         _, state, rows, valid = jax.lax.while_loop(more, body, (jnp.int32(0), state, rows, valid))
         return state, jnp.swapaxes(rows, 0, 1), jnp.swapaxes(valid, 0, 1)
 
-    def compile(self, problems: Problem, params, mesh: Mesh | None = None) -> Program:
+    def compile(self, problems: Problem, params, mesh: Mesh | None = None, structure=None) -> Program:
         """Compile init and chunk for these shapes, the member axis sharded over ``mesh``
         (default: all local devices; the member count must be a multiple of its size), the
         params replicated: with ``'vmap'`` as shardings of the whole program (XLA partitions
-        it), with ``'map'`` each device mapping over its own members (``shard_map``)."""
+        it), with ``'map'`` each device mapping over its own members (``shard_map``). With a
+        ``structure`` (what the objective and the optimiser are, :attr:`nstjax.build.Structure.program_key`)
+        the compiled programs are kept across processes (:mod:`nstjax.programs`)."""
         mesh = mesh or member_mesh()
         m, r = P(MEMBERS), P()
         if self.members == "vmap":
             members, replicated = NamedSharding(mesh, m), NamedSharding(mesh, r)
-            init = jax.jit(self.init, in_shardings=(members, replicated), out_shardings=members)
-            chunk = jax.jit(self.chunk, in_shardings=(members, members, replicated, replicated, replicated),
-                            out_shardings=members, donate_argnums=(0,))
+            init, init_kw = self.init, dict(in_shardings=(members, replicated), out_shardings=members)
+            chunk, chunk_kw = self.chunk, dict(in_shardings=(members, members, replicated, replicated, replicated),
+                                               out_shardings=members, donate_argnums=(0,))
         else:
-            init = jax.jit(jax.shard_map(self.init, mesh=mesh, in_specs=(m, r), out_specs=m))
-            chunk = jax.jit(jax.shard_map(self.chunk, mesh=mesh, in_specs=(m, m, r, r, r), out_specs=m),
-                            donate_argnums=(0,))
-        state = jax.eval_shape(init, problems, params)
-        lowered = (init.lower(problems, params), chunk.lower(state, problems, params, jnp.int32(0), jnp.int32(0)))
-        return Program(*compile_all(lowered), state)
+            init, init_kw = jax.shard_map(self.init, mesh=mesh, in_specs=(m, r), out_specs=m), {}
+            chunk = jax.shard_map(self.chunk, mesh=mesh, in_specs=(m, m, r, r, r), out_specs=m)
+            chunk_kw = dict(donate_argnums=(0,))
+
+        def chunk_args():  # the state's shapes: traced only when the chunk is compiled
+            state = jax.eval_shape(jax.jit(init, **init_kw), problems, params)
+            return state, problems, params, jnp.int32(0), jnp.int32(0)
+
+        key = None if structure is None else (structure, self.chunk_steps, self.members)
+        init_c, chunk_c = programs.compile_many([
+            ("init", init, lambda: (problems, params), (problems, params), init_kw, key),
+            ("chunk", chunk, chunk_args, (problems, params), chunk_kw, key)])
+        return Program(init_c, chunk_c, init_c.out_info)
 
 
 def _select(which: jax.Array, a, b):
@@ -368,12 +379,6 @@ def _select(which: jax.Array, a, b):
         return jnp.where(which.reshape(which.shape + (1,) * (x.ndim - which.ndim)), x, y)
 
     return jax.tree.map(pick, a, b, is_leaf=lambda x: x is None)
-
-
-def compile_all(lowered) -> list:
-    """Compile lowered programs side by side (XLA compiles each on one thread, outside the GIL)."""
-    with ThreadPoolExecutor(len(lowered)) as pool:
-        return list(pool.map(lambda program: program.compile(), lowered))
 
 
 def member_mesh(devices=None) -> Mesh:

@@ -9,6 +9,7 @@ import csv
 import io
 import json
 import platform
+import threading
 from importlib import metadata
 from pathlib import Path
 from typing import Sequence
@@ -52,6 +53,20 @@ def versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[name] = "unknown"
     return out
+
+
+def preload_plotting() -> threading.Thread:
+    """Import matplotlib (a second or so) in the background while the run computes, so that the
+    loss curve at its end does not wait for it."""
+    def load():
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot  # noqa: F401
+
+    thread = threading.Thread(target=load, name="nstjax-preload-matplotlib", daemon=True)
+    thread.start()
+    return thread
 
 
 def plot_history(path: Path, rows: Sequence[HistoryRow], title: str = "") -> None:

@@ -78,6 +78,7 @@ def run_group(cfgs: Sequence[DictConfig], member_dirs: Sequence[Path], group_dir
         for d in member_dirs:
             if (d / "result.png").exists():
                 raise UserError(f"{d / 'result.png'} exists: every run needs its own directory")
+    outputs.preload_plotting()
     levels = level_groups(cfgs, inputs)
     group = levels[-1]
     extra = list(extra_metrics) if extra_metrics is not None else [{} for _ in cfgs]

@@ -83,7 +83,8 @@ def transform_kernel(kernel):
         g = jnp.asarray(_G, jnp.float32)
         u = jnp.einsum("ui,vj,ijab->vuab", g, g, kernel.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
     else:
-        u = np.einsum("ui,vj,ijab->vuab", _G, _G, np.asarray(kernel, np.float64))
+        rows = np.tensordot(_G, np.asarray(kernel, np.float64), axes=(1, 0))  # (u, j, a, b)
+        u = np.tensordot(_G, rows, axes=(1, 1))  # (v, u, a, b)
     return u.reshape(_ALPHA * _ALPHA, *kernel.shape[2:]).astype(np.float32)
 
 

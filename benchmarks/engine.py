@@ -1,0 +1,125 @@
+"""The engine without waste, measured through the CLI: a chunk costs only its steps, and a run
+starts in seconds. One command, a table and benchmarks/results/engine-cpu.json.
+
+    python -m benchmarks.engine [--sizes 256] [--quick]
+
+(1) seconds per step of a 20-step Adam run at 256 px with ``save_every=1`` (a snapshot of every
+    step: a chunk per step) against ``save_every=0`` (chunks of ``chunk_steps``), and a 7-step
+    run's ``run_seconds`` per evaluation against a 70-step run's (``metrics.json``; compile apart);
+(2) where the wall time of a 1-step 64 px run goes, with an empty cache dir (cold) and with the
+    programs of an earlier run in it (warm): the process's own timeline under cProfile
+    (imports, composing the config, validating, reading the weights, building the group, loading
+    or compiling the programs, the steps, writing the outputs, the loss curve) and, apart, the wall
+    time without the profiler.
+
+Synthetic weights (benchmarks.common.synthetic_weights_file): the speed does not depend on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pstats
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.common import RESULTS, ROOT, write_json
+
+PHASES = (  # (label, the function whose cumulative time it is: file suffix, function name)
+    ("imports (nstjax.run and what it imports)", "nstjax/run.py", "<module>"),
+    ("compose the config (Hydra)", "hydra/_internal/config_loader_impl.py", "load_configuration"),
+    ("validate: images, layers, numbers", "nstjax/build.py", "validate"),
+    ("read and hash the weights", "nstjax/weights/__init__.py", "load_weights"),
+    ("build the group: targets, Winograd kernels", "nstjax/build.py", "build_group"),
+    ("compile or load the programs", "nstjax/driver.py", "programs"),
+    ("the steps (first evaluation, chunks)", "nstjax/driver.py", "_drive"),
+    ("write result.png, history.csv, metrics.json", "nstjax/stylize.py", "write_outputs"),
+    ("of which the loss curve (matplotlib)", "nstjax/outputs.py", "plot_history"),
+)
+
+
+def cli(args: list[str], cache: Path, profile: Path | None = None) -> tuple[float, dict]:
+    """Wall seconds of ``python -m nstjax.run ARGS`` (under cProfile into ``profile`` if given) and
+    the run's metrics.json."""
+    run_dir = Path(tempfile.mkdtemp(prefix="engine-")) / "run"
+    env = dict(os.environ, NSTJAX_CACHE=str(cache), JAX_PLATFORMS="cpu")
+    prefix = [sys.executable] + (["-m", "cProfile", "-o", str(profile)] if profile else [])
+    t0 = time.perf_counter()
+    proc = subprocess.run([*prefix, "-m", "nstjax.run", *args, f"hydra.run.dir={run_dir}", "progress=false"],
+                          cwd=ROOT, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        sys.exit(f"error: {' '.join(args)} failed: {proc.stderr[-2000:]}")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    shutil.rmtree(run_dir.parent, ignore_errors=True)
+    return wall, metrics
+
+
+def phases(profile: Path) -> dict[str, float]:
+    """Cumulative seconds of each of PHASES in a cProfile file."""
+    stats = pstats.Stats(str(profile)).stats
+    out = {}
+    for label, file, name in PHASES:
+        out[label] = sum(v[3] for (f, _, n), v in stats.items() if f.endswith(file) and n == name)
+    return out
+
+
+def main(argv=None) -> int:
+    from benchmarks.common import synthetic_weights_file
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="64 px and fewer steps: checks that it works")
+    a = p.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="nstjax-engine-"))
+    weights = synthetic_weights_file(work / "weights.safetensors")
+    base = [f"model.weights={weights}"]
+    size, steps = (64, 6) if a.quick else (256, 20)
+    report: dict = {"machine": os.uname().machine, "cpus": os.cpu_count()}
+
+    cache = work / "cache"
+    chunks = {}
+    for every in (0, 1):
+        cli([*base, "optim=adam", f"image.size={size}", "optim.steps=2", f"save_every={every}"], cache)  # compile
+        _, m = cli([*base, "optim=adam", f"image.size={size}", f"optim.steps={steps}", f"save_every={every}"], cache)
+        chunks[every] = m["run_seconds"] / m["steps"]
+    per_eval = {}
+    for n in (7, 70) if not a.quick else (3, 9):
+        _, m = cli([*base, "optim=adam", f"image.size={size}", f"optim.steps={n}"], cache)
+        per_eval[n] = m["run_seconds"] / m["loss_evaluations"]
+    report["chunks"] = {"size": size, "steps": steps, "s_per_step_save_every_0": chunks[0],
+                        "s_per_step_save_every_1": chunks[1], "ratio": chunks[1] / chunks[0],
+                        "s_per_evaluation": {str(k): v for k, v in per_eval.items()},
+                        "short_over_long": per_eval[min(per_eval)] / per_eval[max(per_eval)]}
+    print(f"(1) {size} px Adam, seconds a step: save_every=0 {chunks[0]:.3f}, save_every=1 {chunks[1]:.3f} "
+          f"({chunks[1] / chunks[0]:.2f}×); seconds an evaluation: " +
+          ", ".join(f"{k} steps {v:.3f}" for k, v in per_eval.items()), flush=True)
+
+    startup = {}
+    args = [*base, "image.size=64", "optim.steps=1"]
+    for state in ("cold", "warm"):
+        cache = work / f"startup-{state}"
+        runs = {}
+        for what, profile in (("wall", None), ("profile", work / f"{state}.prof")):
+            shutil.rmtree(cache, ignore_errors=True)
+            if state == "warm":
+                cli(args, cache)  # an earlier run of the same structure fills the cache
+            runs[what], _ = cli(args, cache, profile)
+        startup[state] = {"wall_s": runs["wall"], "phases": phases(work / f"{state}.prof")}
+        print(f"(2) 1-step 64 px run, {state} caches: {runs['wall']:.1f} s wall", flush=True)
+    report["startup"] = startup
+    print(f"\n{'where the seconds go (cProfile, cumulative)':48s} {'cold':>7s} {'warm':>7s}")
+    for label, *_ in PHASES:
+        print(f"{label:48s} {startup['cold']['phases'][label]:7.2f} {startup['warm']['phases'][label]:7.2f}")
+    print(f"{'wall time without the profiler':48s} {startup['cold']['wall_s']:7.2f} {startup['warm']['wall_s']:7.2f}")
+    write_json(RESULTS / ("engine-quick.json" if a.quick else "engine-cpu.json"), report)
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
