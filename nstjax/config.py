@@ -45,10 +45,12 @@ class Remat(enum.Enum):
 
 
 class ConvAlgorithm(enum.Enum):
-    """How 3×3 convolutions are computed: by Winograd F(4×4, 3×3) on CPUs in float32 (auto), or as chosen."""
+    """How 3×3 convolutions are computed (nstjax.vgg.default_conv for auto): Winograd F(4×4, 3×3) on
+    CPUs in float32, XLA's convolution on GPUs and TPUs; or as chosen."""
 
     auto = "auto"
     direct = "direct"
+    xla = "xla"
     winograd = "winograd"
 
 

@@ -19,7 +19,9 @@ import contextlib
 import dataclasses
 import functools
 import math
+import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -97,13 +99,37 @@ def program_bytes(compiled) -> int:
 
 
 def free_memory_bytes() -> int | None:
-    """Memory free for this run on the default device: available RAM on a CPU,
-    the allocator's limit less what is in use on an accelerator."""
+    """Memory free for this run on the default device: available RAM on a CPU; on an accelerator
+    the allocator's limit less what is in use, and with the device shared (preallocation off,
+    see :func:`nstjax.run.share_the_device`) no more than the GPU has free (nvidia-smi)."""
     device = jax.devices()[0]
     if device.platform == "cpu":
         return psutil.virtual_memory().available
-    stats = device.memory_stats()
-    return stats["bytes_limit"] - stats["bytes_in_use"] if stats and "bytes_limit" in stats else None
+    shared = os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE", "").lower() in ("false", "0")
+    return accelerator_free(device.memory_stats(), gpu_free_bytes() if shared and device.platform == "gpu" else None)
+
+
+def accelerator_free(stats: dict | None, device_free: int | None) -> int | None:
+    """What this process can still allocate: its allocator's ``bytes_limit − bytes_in_use``, and at
+    most what the device has free (other processes' memory included) when that is known."""
+    if not stats or "bytes_limit" not in stats:
+        return device_free
+    own = stats["bytes_limit"] - stats["bytes_in_use"]
+    return own if device_free is None else min(own, device_free)
+
+
+def gpu_free_bytes() -> int | None:
+    """The least free memory over the visible GPUs as nvidia-smi reports it (other processes'
+    allocations included), or None without nvidia-smi."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    ids = ["--id=" + visible] if visible and all(v.strip().isdigit() for v in visible.split(",")) else []
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.free", "--format=csv,noheader,nounits", *ids],
+                             capture_output=True, text=True, timeout=20)
+        values = [int(v) for v in out.stdout.split()]
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None
+    return min(values) * 2**20 if out.returncode == 0 and values else None
 
 
 def check_memory(programs, optimizer_state_bytes: int, remat: bool, free: int | None = None) -> None:

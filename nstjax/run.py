@@ -139,12 +139,30 @@ def _log_to(job_dir: Path) -> None:
 
 
 def _enable_compilation_cache() -> None:
-    """Keep compiled programs across runs (one compile per shape, also in sweeps)."""
+    """Keep compiled programs across runs (one compile per shape, also in sweeps), with XLA's own
+    caches: on GPUs the autotuning results and kernels, so that a sweep's later groups and later
+    runs do not autotune again."""
     import jax
     from nstjax.weights import cache_dir
 
     jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    if hasattr(jax.config, "jax_persistent_cache_enable_xla_caches"):
+        jax.config.update("jax_persistent_cache_enable_xla_caches", "all")
+
+
+def share_the_device(launcher) -> bool:
+    """Whether the group jobs of a sweep run at the same time on one machine, sharing its
+    accelerator: joblib's launcher with ``n_jobs`` other than 1, or submitit's with several tasks
+    per node and no GPU of their own. JAX preallocates 75 % of a GPU's memory per process; such jobs
+    allocate as they go instead (``XLA_PYTHON_CLIENT_PREALLOCATE=false``, unless set), and the memory
+    check reads what the GPU really has free."""
+    target = str(launcher.get("_target_", ""))
+    if "joblib" in target.lower():
+        return launcher.get("n_jobs", -1) != 1
+    if "submitit" in target.lower():
+        return (launcher.get("tasks_per_node") or 1) > 1 and not launcher.get("gpus_per_task")
+    return False
 
 
 @contextlib.contextmanager
@@ -171,6 +189,8 @@ def main(cfg: DictConfig):
     hydra_dir = Path(HydraConfig.get().runtime.output_dir)
     with SIGNALS.installed():
         if cfg.sweep_group is not None:
+            if share_the_device(HydraConfig.get().launcher):
+                os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
             sweep_dir = Path(HydraConfig.get().sweep.dir)
             with _reported(sweep_dir, lambda: rundir.discard(hydra_dir, keep=sweep_dir)):
                 _enable_compilation_cache()

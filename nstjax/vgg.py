@@ -272,12 +272,14 @@ def _conv_bwd(precision, residuals, dy):
 _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
-def _conv3x3(x, kernel, bias, precision: str):
-    """3×3 convolution, zero 'SAME' padding (= torch ``padding=1``), HWIO kernel."""
-    return _conv(x, kernel, precision) + bias
+def _conv3x3(x, kernel, bias, precision: str, conv: str = "direct"):
+    """3×3 convolution, zero 'SAME' padding (= torch ``padding=1``), HWIO kernel: XLA's with its
+    autodiff (``conv='xla'``), else with its own input gradient (``'direct'``, and Winograd's
+    layers with few channels: the CPU's fast path)."""
+    return (_lax_conv(x, kernel, precision) if conv == "xla" else _conv(x, kernel, precision)) + bias
 
 
-CONV_ALGORITHMS = ("direct", "winograd")
+CONV_ALGORITHMS = ("direct", "xla", "winograd")
 WINOGRAD_PARAMS = ("winograd", "winograd_flipped")
 """Names of a convolution's :func:`winograd.prepare` kernels among its params."""
 WINOGRAD_MIN_CHANNELS = 128
@@ -290,11 +292,15 @@ def uses_winograd(conv: str, kernel_shape) -> bool:
 
 
 def default_conv(precision: str, backend: str | None = None) -> str:
-    """The convolution algorithm ``conv='auto'`` picks: Winograd on CPUs in float32 (there the
+    """The convolution algorithm ``conv='auto'`` picks: on CPUs Winograd in float32 (there the
     direct convolution already runs at the peak FLOP rate, so only fewer multiplications help),
-    else XLA's own (on GPUs cuDNN chooses its algorithms)."""
+    else the direct convolution with its own input gradient (XLA:CPU's autodiff transpose misses
+    its fast path inside loops); on GPUs and TPUs XLA's convolution and autodiff (cuDNN chooses
+    its algorithms)."""
     backend = backend or jax.default_backend()
-    return "winograd" if backend == "cpu" and precision == "float32" else "direct"
+    if backend != "cpu":
+        return "xla"
+    return "winograd" if precision == "float32" else "direct"
 
 
 def prepare_params(params: dict, conv: str, layers: Iterable[str] = LAYER_NAMES) -> dict:
@@ -343,7 +349,7 @@ def _run_convs(x, convs, block: int, stop: str, precision: str, conv: str, keep=
         if uses_winograd(conv, kernel.shape):
             x = winograd.conv3x3(x, kernel, transformed) + bias
         else:
-            x = _conv3x3(x, kernel, bias, precision)
+            x = _conv3x3(x, kernel, bias, precision, conv)
         acts[f"conv{block}_{i}"] = x
         x = jax.nn.relu(x)
         if keep is not None:
@@ -439,7 +445,8 @@ def _run_block_banded(x, convs, block: int, names: tuple[str, ...], grams: tuple
                            {name: gram_matrix(inside_only(name), band_guides.get(name)) for name in grams},
                            {name: channel_sums(inside_only(name)) for name in sums})
 
-    y, feats = jax.lax.map(jax.checkpoint(band), (jnp.arange(count), bands, banded_guides))
+    # prevent_cse=False: inside lax.map no common subexpression can merge across the bands
+    y, feats = jax.lax.map(jax.checkpoint(band, prevent_cse=False), (jnp.arange(count), bands, banded_guides))
 
     def unband(a):  # (bands, n, rows or rows/2, W, C) -> (n, height or height//2, W, C)
         full_rows = height if a.shape[2] == rows else pooled_height

@@ -270,3 +270,23 @@ def test_pool_gradient_matches_torch_with_ties_and_odd_sizes(kind, ceil):
     pool = F.max_pool2d if kind == "max" else F.avg_pool2d
     (pool(xt, 2, 2, ceil_mode=ceil) * torch.from_numpy(dy).permute(0, 3, 1, 2)).sum().backward()
     np.testing.assert_array_equal(got, xt.grad.permute(0, 2, 3, 1).numpy())
+
+
+def test_xlas_convolution_equals_the_direct_one_with_its_own_gradient(params):
+    """model.conv=xla (XLA's convolution and autodiff, the GPU default) against direct (the custom
+    input gradient): activations and d(Σ relu3_1)/d pixels to float32's accuracy; auto picks xla off
+    the CPU, Winograd on it in float32 and direct in bfloat16."""
+    from nstjax.vgg import default_conv
+
+    rgb = jnp.asarray(np.random.default_rng(3).uniform(0, 1, (1, 24, 32, 3)).astype(np.float32))
+
+    def run(conv):
+        def f(x):
+            return jnp.sum(VGG(CAFFE, "max", conv=conv).apply({"params": params}, x, ["relu3_1"])["relu3_1"])
+        return jax.jit(jax.value_and_grad(f))(rgb)
+
+    (va, ga), (vb, gb) = run("xla"), run("direct")
+    np.testing.assert_allclose(float(va), float(vb), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(ga), np.asarray(gb), rtol=0, atol=1e-5 * np.abs(np.asarray(gb)).max())
+    assert [default_conv(p, b) for p, b in (("float32", "gpu"), ("bfloat16", "tpu"), ("float32", "cpu"),
+                                             ("bfloat16", "cpu"))] == ["xla", "xla", "winograd", "direct"]
