@@ -25,10 +25,7 @@ import jax
 import numpy as np
 
 from nstjax.errors import UserError
-
-BLENDED_STYLE_LOSSES = ("gram",)
-"""The style losses whose targets several style images blend into."""
-
+from nstjax.style_losses import STYLE_LOSSES
 
 def style_paths(style, default: str) -> list[str]:
     """``style`` as a list of paths: None is ``default``; a path, or a list of paths."""
@@ -65,10 +62,11 @@ def blend_weights(weights: Sequence[float] | None, n: int) -> np.ndarray:
 
 
 def check_style_loss(style_loss: str, n: int) -> None:
-    """Several style images need a style loss of :data:`BLENDED_STYLE_LOSSES`."""
-    if n > 1 and style_loss not in BLENDED_STYLE_LOSSES:
+    """Several style images need a style loss whose targets blend (its registry entry says so)."""
+    if n > 1 and not STYLE_LOSSES[style_loss].blends:
+        blended = " or ".join(name for name, entry in STYLE_LOSSES.items() if entry.blends)
         raise UserError(f"style has {n} images but loss.style_loss={style_loss} takes one: "
-                        f"several style images blend with loss.style_loss={' or '.join(BLENDED_STYLE_LOSSES)}")
+                        f"several style images blend with loss.style_loss={blended}")
 
 
 def blend(trees: Sequence, weights: Sequence[float]):

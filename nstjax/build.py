@@ -326,7 +326,7 @@ def structure_key(cfg: DictConfig, inputs: Inputs) -> str:
         node.pop(leaf, None)
     data["content_shape"] = list(inputs.content.shape[:2])
     data["regions"] = len(inputs.regions)
-    if inputs.spec.style_reads == "features":
+    if not inputs.spec.style_reads.sums_only:
         data["style_shape"] = list(inputs.style.shape[:2])
     return OmegaConf.to_yaml(OmegaConf.create(data))
 

@@ -23,7 +23,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from nstjax.style_losses import ContentLoss, LayerInput, StyleLoss
+from nstjax.style_losses import ContentLoss, LayerInput, Reads, StyleLoss
 
 EPS = 1e-8
 """neural-style's 1e-8 beside the L1 norm."""
@@ -51,7 +51,7 @@ def style_entry(entry: StyleLoss) -> StyleLoss:
         return normalized(lambda f: entry.loss(LayerInput.of(f, entry.reads(opts)), targets, hp, key, opts))(
             x.features)
 
-    return entry._replace(loss=loss, reads=lambda opts: "features")
+    return entry._replace(loss=loss, reads=lambda opts: Reads.FEATURES)
 
 
 def content_entry(entry: ContentLoss) -> ContentLoss:

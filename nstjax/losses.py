@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 from nstjax import gradnorm, regions
 from nstjax.style_losses import (CONTENT_REDUCTIONS, GRAM_NORMS, STYLE_REDUCTIONS, LayerInput,
-                                 LayerLossOptions, StyleHParams, content_loss, gram_divisor,
+                                 LayerLossOptions, Reads, STYLE_LOSSES, StyleHParams, content_loss, gram_divisor,
                                  style_layer_loss)
 from nstjax.vgg import VGG, Features, check_layers, layer_stride
 
@@ -58,8 +58,9 @@ class LossSpec(LayerLossOptions):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.regions and (self.style_loss != "gram" or self.normalize_gradients):
-            raise ValueError("regions are styled through guided Gram matrices: use loss.style_loss=gram "
+        if self.regions and (not self.style.guides or self.normalize_gradients):
+            guided = " or ".join(name for name, entry in STYLE_LOSSES.items() if entry.guides)
+            raise ValueError(f"regions are styled through guided Gram matrices: use loss.style_loss={guided} "
                              "and loss.normalize_gradients=false with regions")
         object.__setattr__(self, "content_layers", check_layers(self.content_layers))
         object.__setattr__(self, "style_layers", check_layers(self.style_layers))
@@ -189,18 +190,18 @@ def _style_features(model: VGG, params, image: jax.Array, spec: LossSpec,
     (feature maps, or only sums over positions: Gram matrices, and channel sums for 'moments';
     guided Gram matrices of the layers with ``guides``)."""
     reads = spec.style_reads
-    maps = reads == "features"
+    maps = reads is Reads.FEATURES
     layers = tuple(dict.fromkeys(extra_layers + (spec.style_layers if maps else ())))
     return model.apply({"params": params}, image[None], layers, () if maps else spec.style_layers,
-                       spec.style_layers if reads == "moments" else (), guides, method=VGG.features)
+                       spec.style_layers if reads is Reads.MOMENTS else (), guides, method=VGG.features)
 
 
-def _layer_input(model: VGG, name: str, image_shape, feats: Features, reads: str) -> LayerInput:
+def _layer_input(model: VGG, name: str, image_shape, feats: Features, reads: Reads) -> LayerInput:
     """A style layer's :class:`LayerInput` from the model's features of one image."""
-    if reads == "features":
+    if reads is Reads.FEATURES:
         return LayerInput(tuple(feats.acts[name].shape[1:]), features=feats.acts[name][0])
     shape = model.layer_shape(name, *image_shape[:2])
-    sums = feats.sums[name][0] if reads == "moments" else None
+    sums = feats.sums[name][0] if reads is Reads.MOMENTS else None
     return LayerInput(shape, gram=feats.grams[name][0], sums=sums)
 
 

@@ -33,26 +33,37 @@ moment weight) are :class:`StyleHParams`, arrays that can be traced and vmapped.
 from __future__ import annotations
 
 import dataclasses
-import functools
+import enum
 import math
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 
-HIGHEST = jax.lax.Precision.HIGHEST
+from nstjax.statistics import (COSINE_EPS, HIGHEST, cosine_distances, covariance_rank, mean_cov, psd_factor,
+                               resample_sorted, sample_positions, sqrt0, trace_sqrt_product)
 
 GRAM_NORMS = ("none", "M", "NM")
 STYLE_REDUCTIONS = ("gatys", "sum", "mean")
 CONTENT_REDUCTIONS = ("half_sum", "sum", "mean")
 MMD_KERNELS = ("linear", "poly", "gaussian")
-READS = ("features", "gram", "moments")
-"""What a style loss reads of a feature map: the map, its Gram matrix Fᵀ F, or Fᵀ F and Σᵢ fᵢ."""
+
+
+class Reads(enum.Enum):
+    """What a style loss reads of a feature map: the map itself, or only sums over positions (which
+    the model accumulates band by band under banded remat, so that the map is never held whole)."""
+
+    FEATURES = "features"  # the (H, W, N) map
+    GRAM = "gram"  # Fᵀ F
+    MOMENTS = "moments"  # Fᵀ F and Σᵢ fᵢ
+
+    @property
+    def sums_only(self) -> bool:
+        return self is not Reads.FEATURES
+
 EXACT_POLY_DEGREE = 2
 """Polynomial kernels up to this degree are computed exactly through their feature space (moment
 tensors of N^d values); higher degrees on sampled positions, as the Gaussian kernel."""
-COSINE_EPS = 1e-8
-"""Norm floor of the cosine distance (as torch's ``cosine_similarity``): zero vectors stay finite."""
 
 
 def _check_choice(key: str, value, choices) -> None:
@@ -108,15 +119,9 @@ class LayerLossOptions:
         return self.style.samples(self)
 
     @property
-    def style_reads(self) -> str:
-        """What the style loss reads of a feature map (one of :data:`READS`)."""
+    def style_reads(self) -> Reads:
+        """What the style loss reads of a feature map."""
         return self.style.reads(self)
-
-    @property
-    def style_sums_over_positions(self) -> bool:
-        """Whether the style loss reads the image only through sums over positions (so that it
-        runs with banded remat)."""
-        return self.style_reads != "features"
 
     @property
     def content_samples(self) -> bool:
@@ -182,13 +187,13 @@ class LayerInput(NamedTuple):
         return self.sums / m, self.gram / m
 
     @classmethod
-    def of(cls, features: jax.Array, reads: str) -> "LayerInput":
+    def of(cls, features: jax.Array, reads: Reads) -> "LayerInput":
         """The input an entry reading ``reads`` gets of an (H, W, N) feature map."""
-        if reads == "features":
+        if reads is Reads.FEATURES:
             return cls(features.shape, features=features)
         f = features.reshape(-1, features.shape[-1]).astype(jnp.float32)
         gram = jnp.matmul(f.T, f, precision=HIGHEST)
-        return cls(features.shape, gram=gram, sums=jnp.sum(f, axis=0) if reads == "moments" else None)
+        return cls(features.shape, gram=gram, sums=jnp.sum(f, axis=0) if reads is Reads.MOMENTS else None)
 
 
 def _need_key(key, what: str) -> None:
@@ -200,143 +205,10 @@ def _need_key(key, what: str) -> None:
 # ---------------------------------------------------------------- shared statistics
 
 
-def mean_cov(f: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """μ = (1/M) Σᵢ fᵢ and Σ = (1/M) Σᵢ (fᵢ − μ)(fᵢ − μ)ᵀ of F (M, N)."""
-    mu = jnp.mean(f, axis=0)
-    d = f - mu
-    return mu, jnp.matmul(d.T, d, precision=HIGHEST) / float(f.shape[0])
-
-
 def moments_mean_cov(x: LayerInput) -> tuple[jax.Array, jax.Array]:
     """μ and Σ = Fᵀ F / M − μ μᵀ from the sums over positions (what banded remat accumulates)."""
     mu, second = x.mean_second_moment()
     return mu, second - jnp.outer(mu, mu)
-
-
-def _sqrt0(x: jax.Array) -> jax.Array:
-    """√x for x ≥ 0 with a zero (not infinite) derivative at 0."""
-    positive = x > 0
-    return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1.0)), 0.0)
-
-
-def covariance_rank(positions: int, channels: int) -> int:
-    """min(N, M − 1) (at least 1): the largest rank of a covariance of M positions of N channels
-    (the centred rows fᵢ − μ sum to zero)."""
-    return max(1, min(channels, positions - 1))
-
-
-def psd_factor(a: jax.Array, rank: int) -> jax.Array:
-    """R (rank, N) with Rᵀ R = A for a symmetric positive semi-definite A (N, N) of rank ≤ ``rank``:
-    R = diag(√λ) Uᵀ of the ``rank`` largest eigenpairs of A (by eigh, λ clamped at 0).
-
-    A covariance's channels that do not vary (a zero diagonal entry: a dead ReLU channel) have zero
-    rows and columns in A: only the largest min(rank, z) eigenpairs are kept, z the number of
-    channels that vary, and the columns of the others are zero. The eigenvalues dropped are zero in
-    exact arithmetic; in float32 they are rounding noise of about 1e-7 λ_max, whose square roots
-    (3e-4 √λ_max each) would add up.
-    """
-    w, u = jnp.linalg.eigh(0.5 * (a + a.T))  # ascending
-    w, u = w[-rank:], u[:, -rank:]
-    varies = jnp.diagonal(a) > 0
-    kept = jnp.minimum(rank, jnp.sum(varies))
-    w = jnp.where(jnp.arange(rank) >= rank - kept, jnp.maximum(w, 0.0), 0.0)
-    return (u * _sqrt0(w)).T * varies
-
-
-W2_GRADIENT_FLOOR = 1e-6
-"""The derivative of :func:`trace_sqrt_product` weighs each singular value s by 1/(2s), evaluated at
-s ≥ this × s_max, so that it is finite where the cross covariance is singular. Singular values
-this small are beyond float32's resolution anyway (a channel active at one position makes one of
-~1e-7 s_max); a larger floor would bias the gradient (1e-3, the square root of the 1e-6 floor on
-eigenvalues it replaces, put 3 % (L2) errors in relu2_1's at 48 px)."""
-
-
-def _nonzero(x: jax.Array, axis: int) -> jax.Array:
-    return jnp.any(x != 0, axis=axis)
-
-
-def _trace_sqrt_product(cov, b, rank, vectors=True):
-    a = psd_factor(cov, rank)
-    ab = jnp.matmul(a, b.T, precision=HIGHEST)
-    if vectors:  # the derivative's (and the SVD's cost, twice that of the values alone)
-        _, s, qt = jnp.linalg.svd(ab, full_matrices=False)
-    else:
-        s, qt = jnp.linalg.svd(ab, compute_uv=False), None
-    rank_bound = jnp.minimum(jnp.minimum(jnp.sum(_nonzero(a, 1)), jnp.sum(_nonzero(b, 1))),
-                             jnp.sum(_nonzero(a, 0) & _nonzero(b, 0)))
-    kept = jnp.arange(s.shape[0]) < rank_bound  # s descending; the others are zero in exact arithmetic
-    return jnp.sum(jnp.where(kept, s, 0.0)), (s, qt, kept)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def trace_sqrt_product(cov: jax.Array, b: jax.Array, rank: int) -> jax.Array:
-    """tr (B Σ Bᵀ)^½ = tr (Σ′^½ Σ Σ′^½)^½ for Σ′ = Bᵀ B, Σ (N, N) positive semi-definite of rank ≤
-    ``rank`` (static), B (r′, N): the sum of the singular values of A Bᵀ, A = :func:`psd_factor`
-    (Σ, rank), since B Σ Bᵀ = (A Bᵀ)ᵀ (A Bᵀ).
-
-    The singular values of the product of the square-root factors are as accurate as the factors
-    (float32: ~1e-7 s_max each), where the eigenvalues of B Σ Bᵀ, whose condition is the square,
-    would lose their small ones before their square roots. A Bᵀ has rank ≤ the number of non-zero
-    rows of A, of B, and of channels where both have non-zero columns: only that many of the largest
-    singular values count, the others are zero in exact arithmetic.
-
-    Derivative: with B Σ Bᵀ = Q diag(s²) Qᵀ (Q the right singular vectors of A Bᵀ),
-    ∂/∂Σ = Bᵀ Q diag(1/(2s)) Qᵀ B and ∂/∂B = Q diag(1/s) Qᵀ B Σ over the counted s, no eigenvector
-    derivative (exact for repeated values); 1/s is evaluated at max(s, W2_GRADIENT_FLOOR · s_max), so
-    it is finite for a singular Σ. Along the directions that keep Σ of rank ≤ ``rank`` (all of
-    those of a covariance of M positions: rank = M − 1), the dropped values stay zero to first order.
-    """
-    return _trace_sqrt_product(cov, b, rank, vectors=False)[0]
-
-
-def _trace_sqrt_product_fwd(cov, b, rank):
-    value, (s, qt, kept) = _trace_sqrt_product(cov, b, rank)
-    return value, (cov, b, s, qt, kept)
-
-
-def _trace_sqrt_product_bwd(rank, residuals, g):
-    cov, b, s, qt, kept = residuals
-    floor = jnp.maximum(W2_GRADIENT_FLOOR * jnp.max(s), jnp.sqrt(jnp.finfo(jnp.float32).tiny))
-    inv = jnp.where(kept, 1.0 / jnp.maximum(s, floor), 0.0)
-    qb = jnp.matmul(qt, b, precision=HIGHEST)  # Qᵀ B
-    d_cov = 0.5 * jnp.matmul(qb.T * inv, qb, precision=HIGHEST)
-    d_b = jnp.matmul(qt.T * inv, jnp.matmul(qb, 0.5 * (cov + cov.T), precision=HIGHEST), precision=HIGHEST)
-    return g * d_cov, g * d_b
-
-
-trace_sqrt_product.defvjp(_trace_sqrt_product_fwd, _trace_sqrt_product_bwd)
-
-
-def sample_positions(key, m: int, k: int) -> jax.Array:
-    """Indices of min(k, m) distinct positions of m drawn from ``key``; all of them, in order, if k ≥ m."""
-    if k >= m:
-        return jnp.arange(m)
-    return jax.random.choice(key, m, (k,), replace=False)
-
-
-def resample_sorted(sorted_values: jax.Array, m: int) -> jax.Array:
-    """(M′, K) columns sorted ascending → (m, K): each column's quantile function at i/(m − 1).
-
-    Linear interpolation between order statistics (numpy's ``quantile`` 'linear'
-    method); the values themselves when m = M′. Positions are computed in
-    float32 (relative error ~1e-7 of M′).
-    """
-    mp = sorted_values.shape[0]
-    if mp == m:
-        return sorted_values
-    t = jnp.arange(m, dtype=jnp.float32) * ((mp - 1) / max(m - 1, 1))
-    lo = jnp.clip(jnp.floor(t).astype(jnp.int32), 0, mp - 1)
-    hi = jnp.minimum(lo + 1, mp - 1)
-    w = (t - lo)[:, None]
-    return sorted_values[lo] * (1.0 - w) + sorted_values[hi] * w
-
-
-def cosine_distances(x: jax.Array, y: jax.Array) -> jax.Array:
-    """Cᵢⱼ = 1 − xᵢᵀyⱼ / (‖xᵢ‖ ‖yⱼ‖) for rows of x (m, N) and y (m′, N); norms floored at COSINE_EPS."""
-    def unit(v):
-        return v * jax.lax.rsqrt(jnp.maximum(jnp.sum(v * v, axis=1, keepdims=True), COSINE_EPS**2))
-
-    return 1.0 - jnp.matmul(unit(x), unit(y).T, precision=HIGHEST)
 
 
 # ---------------------------------------------------------------- gram (Gatys et al. 2016)
@@ -378,7 +250,7 @@ def channel_mean_std(x: LayerInput) -> tuple[jax.Array, jax.Array]:
     """μ_c and the population σ_c = √((1/M) Σᵢ f_ic² − μ_c²) of each channel, from the sums
     Σᵢ fᵢ and diag(Fᵀ F)."""
     mu, second = x.mean_second_moment()
-    return mu, _sqrt0(jnp.diagonal(second) - jnp.square(mu))
+    return mu, sqrt0(jnp.diagonal(second) - jnp.square(mu))
 
 
 def mean_std_targets(x: LayerInput, opts: LayerLossOptions):
@@ -450,8 +322,8 @@ def _moment_tensors(x: LayerInput, d: int) -> tuple[jax.Array, ...]:
     return x.mean_second_moment()[:d]
 
 
-def _mmd_reads(opts: LayerLossOptions) -> str:
-    return "moments" if mmd_is_exact(opts) else "features"
+def _mmd_reads(opts: LayerLossOptions) -> Reads:
+    return Reads.MOMENTS if mmd_is_exact(opts) else Reads.FEATURES
 
 
 def mmd_targets(x: LayerInput, opts: LayerLossOptions):
@@ -692,38 +564,52 @@ def _never(opts: LayerLossOptions) -> bool:
     return False
 
 
+def _reads(what: Reads) -> Callable[[LayerLossOptions], Reads]:
+    return lambda opts: what
+
+
 class StyleLoss(NamedTuple):
-    """One style loss of :data:`STYLE_LOSSES`.
+    """One style loss of :data:`STYLE_LOSSES`, and what it can do.
 
     targets(style: LayerInput, opts) -> pytree: computed once per run from the style's feature map.
     loss(image: LayerInput, targets, hp: StyleHParams, key | None, opts) -> scalar E_l.
-    reads(opts) -> 'features' (the layer loss gets the (H, W, N) map), 'gram' (only Fᵀ F) or
-        'moments' (Fᵀ F and Σᵢ fᵢ): with 'gram' and 'moments' the image enters only through
-        sums over positions, which banded remat accumulates band by band.
+    reads(opts) -> :class:`Reads`: with GRAM and MOMENTS the image enters only through sums over
+        positions, which banded remat accumulates band by band.
     samples(opts) -> bool: it draws random samples (needs a typed PRNG key at every evaluation).
+    least_size: the smallest feature map (positions a side) it compares.
+    blends: the targets of several style images blend into one, A = Σ_k w_k A_k (nstjax.blend).
+    guides: it takes region guides (spatial control, nstjax.regions: guided Gram matrices).
+    options(opts) -> the options that decide ``reads``, as config overrides (messages).
+    banded: under banded remat, the settings of this loss that read sums only (messages).
     """
 
     targets: Callable[[LayerInput, LayerLossOptions], Any]
     loss: Callable[[LayerInput, Any, StyleHParams, Any, LayerLossOptions], jax.Array]
-    reads: Callable[[LayerLossOptions], str]
+    reads: Callable[[LayerLossOptions], Reads]
     samples: Callable[[LayerLossOptions], bool]
-    least_size: int = 1  # the smallest feature map (positions a side) it compares
+    least_size: int = 1
+    blends: bool = False
+    guides: bool = False
+    options: Callable[[LayerLossOptions], str] = lambda opts: ""
+    banded: str = ""
 
 
-def _reads(what: str) -> Callable[[LayerLossOptions], str]:
-    return lambda opts: what
+def _mmd_options(opts: LayerLossOptions) -> str:
+    return f" with mmd_kernel={opts.mmd_kernel}" + (f" and mmd_degree={opts.mmd_degree}"
+                                                    if opts.mmd_kernel == "poly" else "")
 
 
 STYLE_LOSSES: dict[str, StyleLoss] = {
-    "gram": StyleLoss(gram_targets, gram_loss, _reads("gram"), _never),
-    "mean_std": StyleLoss(mean_std_targets, mean_std_loss, _reads("moments"), _never),
-    "mmd": StyleLoss(mmd_targets, mmd_loss, _mmd_reads, lambda o: not mmd_is_exact(o)),
-    "gaussian_w2": StyleLoss(gaussian_w2_targets, gaussian_w2_loss, _reads("moments"), _never),
-    "sliced_wasserstein": StyleLoss(style_features_targets, sliced_wasserstein_loss, _reads("features"),
+    "gram": StyleLoss(gram_targets, gram_loss, _reads(Reads.GRAM), _never, blends=True, guides=True),
+    "mean_std": StyleLoss(mean_std_targets, mean_std_loss, _reads(Reads.MOMENTS), _never),
+    "mmd": StyleLoss(mmd_targets, mmd_loss, _mmd_reads, lambda o: not mmd_is_exact(o), options=_mmd_options,
+                     banded=f"mmd with mmd_kernel=linear, or poly with mmd_degree ≤ {EXACT_POLY_DEGREE}"),
+    "gaussian_w2": StyleLoss(gaussian_w2_targets, gaussian_w2_loss, _reads(Reads.MOMENTS), _never),
+    "sliced_wasserstein": StyleLoss(style_features_targets, sliced_wasserstein_loss, _reads(Reads.FEATURES),
                                     _always),
-    "histogram": StyleLoss(histogram_targets, histogram_loss, _reads("features"), _never),
-    "mrf": StyleLoss(mrf_targets, mrf_loss, _reads("features"), _never, MRF_PATCH),
-    "remd": StyleLoss(remd_targets, remd_loss, _reads("features"), _always),
+    "histogram": StyleLoss(histogram_targets, histogram_loss, _reads(Reads.FEATURES), _never),
+    "mrf": StyleLoss(mrf_targets, mrf_loss, _reads(Reads.FEATURES), _never, MRF_PATCH),
+    "remd": StyleLoss(remd_targets, remd_loss, _reads(Reads.FEATURES), _always),
 }
 """The style losses by ``loss.style_loss`` name."""
 
@@ -731,33 +617,18 @@ STYLE_LOSSES: dict[str, StyleLoss] = {
 def banded_remat_refusal(opts: LayerLossOptions, remat: str) -> Optional[str]:
     """Why these losses cannot run with banded remat (described by ``remat``, e.g. 'model.remat=on'),
     and what to choose instead, in one line; None when they can (they read sums over positions only)."""
-    if opts.style_reads == "features":
-        what = f"loss.style_loss={opts.style_loss}"
-        if opts.style_loss == "mmd":
-            what += f" with mmd_kernel={opts.mmd_kernel}" + (
-                f" and mmd_degree={opts.mmd_degree}" if opts.mmd_kernel == "poly" else "")
+    if not opts.style_reads.sums_only:
+        what = f"loss.style_loss={opts.style_loss}" + opts.style.options(opts)
         banded = [name for name, entry in STYLE_LOSSES.items()
-                  if entry.reads(LayerLossOptions(style_loss=name)) != "features"]
-        instead = (f"a style loss that reads only sums over positions ({', '.join(banded)}, or mmd with "
-                   f"mmd_kernel=linear, or poly with mmd_degree ≤ {EXACT_POLY_DEGREE})")
+                  if entry.reads(LayerLossOptions(style_loss=name)).sums_only]
+        others = [entry.banded for entry in STYLE_LOSSES.values() if entry.banded]
+        instead = f"a style loss that reads only sums over positions ({', '.join(banded)}, or {', or '.join(others)})"
     elif opts.content_samples:
         what, instead = f"loss.content_loss={opts.content_loss}", "loss.content_loss=mse"
     else:
         return None
     return (f"{what} compares whole feature maps, which banded remat ({remat}) never holds: "
             f"set model.remat=off, or choose {instead}")
-
-
-def layer_loss(features: jax.Array, style_features: jax.Array, opts: Optional[LayerLossOptions] = None,
-               hp: Optional[StyleHParams] = None, key=None) -> jax.Array:
-    """E_l of one layer from the image's (H, W, N) and the style's (H′, W′, N) feature maps: the
-    entry's targets of the style, then its loss (the objective computes the targets once per run).
-    ``opts`` and ``hp`` default to the defaults."""
-    opts = LayerLossOptions() if opts is None else opts
-    entry = opts.style
-    hp = StyleHParams.create() if hp is None else hp
-    targets = entry.targets(LayerInput.of(style_features, opts.style_reads), opts)
-    return entry.loss(LayerInput.of(features, opts.style_reads), targets, hp, key, opts)
 
 
 # ---------------------------------------------------------------- content losses

@@ -18,6 +18,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from nstjax.style_losses import content_loss, style_layer_loss
 from nstjax.vgg import VGG
 
 CONTENT_LAYER = "relu4_2"
@@ -40,13 +41,11 @@ def yardstick(model: VGG, params, pixels: jax.Array, targets: YardstickTargets) 
     """``{"content": ½Σ(F−P)², "style": (E_l for each of STYLE_LAYERS)}`` of one (H, W, 3) image."""
     feats = model.apply({"params": params}, pixels[None], (CONTENT_LAYER,), STYLE_LAYERS,
                         method=VGG.features)
-    content = 0.5 * jnp.sum(jnp.square(feats.acts[CONTENT_LAYER][0].astype(jnp.float32) - targets.content))
+    content = content_loss(feats.acts[CONTENT_LAYER][0], targets.content, "half_sum")
     style = []
     for name in STYLE_LAYERS:
         h, w, n = model.layer_shape(name, *pixels.shape[:2])
-        m = h * w
-        style.append(jnp.sum(jnp.square(feats.grams[name][0] - targets.grams[name]))
-                     / (4.0 * float(n) ** 2 * float(m) ** 2))
+        style.append(style_layer_loss(feats.grams[name][0], targets.grams[name], n, h * w, "gatys"))
     return {"content": content, "style": jnp.stack(style)}
 
 

@@ -14,10 +14,20 @@ import scipy.linalg
 from scipy.optimize import linear_sum_assignment
 
 from nstjax.losses import HParams, LossSpec, compute_targets, make_objective
-from nstjax.style_losses import (STYLE_LOSSES, LayerLossOptions, StyleHParams, histogram_match,
-                                 layer_loss, random_directions, self_similarity_loss,
-                                 sliced_wasserstein_distance, trace_sqrt_product)
+from nstjax.statistics import trace_sqrt_product
+from nstjax.style_losses import (STYLE_LOSSES, LayerInput, LayerLossOptions, StyleHParams, histogram_match,
+                                 random_directions, self_similarity_loss, sliced_wasserstein_distance)
 from nstjax.vgg import CAFFE, VGG
+
+
+def layer_loss(features, style_features, opts=None, hp=None, key=None):
+    """E_l of one layer from the image's (H, W, N) and the style's (H′, W′, N) feature maps, through
+    the registry entry: its targets of the style, then its loss (as the objective does)."""
+    opts = LayerLossOptions() if opts is None else opts
+    entry, reads = opts.style, opts.style_reads
+    hp = StyleHParams.create() if hp is None else hp
+    targets = entry.targets(LayerInput.of(style_features, reads), opts)
+    return entry.loss(LayerInput.of(features, reads), targets, hp, key, opts)
 
 RNG = np.random.default_rng(11)
 N = 4
@@ -417,10 +427,10 @@ def test_mmd_samples_only_for_kernels_without_an_exact_feature_space():
     def opts(kernel, degree=2):
         return LayerLossOptions(style_loss="mmd", mmd_kernel=kernel, mmd_degree=degree)
 
-    assert not opts("linear").style_samples and opts("linear").style_sums_over_positions
-    assert not opts("poly", 2).style_samples and opts("poly", 2).style_sums_over_positions
-    assert opts("poly", 3).style_samples and not opts("poly", 3).style_sums_over_positions
-    assert opts("gaussian").style_samples and not opts("gaussian").style_sums_over_positions
+    assert not opts("linear").style_samples and opts("linear").style_reads.sums_only
+    assert not opts("poly", 2).style_samples and opts("poly", 2).style_reads.sums_only
+    assert opts("poly", 3).style_samples and not opts("poly", 3).style_reads.sums_only
+    assert opts("gaussian").style_samples and not opts("gaussian").style_reads.sums_only
 
 
 # ---------------------------------------------------------------- bad values
@@ -520,7 +530,7 @@ def test_sums_over_positions_losses_are_the_same_with_banded_remat(synthetic_par
     # full-rank covariances, so gaussian_w2's matrix square roots are well conditioned
     spec = LossSpec(content_layers=("relu2_1",), style_layers=("relu1_1", "conv2_1"), style_loss=name,
                     **options)
-    assert spec.style_sums_over_positions
+    assert spec.style_reads.sums_only
     rng = np.random.default_rng(4)
     x, content, style = (jnp.asarray(rng.random(s), jnp.float32) for s in ((40, 36, 3), (40, 36, 3), (44, 32, 3)))
     hparams = HParams.create(spec, beta=1.0, **BANDED_HP.get(name, {}))
