@@ -28,7 +28,8 @@ squares, synthetic VGG19 weights (the cost does not depend on their values) and 
 on the same arrays, in one worker process (benchmarks.gpu_torch), started first so that torch's
 import and CUDA start overlap jax's. The JAX parts run in this process: an out-of-memory is an
 exception there, recorded as such, and the check goes on. Compiled programs are cached in
-$NSTJAX_CACHE/xla (the CLI's cache) or else DIR/xla-cache, XLA's autotuning results with them.
+$NSTJAX_CACHE/xla (the CLI's cache) or else DIR/xla-cache, XLA's autotuning results with them
+(nstjax's own caches then in DIR/nstjax-cache).
 
 Time: the budget (--budget, default 270 s from the start) is shared among the parts in order
 (SHARES; what a part leaves goes to those after it); a measurement is not started when its part
@@ -1025,10 +1026,16 @@ def installed_nstjax_first() -> None:
 
 
 def configure_jax(out: Path) -> Path:
-    """The persistent compilation cache (and XLA's autotuning cache beside it), before anything compiles."""
+    """The persistent compilation cache (and XLA's autotuning cache beside it), before anything
+    compiles: $NSTJAX_CACHE/xla as the CLI's, else DIR/xla-cache (and nstjax's own caches, its
+    compiled programs, in DIR/nstjax-cache rather than the user's cache folder)."""
     import jax
 
-    cache = Path(os.environ["NSTJAX_CACHE"]) / "xla" if os.environ.get("NSTJAX_CACHE") else out / "xla-cache"
+    if os.environ.get("NSTJAX_CACHE"):
+        cache = Path(os.environ["NSTJAX_CACHE"]) / "xla"
+    else:
+        cache = out / "xla-cache"
+        os.environ["NSTJAX_CACHE"] = str(out / "nstjax-cache")
     jax.config.update("jax_compilation_cache_dir", str(cache))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     try:
