@@ -24,12 +24,12 @@ to DIR/gpu.log (PyTorch's own output: DIR/gpu-torch.log). The parts, in priority
 
 nstjax's problems are built by the product (nstjax.config.compose + nstjax.build.build_group) from
 its default loss (Gatys et al.'s: VGG19 to relu5_1, average pooling) on the bundled pair resized to
-squares, synthetic VGG19 weights (the cost does not depend on their values) and a noise start image. PyTorch's side is benchmarks.torch_gatys
-on the same arrays, in one worker process (benchmarks.gpu_torch), started first so that torch's
-import and CUDA start overlap jax's. The JAX parts run in this process: an out-of-memory is an
-exception there, recorded as such, and the check goes on. Compiled programs are cached in
-$NSTJAX_CACHE/xla (the CLI's cache) or else DIR/xla-cache, XLA's autotuning results with them
-(nstjax's own caches then in DIR/nstjax-cache).
+squares, synthetic VGG19 weights (the cost does not depend on their values) and a noise start
+image. PyTorch's side is benchmarks.torch_gatys on the same arrays, in one worker process
+(benchmarks.gpu_torch), started first so that torch's import and CUDA start overlap jax's. The
+JAX parts run in this process: an out-of-memory is an exception there, recorded as such, and the
+check goes on. Compiled programs are cached in $NSTJAX_CACHE/xla (the CLI's cache) or else
+DIR/xla-cache, XLA's autotuning results with them (nstjax's own caches then in DIR/nstjax-cache).
 
 Time: the budget (--budget, default 270 s from the start) is shared among the parts in order
 (SHARES; what a part leaves goes to those after it); a measurement is not started when its part
@@ -38,15 +38,16 @@ short"; a part with no time left is "skipped (no time)". The environment, the ga
 measurement (nstjax float32, compiled by the gate) always run. A watchdog writes the JSON and
 stops the check budget + grace seconds after its start (25 s: under 5 minutes in all).
 
-Targets (TARGETS, each PASS / FAIL / NOT MEASURED in the JSON): one float32 evaluation at 512 px
-in at most 10 ms, faster than eager PyTorch CUDA in IEEE float32; the batched loop's largest K
-(32) with at least 4× the members·steps/s of one member.
+Targets (targets(), each PASS / FAIL / NOT MEASURED in the JSON): one float32 evaluation at 512 px
+(the faster of model.conv=direct and xla) in at most 10 ms, and faster than eager PyTorch CUDA in
+IEEE float32; the batched loop's largest K (32) with at least 4× the members·steps/s of one member.
 
 Without a GPU it says so in one line and dry-runs the same code on the CPU (DRY_RUN: 32 and 64 px,
 VGG11 with the loss on its first two blocks, K = 1, 2, the large part in float32 only; a 48 s
-budget, under 60 s in all), still writing DIR/gpu.json ("dry_run": true). Exit status: 0 when the check ran its course (parts cut short included), 2 when
---out cannot be written (nothing else is done) or the gate did not pass, 3 when it was stopped by
-the watchdog or a signal.
+budget, under 60 s in all), still writing DIR/gpu.json ("dry_run": true).
+
+Exit status: 0 when the check ran its course (parts cut short included), 2 when --out cannot be
+written (nothing else is done) or the gate did not pass, 3 when the watchdog or a signal stopped it.
 """
 
 from __future__ import annotations
