@@ -1,214 +1,825 @@
-"""The one prepared GPU check: nstjax against eager PyTorch CUDA in one command, within a time budget.
+"""The prepared GPU check: nstjax against eager PyTorch CUDA, in at most 5 minutes on one GPU.
 
-    pip install --no-deps --no-build-isolation -e . && python -m benchmarks.gpu
+    python -m benchmarks.gpu --out DIR [--budget 270] [--stop-after PART]
 
-On a machine whose jax sees a GPU it measures, in this order and in at most ``--budget`` seconds
-(default 480):
+It rewrites DIR/gpu.json after every part and every measurement (atomically: the file is always
+valid JSON; a part that is running says "running", one cut short says "cut short") and tees its log
+to DIR/gpu.log (PyTorch's own output: DIR/gpu-torch.log). The parts, in priority order (PARTS):
 
-- agreement: both sides' Gatys losses (VGG19 to relu5_1) agree to 1e-4 relative in float32 at each
-  size before anything is timed, else exit status 2 and no report;
-- per evaluation (loss + gradient) at 512 and 1024 px in float32, tf32 and bfloat16
-  (``model.precision``; Gram matrices in float32), eager PyTorch CUDA (IEEE float32 and TF32) beside
-  it on the same weights, and a step of nstjax's Loop (Adam) at 512 px in float32;
-- the batched sweep: members·steps/s for K = 1, 8, 64 at 512 px through ``hydra/sweeper=nstjax``
-  against the same K points one by one (``hydra/sweeper=basic``; for K = 64 estimated from K = 8's
-  per-point time); it runs nstjax's CLI, so it needs nstjax and all its dependencies installed;
-- time to quality at 512 px against the PyTorch tutorial's loop on the GPU;
-- the largest square image whose evaluation fits, without and with remat (doubling from 1024 px,
-  then once halfway between the last fit and the first failure if time allows);
-- compile times apart, and the achieved FLOP rate beside the device's peak (PEAK_TFLOPS).
+1. environment: python, jax, jaxlib, flax, optax, torch and numpy versions, the device kind, the
+   device's memory_stats(), jax's and torch's cuDNN versions, nvidia-smi's output if present;
+2. agreement, the gate: nstjax's and eager PyTorch's float32 Gatys losses at 512 px on the same
+   inputs agree to 1e-4 relative, else the check stops with exit status 2 (the JSON says why);
+3. per_evaluation: one loss + gradient at 512 px in float32, tf32 and bfloat16 (model.precision),
+   nstjax's direct convolution with its custom VJP (model.conv=direct) and XLA's convolution with
+   autodiff's gradient (model.conv=xla), beside PyTorch CUDA in IEEE float32, TF32, and TF32 with
+   torch.backends.cudnn.benchmark=True;
+4. batched_loop: nstjax's Loop at 512 px for K = 1, 8, 32 members (1 and 32 first) in this one
+   process, K configs differing in loss.beta built as one group (members·steps/s over timed chunks
+   of L-BFGS without line search, compile seconds, the programs' memory against bytes_limit);
+5. large: one loss + gradient at 1024 px (float32 both convolutions, tf32 and bfloat16 with the
+   convolution that was faster at 512 px, PyTorch float32 and TF32 + cudnn.benchmark);
+6. fit: the largest square image whose evaluation fits, without and with model.remat=on (doubling
+   from 2048 px, then once halfway), only if at least 60 s of the budget remain.
 
-It prints a table with a PASS/FAIL line per target (ITERATION_S, SWEEP_RATIO) and writes
-benchmarks/results/gpu.json. Each part gets a share of the budget (SHARES; time a part leaves goes to
-the next) and every measurement runs in its own process (benchmarks.workers), killed when its part's
-time runs out: a part that runs out is recorded as such, a size that runs out of device memory is
-recorded as the size that failed, and the check goes on.
+nstjax's problems are built by the product (nstjax.config.compose + nstjax.build.build_group) from
+its default loss (Gatys et al.'s: VGG19 to relu5_1, average pooling) on the bundled pair resized to
+squares, synthetic VGG19 weights (the cost does not depend on their values) and a noise start
+image. PyTorch's side is benchmarks.torch_gatys on the same arrays, in one worker process
+(benchmarks.gpu_torch), started first so that torch's import and CUDA start overlap jax's. The
+JAX parts run in this process: an out-of-memory is an exception there, recorded as such, and the
+check goes on. Compiled programs are cached in $NSTJAX_CACHE/xla (the CLI's cache) or else
+DIR/xla-cache, XLA's autotuning results with them (nstjax's own caches then in DIR/nstjax-cache).
 
-On a machine without a GPU it says so in one line and dry-runs the same code on the CPU at tiny
-sizes (DRY_RUN), writing benchmarks/results/gpu-dryrun.json (or --out; never gpu.json).
+Time: the budget (--budget, default 270 s from the start) is shared among the parts in order
+(SHARES; what a part leaves goes to those after it); a measurement is not started when its part
+has less time left than the part's measurements took so far (median), and then the part is "cut
+short"; a part with no time left is "skipped (no time)". The environment, the gate and the first
+measurement (nstjax float32, compiled by the gate) always run. A watchdog writes the JSON and
+stops the check budget + grace seconds after its start (25 s: under 5 minutes in all).
+
+Targets (targets(), each PASS / FAIL / NOT MEASURED in the JSON): one float32 evaluation at 512 px
+(the faster of model.conv=direct and xla) in at most 10 ms, and faster than eager PyTorch CUDA in
+IEEE float32; the batched loop's largest K (32) with at least 4× the members·steps/s of one member.
+
+Without a GPU it says so in one line and dry-runs the same code on the CPU (DRY_RUN: 32 and 64 px,
+VGG11 with the loss on its first two blocks, K = 1, 2, the large part in float32 only; a 48 s
+budget, under 60 s in all), still writing DIR/gpu.json ("dry_run": true).
+
+Exit status: 0 when the check ran its course (parts cut short included), 2 when --out cannot be
+written (nothing else is done) or the gate did not pass, 3 when the watchdog or a signal stopped it.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import gc
+import importlib.machinery
+import json
 import os
+import platform
 import re
+import select
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-import tomllib
+import traceback
 from importlib import metadata
 from pathlib import Path
 
-from benchmarks.common import RESULTS, ROOT, SETUPS, deepest_conv, flop_counts, run_killable, write_json
-from benchmarks.run import (TTQ_SETTINGS, _ttq_line, _tutorial_line, check_agreement, fmt, log, table, ttq_args,
-                            ttq_ratios, worker)
+import numpy as np
 
-PRECISIONS = ("float32", "tf32", "bfloat16")
+from benchmarks.common import EXAMPLES, ROOT, cpu_info
+from benchmarks.report import fmt, gib, log, table, tee_to, write_json_atomic
 
+T0 = time.monotonic()
 
-@dataclasses.dataclass(frozen=True)
-class Plan:
-    sizes: tuple  # per-evaluation sizes; the first is the targets' size
-    reps: int  # timed evaluations per measurement
-    loop_steps: int  # steps of nstjax's Loop timed at the first size in float32
-    torch_precisions: tuple
-    fit_start: int  # the fit search doubles from here ...
-    fit_cap: int  # ... up to here
-    sweep_size: int
-    sweep_points: tuple  # K values
-    sweep_steps: int
-    sweep_overrides: tuple  # extra CLI overrides for both sweep sides
-    ttq_size: int
-    ttq_evaluations: int  # the tutorial loop's
-    ttq_settings: tuple  # names in benchmarks.run.TTQ_SETTINGS
-    gemm_n: int  # the matmul that measures the device's rate
-    variant: str  # nstjax as the CLI runs it ('nstjax'), or 'direct' (model.conv=direct)
-    budget_s: float
+PARTS = ("environment", "agreement", "per_evaluation", "batched_loop", "large", "fit")
+# Shares of the budget, in the order the parts run; a part gets the time left × its share / the
+# shares of the parts not begun yet (the fit search gets what is left).
+SHARES = {"environment": 0.04, "agreement": 0.10, "per_evaluation": 0.30, "batched_loop": 0.30, "large": 0.12,
+          "fit": 0.14}
+AGREEMENT_RTOL = 1e-4
+ITERATION_S, BATCH_RATIO = 0.010, 4.0
+FIT_MEMORY_FRACTION = "0.90"  # XLA_PYTHON_CLIENT_MEM_FRACTION unless set (jax's default is 0.75)
 
-
-GPU = Plan(sizes=(512, 1024), reps=10, loop_steps=10, torch_precisions=("float32", "tf32"), fit_start=1024,
-           fit_cap=32768, sweep_size=512, sweep_points=(1, 8, 64), sweep_steps=20, sweep_overrides=(),
-           ttq_size=512, ttq_evaluations=300, ttq_settings=("lbfgs-none-m30-lr0.5", "lbfgs-zoom-m10"),
-           gemm_n=8192, variant="nstjax", budget_s=480)
-# The dry run uses model.conv=direct, the convolution nstjax uses on GPUs (on a CPU it picks Winograd).
-DRY_RUN = Plan(sizes=(32,), reps=2, loop_steps=2, torch_precisions=("float32",), fit_start=128, fit_cap=128,
-               sweep_size=32, sweep_points=(1, 2), sweep_steps=2, sweep_overrides=("model.conv=direct",),
-               ttq_size=32, ttq_evaluations=20, ttq_settings=("lbfgs-none-m30-lr0.5",), gemm_n=256,
-               variant="direct", budget_s=300)
-
-# Shares of the budget, in the order the parts run.
-SHARES = {"machine": 0.04, "agreement": 0.08, "per_evaluation": 0.27, "sweep": 0.31, "ttq": 0.12, "fit": 0.18}
-MIN_START_S = 5.0  # a measurement is not started with less than this left in its part
-FIT_MEMORY_FRACTION = "0.95"  # XLA_PYTHON_CLIENT_MEM_FRACTION for the fit search (jax's default is 0.75)
-
-# Dense peak TFLOP/s by jax device_kind (first substring that matches; vendors' datasheets); other
-# devices: the measured matmul rate.
+# Dense peak TFLOP/s by jax device_kind (the first substring that matches; vendors' datasheets).
 PEAK_TFLOPS = (("H100 PCIe", {"float32": 51.2, "tf32": 378, "bfloat16": 756}),
                ("H200", {"float32": 67, "tf32": 495, "bfloat16": 989}),
                ("H100", {"float32": 67, "tf32": 495, "bfloat16": 989}),
                ("A100", {"float32": 19.5, "tf32": 156, "bfloat16": 312}))
 
-# The targets on an H200 (checked at the plan's sizes, see targets()): a float32 iteration at 512 px
-# within ITERATION_S; faster than eager PyTorch CUDA per evaluation; a batched sweep of 64 at 512 px
-# with SWEEP_RATIO × the throughput of the same points one by one.
-ITERATION_S, SWEEP_RATIO = 0.010, 4.0
+OOM = re.compile(r"RESOURCE_EXHAUSTED|out of memory|OutOfMemory|Allocator .* ran out", re.I)
 
-OOM = re.compile(r"RESOURCE_EXHAUSTED|out of memory|OutOfMemory", re.I)
+# The batched loop's optimiser: L-BFGS without line search (one evaluation a step), as the sweep
+# benchmark runs it.
+LOOP_OVERRIDES = ("optim.linesearch=none", "optim.memory_size=30", "optim.lr=0.5")
+DRY_LOSS = ("loss.content_layers=[relu2_1]", "loss.style_layers=[relu1_1,relu2_1]")
 
 
-class Budget:
-    """The check's time, ``total_s`` from its start, shared among the parts in order: a part gets the
-    time left × its share / the shares of the parts not begun yet."""
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    size: int  # the gate, per evaluation, the batched loop
+    large_size: int
+    members: tuple  # K of the batched loop
+    loop_steps: int  # steps a chunk
+    loop_chunks: int  # chunks timed, after one untimed
+    reps: int  # timed evaluations per measurement, after a first one
+    fit_start: int
+    fit_cap: int
+    fit_min_left_s: float  # the fit search runs only with this much of the budget left
+    min_start_s: float  # no measurement is started with less than this left in its part
+    budget_s: float
+    grace_s: float  # the watchdog stops the check this long after the budget
+    torch_timeout_s: float  # the least time a PyTorch request is given
+    arch: str  # the VGG network (synthetic weights)
+    loss_overrides: tuple  # config overrides of the loss (the dry run's is shallower)
+    torch_threads: int | None
+    conv: str  # model.conv of the batched loop and the fit search: the product's default on a GPU
+    large_precisions: tuple  # nstjax's precisions in the large part
 
-    def __init__(self, total_s: float, shares: dict):
-        self.t0, self.total_s, self.waiting, self.parts = time.monotonic(), total_s, dict(shares), {}
+
+GPU = Plan(size=512, large_size=1024, members=(1, 8, 32), loop_steps=5, loop_chunks=3, reps=20, fit_start=2048,
+           fit_cap=32768, fit_min_left_s=60.0, min_start_s=4.0, budget_s=270.0, grace_s=25.0, torch_timeout_s=30.0,
+           arch="vgg19", loss_overrides=(), torch_threads=None, conv="auto",
+           large_precisions=("float32", "tf32", "bfloat16"))
+DRY_RUN = Plan(size=32, large_size=64, members=(1, 2), loop_steps=2, loop_chunks=1, reps=2, fit_start=64, fit_cap=128,
+               fit_min_left_s=3.0, min_start_s=0.3, budget_s=48.0, grace_s=10.0, torch_timeout_s=30.0,
+               arch="vgg11", loss_overrides=DRY_LOSS, torch_threads=1, conv="direct",  # auto: Winograd, a CPU's
+               large_precisions=("float32",))
+
+
+class Stopped(Exception):
+    """A signal asked the check to stop."""
+
+
+def _stop(signum, frame):
+    raise Stopped(signal.Signals(signum).name)
+
+
+def failure(e: BaseException) -> dict:
+    text = f"{type(e).__name__}: {e}"
+    return {"error": text[:2000], "out_of_memory": bool(OOM.search(text))}
+
+
+# --------------------------------------------------------------------------- the torch worker
+
+class TorchWorker:
+    """benchmarks.gpu_torch in a process of its own: requests and answers as JSON lines, each
+    request waited for at most its timeout (then the worker is stopped and later requests fail)."""
+
+    def __init__(self, log_path: Path):
+        env = dict(os.environ, PYTHONWARNINGS="ignore")
+        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        self.log_path = log_path
+        self._log = open(log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "benchmarks.gpu_torch"], cwd=ROOT, env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
+                                     start_new_session=True)
+        self.buf, self.ready, self.dead, self.n = b"", None, None, 0
+
+    def _line(self, deadline: float) -> dict:
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self.buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            readable, _, _ = select.select([fd], [], [], left)
+            if readable:
+                chunk = os.read(fd, 1 << 16)
+                if not chunk:
+                    raise EOFError
+                self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(line)
+
+    def _died(self, why: str) -> dict:
+        self.kill()
+        tail = ""
+        try:
+            lines = self.log_path.read_text(errors="replace").strip().splitlines()
+            tail = f": {lines[-1][-300:]}" if lines else ""
+        except OSError:
+            pass
+        self.dead = why + tail
+        return {"error": f"PyTorch worker: {self.dead}"}
+
+    def wait_ready(self, timeout: float) -> dict:
+        if self.ready is None and self.dead is None:
+            try:
+                self.ready = self._line(time.monotonic() + timeout)
+            except TimeoutError:
+                return self._died(f"not started within {timeout:.0f} s")
+            except EOFError:
+                return self._died(f"exited (status {self.proc.wait()}) while starting")
+        return self.ready if self.ready is not None else {"error": f"PyTorch worker: {self.dead}"}
+
+    def call(self, task: str, timeout: float, **args) -> dict:
+        ready = self.wait_ready(timeout)
+        if "error" in ready:
+            return {"error": ready["error"]}
+        self.n += 1
+        try:
+            self.proc.stdin.write((json.dumps({"id": self.n, "task": task, **args}) + "\n").encode())
+            self.proc.stdin.flush()
+        except OSError:
+            return self._died(f"exited (status {self.proc.poll()})")
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                answer = self._line(deadline)
+                if answer.get("id") == self.n:
+                    answer.pop("id")
+                    return answer
+        except TimeoutError:
+            r = self._died(f"stopped: {task} took more than {timeout:.0f} s")
+            r["out_of_time"] = True
+            return r
+        except EOFError:
+            return self._died(f"exited (status {self.proc.wait()}) during {task}")
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.proc.wait()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write(b'{"task": "quit"}\n')
+                self.proc.stdin.flush()
+                self.proc.wait(timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+        self.kill()
+        self._log.close()
+
+
+# --------------------------------------------------------------------------- the check and its parts
+
+class Check:
+    """The report (DIR/gpu.json), the budget, the problems and compiled programs the parts share."""
+
+    def __init__(self, out: Path, plan: Plan, dry: bool, budget_s: float, stop_after: str | None, torch: TorchWorker,
+                 work: Path, command: str):
+        self.out, self.path, self.plan, self.dry = out, out / "gpu.json", plan, dry
+        self.budget_s, self.stop_after, self.torch, self.work = budget_s, stop_after, torch, work
+        self.lock = threading.RLock()
+        self.report = {"check": "benchmarks.gpu", "command": command, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                       "dry_run": dry, "finished": False, "exit_status": None,
+                       "budget": {"total_s": budget_s, "grace_s": plan.grace_s, "used_s": 0.0},
+                       "plan": dataclasses.asdict(plan), "peak_tflops": None,
+                       "parts": {name: {"status": "pending"} for name in PARTS}, "targets": []}
+        self.current: Part | None = None
+        self.skip_reason: str | None = None  # once set, the parts not begun are skipped with it
+        self.groups, self.evaluators, self.torch_problems = {}, {}, {}
+        self._inputs = None
+
+    def elapsed(self) -> float:
+        return time.monotonic() - T0
 
     def left(self) -> float:
-        return max(0.0, self.total_s - (time.monotonic() - self.t0))
+        return self.budget_s - self.elapsed()
 
-    def begin(self, name: str) -> Part:
-        for part in self.parts.values():
-            part.finish()
-        share = self.waiting.pop(name)
-        part = Part(name, self.left() * share / (share + sum(self.waiting.values())))
-        self.parts[name] = part
-        return part
+    def save(self) -> None:
+        with self.lock:
+            self.report["budget"]["used_s"] = self.elapsed()
+            self.report["targets"] = targets(self.report, self.plan)
+            for attempt in range(5):  # the watchdog's thread may save while the main thread edits
+                try:
+                    write_json_atomic(self.path, self.report)
+                    return
+                except RuntimeError:
+                    time.sleep(0.05)
 
-    def record(self) -> dict:
-        for part in self.parts.values():
-            part.finish()
-        return {"total_s": self.total_s, "used_s": time.monotonic() - self.t0,
-                "parts": {n: p.record() for n, p in self.parts.items()}}
+    def result(self, name: str) -> dict:
+        return self.report["parts"][name].get("result", {})
+
+    def run(self, name: str, fn, mandatory: bool = False) -> None:
+        rec = self.report["parts"][name]
+        left = self.left()
+        if self.skip_reason:
+            rec["status"] = self.skip_reason
+        elif not mandatory and (left < self.plan.min_start_s or (name == "fit" and left < self.plan.fit_min_left_s)):
+            rec.update(status="skipped (no time)", left_s=left)
+            if name == "fit":
+                rec["rule"] = f"the fit search runs only with at least {self.plan.fit_min_left_s:.0f} s left"
+        if rec["status"] != "pending":
+            log(f"\n== {name}: {rec['status']}")
+            self.save()
+            return
+        waiting = PARTS[PARTS.index(name):]
+        allowance = max(0.0, left) * SHARES[name] / sum(SHARES[n] for n in waiting)
+        part = self.current = Part(self, name, allowance)
+        log(f"\n== {PARTS.index(name) + 1}. {name} ({allowance:.0f} s of the {max(0.0, left):.0f} s left)")
+        self.save()
+        status = "done"
+        try:
+            fn(self, part)
+            status = "cut short" if part.cut else "done"
+        except Stopped as e:
+            status = f"cut short ({e})"
+            raise
+        except Exception as e:  # noqa: BLE001 - recorded; the check goes on
+            status = "failed: " + failure(e)["error"][:500]
+            rec["traceback"] = traceback.format_exc()[-4000:]
+            log(f"{name} failed: {failure(e)['error'][:300]}")
+        finally:
+            with self.lock:
+                rec.update(status=status, used_s=time.monotonic() - part.t0)
+                self.current = None
+                if name != "environment" and name != "agreement":  # per_evaluation reuses the gate's program
+                    self.release()
+                self.save()
+            log(f"-- {name}: {status} ({rec['used_s']:.1f} s)")
+        if self.stop_after == name:
+            self.skip_reason = f"skipped (--stop-after {name})"
+
+    def release(self) -> None:
+        """Drop the programs a part compiled and the problems at other sizes than plan.size (device
+        memory for the next part)."""
+        self.evaluators.clear()
+        for key in [k for k in self.groups if k[0] != self.plan.size]:
+            del self.groups[key]
+        gc.collect()
+
+    # ------------------------------------------------------------------ nstjax's problems
+
+    def inputs(self) -> tuple[Path, Path, Path]:
+        """Synthetic VGG19 weights, and the bundled content and style resized to squares."""
+        if self._inputs is None:
+            from PIL import Image
+
+            weights = synthetic_weights(self.work / f"synthetic-{self.plan.arch}.safetensors", self.plan.arch)
+            side = max(self.plan.size, self.plan.large_size)
+            paths = []
+            for name in ("tubingen", "starry_night"):
+                with Image.open(EXAMPLES / f"{name}.jpg") as im:
+                    path = self.work / f"{name}-{side}.png"
+                    im.convert("RGB").resize((side, side), Image.Resampling.BILINEAR).save(path)
+                    paths.append(path)
+            self._inputs = (weights, *paths)
+        return self._inputs
+
+    def overrides(self, size: int, *extra: str) -> list[str]:
+        weights, content, style = self.inputs()
+        return [f"model.weights={weights}", f"content={content}", f"style={style}", f"image.size={size}",
+                f"model.arch={self.plan.arch}", "init=noise", "progress=false", *self.plan.loss_overrides, *extra]
+
+    def group(self, size: int, precision: str, conv: str = "direct"):
+        """The product's group of one problem at ``size`` in ``precision`` (model.conv=``conv``)."""
+        key = (size, precision, conv)
+        if key not in self.groups:
+            from nstjax import build, config
+
+            cfg = config.compose(self.overrides(size, f"model.precision={precision}", f"model.conv={conv}",
+                                                "model.remat=off"))
+            self.groups[key] = build.build_group([cfg])
+        return self.groups[key]
+
+    def evaluator(self, size: int, precision: str, conv: str) -> Evaluator:
+        """One loss + gradient of the product's objective, compiled. 'xla' is the same group as
+        'direct' (the targets do not depend on how a gradient is taken) with model.conv=xla."""
+        key = (size, precision, conv)
+        if key not in self.evaluators:
+            group = self.group(size, precision)
+            structure = group.structure
+            if conv != structure.model.conv:
+                structure = dataclasses.replace(structure, model=dataclasses.replace(structure.model, conv=conv))
+            self.evaluators[key] = Evaluator.compile(structure.loop.objective, group)
+        return self.evaluators[key]
+
+    def torch_problem(self, size: int) -> dict:
+        """The float32 group at ``size`` handed to the PyTorch worker (its name: the size)."""
+        name = str(size)
+        if name not in self.torch_problems:
+            import jax
+
+            group = self.group(size, "float32")
+            member, spec, prep = group.members[0], group.structure.loss, group.weights.preprocessing
+            hp = jax.tree.map(lambda a: np.asarray(a[0]), group.problems.hp)
+            arrays = {f"params/{n}/{k}": np.asarray(v) for n, p in group.weights.params.items() for k, v in p.items()}
+            arrays.update(content=np.asarray(member.content, np.float32), style=np.asarray(member.styles[0], np.float32),
+                          x=np.asarray(group.problems.pixels[0], np.float32))
+            path = self.work / f"problem-{name}.npz"
+            np.savez(path, **arrays)
+            r = self.torch.call(
+                "problem", max(self.plan.torch_timeout_s, 60.0), name=name, npz=str(path),
+                spec={k: getattr(spec, k) for k in ("content_layers", "style_layers", "gram_norm", "style_reduction",
+                                                    "content_reduction", "tv_norm")},
+                prep={k: getattr(prep, k) for k in ("channel_order", "scale", "mean", "std")},
+                pooling=group.structure.model.pooling,
+                hp={"alpha": float(hp.alpha), "beta": float(hp.beta), "tv_weight": float(hp.tv_weight),
+                    "content_layer_weights": np.asarray(hp.content_layer_weights).tolist(),
+                    "style_layer_weights": np.asarray(hp.style_layer_weights).tolist()})
+            path.unlink(missing_ok=True)
+            if "error" in r:
+                return r
+            self.torch_problems[name] = r
+        return self.torch_problems[name]
+
+    def torch_eval(self, part: Part, size: int, precision: str, benchmark: bool = False) -> dict:
+        problem = self.torch_problem(size)
+        if "error" in problem:
+            return problem
+        r = self.torch.call("eval", max(part.left(), self.plan.torch_timeout_s), name=str(size), precision=precision,
+                            benchmark=benchmark, reps=self.plan.reps)
+        if r.get("out_of_time"):
+            part.cut = True
+        return r
+
+    def peak(self, precision: str) -> float | None:
+        return (self.report.get("peak_tflops") or {}).get("tflops", {}).get(precision)
 
 
 class Part:
-    """One part's time: its measurements get what is left of it as their timeout."""
+    """One part's time and its measurements (``rec['result']['measurements']``)."""
 
-    def __init__(self, name: str, allowance_s: float):
-        self.name, self.allowance_s, self.t0 = name, allowance_s, time.monotonic()
-        self.deadline, self.out_of_time, self.used_s = self.t0 + allowance_s, False, None
+    def __init__(self, check: Check, name: str, allowance_s: float):
+        self.check, self.name, self.allowance_s = check, name, allowance_s
+        self.t0 = time.monotonic()
+        self.deadline = self.t0 + allowance_s
+        self.rec = check.report["parts"][name]
+        self.rec.update(status="running", started_at_s=check.elapsed(), allowance_s=allowance_s)
+        self.result = self.rec.setdefault("result", {})
+        self.durations: list[float] = []
+        self.cut = False
 
     def left(self) -> float:
         return max(0.0, self.deadline - time.monotonic())
 
+    def need(self) -> float:
+        return max(self.check.plan.min_start_s, float(np.median(self.durations)) if self.durations else 0.0)
+
     def can_start(self) -> bool:
-        if self.left() < MIN_START_S:
-            self.out_of_time = True
-        return not self.out_of_time
+        if self.left() < self.need():
+            self.cut = True
+        return not self.cut
 
-    def out_of_time_error(self) -> dict:
-        self.out_of_time = True
-        return {"error": f"out of time: not run ({self.left():.0f} s left of the {self.name} part's "
-                         f"{self.allowance_s:.0f} s)", "out_of_time": True}
-
-    def run(self, task: str, args: dict, env_extra: dict | None = None) -> dict:
-        """benchmarks.run.worker with the part's time left as its timeout."""
-        if not self.can_start():
-            return self.out_of_time_error()
-        r = worker(task, args, timeout=self.left(), env_extra=env_extra)
-        if r.get("rc") is None:
-            r["out_of_time"] = self.out_of_time = True
-        elif "error" in r and OOM.search(r["error"]):
-            r["out_of_memory"] = True
+    def measure(self, key: str, fn, force: bool = False, into: dict | None = None) -> dict | None:
+        """``fn()``'s result under ``into[key]`` (the part's measurements), or 'not run (no time)'
+        when the part cannot start it (``force``: run it anyway); an exception is recorded as the
+        result ('error', 'out_of_memory'). The JSON is rewritten after it."""
+        into = self.result.setdefault("measurements", {}) if into is None else into
+        if not force and not self.can_start():
+            into[key] = {"status": "not run (no time)"}
+            self.check.save()
+            return None
+        into[key] = {"status": "running"}  # what a check killed here was doing
+        self.check.save()
+        t = time.monotonic()
+        try:
+            r = fn()
+        except Stopped:
+            into[key] = {"status": "cut short"}
+            raise
+        except Exception as e:  # noqa: BLE001 - recorded, the part goes on
+            r = failure(e)
+            r["traceback"] = traceback.format_exc()[-3000:]
+            gc.collect()
+        r.setdefault("status", "failed" if "error" in r else "done")
+        r["wall_s"] = time.monotonic() - t
+        self.durations.append(r["wall_s"])
+        into[key] = r
+        log(f"  {key}: {describe(r)}")
+        self.check.save()
         return r
 
-    def finish(self) -> None:
-        if self.used_s is None:
-            self.used_s = time.monotonic() - self.t0
 
-    def record(self) -> dict:
-        return {"allowance_s": self.allowance_s, "used_s": self.used_s, "out_of_time": self.out_of_time}
-
-
-# --------------------------------------------------------------------------- the parts
-
-def per_evaluation(plan: Plan, run, common: dict, agreement: list | None = None) -> list:
-    """One loss + gradient per size: nstjax in each precision, PyTorch beside it, through ``run``.
-    With ``agreement`` (check_agreement's rows) the float32 losses must match it (a result marked
-    'disagreement' otherwise)."""
-    last = deepest_conv(SETUPS["gatys"]()["spec"].layers)
-    rows = []
-    for i, s in enumerate(plan.sizes):
-        ag = agreement[i] if agreement else {}
-        row = {"size": s, "executed_flops": flop_counts(s, s, last)["executed_eval"], "jax": {}, "torch": {}}
-        for prec in PRECISIONS:
-            args = {"size": s, "objective": "gatys", "reps": plan.reps, "precision": prec, "variant": plan.variant,
-                    **common}
-            if prec == "float32":
-                args.update(loop_steps=plan.loop_steps if i == 0 else 0, **_expect(ag, "loss_jax"))
-            row["jax"][prec] = run("eval_jax", args)
-        for prec in plan.torch_precisions:
-            row["torch"][prec] = run("eval_torch", {"size": s, "objective": "gatys", "reps": plan.reps,
-                                                    "precision": prec, **common,
-                                                    **(_expect(ag, "loss_torch") if prec == "float32" else {})})
-        f32 = row["jax"]["float32"].get("loss")
-        for side in [*row["jax"].values(), *row["torch"].values()]:
-            if f32 and "loss" in side:
-                side["loss_rel_diff_vs_jax_float32"] = abs(side["loss"] - f32) / abs(f32)
-        rows.append(row)
-        log(f"{s}px: " + ", ".join(f"{side} {p} {_seconds(r)}" for side in ("jax", "torch")
-                                   for p, r in row[side].items()))
-    return rows
+def describe(r: dict) -> str:
+    if "error" in r:
+        return ("out of memory: " if r.get("out_of_memory") else "failed: ") + r["error"][:200]
+    bits = []
+    if "eval_s" in r:
+        bits.append(f"{r['eval_s'] * 1e3:.2f} ms per evaluation")
+    if "members_steps_per_s" in r:
+        bits.append(f"{r['members_steps_per_s']:.1f} members·steps/s")
+    if "fits" in r:
+        bits.append("fits" if r["fits"] else "does not fit" + (f" ({r['why']})" if r.get("why") else ""))
+    if r.get("compile_s") is not None:
+        bits.append(f"compile {r['compile_s']:.1f} s")
+    if "loss" in r:
+        bits.append(f"loss {r['loss']:.7g}")
+    return ", ".join(bits) or r.get("status", "")
 
 
-def _expect(agreement_row: dict, key: str) -> dict:
-    return {"expect_loss": agreement_row[key]} if key in agreement_row else {}
+@dataclasses.dataclass
+class Evaluator:
+    """One loss + gradient of an objective on a group's first problem, compiled ahead of time."""
+
+    compiled: object
+    args: tuple
+    compile_s: float
+
+    @classmethod
+    def compile(cls, objective, group, pixels=None, targets=None) -> Evaluator:
+        import jax
+
+        one = jax.tree.map(lambda a: a[0], group.problems)
+        f = jax.jit(jax.value_and_grad(lambda x, params, t, hp, key: objective(x, params, t, hp, key).total))
+        args = (one.pixels if pixels is None else pixels, group.params, one.targets if targets is None else targets,
+                one.hp, one.key)
+        t = time.perf_counter()
+        compiled = f.lower(*args).compile()
+        return cls(compiled, args, time.perf_counter() - t)
+
+    def program_bytes(self) -> int:
+        from nstjax.driver import program_bytes
+
+        try:
+            return program_bytes(self.compiled)
+        except Exception:  # noqa: BLE001 - not every backend says
+            return 0
+
+    def run(self, reps: int) -> dict:
+        """A first call, then ``reps`` timed ones: the best, the median, each."""
+        import jax
+
+        t = time.perf_counter()
+        loss, grad = self.compiled(*self.args)
+        jax.block_until_ready(grad)
+        out = {"first_call_s": time.perf_counter() - t, "loss": float(loss), "compile_s": self.compile_s,
+               "program_bytes": self.program_bytes()}
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            jax.block_until_ready(self.compiled(*self.args))
+            times.append(time.perf_counter() - t)
+        out.update(times_s=times, eval_s=min(times) if times else out["first_call_s"],
+                   eval_median_s=float(np.median(times)) if times else out["first_call_s"])
+        out.update(device_memory())
+        return out
+
+    def gradient(self) -> np.ndarray:
+        return np.asarray(self.compiled(*self.args)[1])
 
 
-def _seconds(r: dict) -> str:
-    return f"{r['eval_s'] * 1e3:.1f} ms" if "eval_s" in r else "failed: " + _why(r)
+def synthetic_weights(path: Path, arch: str) -> Path:
+    """A canonical weights file of ``arch`` with He-normal random kernels (std √(2/(9·Cin))) and small
+    random biases, Caffe's preprocessing: the cost of an evaluation does not depend on the values."""
+    from nstjax.vgg import CAFFE, architecture
+    from nstjax.weights import VGGWeights, save_canonical
+
+    rng = np.random.default_rng(0)
+    params = {name: {"kernel": (rng.standard_normal(k) * np.sqrt(2.0 / (9 * k[2]))).astype(np.float32),
+                     "bias": (rng.standard_normal(b) * 0.01).astype(np.float32)}
+              for name, (k, b) in architecture(arch).conv_shapes().items()}
+    save_canonical(path, VGGWeights(params, CAFFE, "synthetic", "", arch))
+    return path
 
 
-def _why(r: dict) -> str:
-    if r.get("out_of_time"):
-        return "out of time"
-    if r.get("out_of_memory"):
-        return "out of memory"
-    return (r.get("error") or "?")[-160:]
+def executed_flops(model, layers, size: int) -> int:
+    """FLOPs of one loss + gradient of a size × size image: forward and input gradient (the weights
+    are not differentiated) of each 3×3 convolution up to the deepest of ``layers``, 2·H·W·Cin·Cout·9
+    each way."""
+    arch = model.architecture
+    last = arch.layer_names.index(arch.deepest(layers))
+    total = 0
+    for name, ((_, _, c_in, c_out), _) in arch.conv_shapes().items():
+        if arch.layer_names.index(name) <= last:
+            h, w, _ = model.layer_shape(name, size, size)
+            total += 2 * (2 * h * w * c_in * c_out * 9)
+    return total
 
+
+def device_memory() -> dict:
+    """The default device's bytes_limit and peak_bytes_in_use (memory_stats()), where it has them."""
+    import jax
+
+    try:
+        stats = jax.devices()[0].memory_stats() or {}
+    except Exception:  # noqa: BLE001
+        stats = {}
+    return {k: stats[k] for k in ("bytes_limit", "peak_bytes_in_use", "bytes_in_use") if k in stats}
+
+
+# --------------------------------------------------------------------------- 1. environment
+
+def jax_cudnn() -> dict | str | None:
+    """The CUDA library versions jax's CUDA plugin reports (cuDNN's among them), or why not."""
+    try:
+        from jax._src.lib import cuda_versions  # read only: there is no public API for these
+    except Exception as e:  # noqa: BLE001
+        return f"unavailable: {type(e).__name__}: {e}"
+    if cuda_versions is None:
+        return None
+    out = {}
+    for name in sorted(dir(cuda_versions)):
+        if name.endswith("_version") and callable(getattr(cuda_versions, name)):
+            try:
+                out[name] = getattr(cuda_versions, name)()
+            except Exception as e:  # noqa: BLE001
+                out[name] = f"{type(e).__name__}: {e}"
+    return out
+
+
+def nvidia_smi() -> str | None:
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return None
+    try:
+        p = subprocess.run([exe], capture_output=True, text=True, timeout=15)
+        return (p.stdout + p.stderr).strip()
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"failed: {e}"
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for name in ("jax", "jaxlib", "flax", "optax", "torch", "numpy", "nstjax", "hydra-core", "omegaconf", "pillow"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    for dist in metadata.distributions():
+        name = (dist.metadata["Name"] or "").lower()
+        if name.startswith(("jax-cuda", "jax_cuda", "nvidia-cudnn", "nvidia-cuda-runtime")):
+            out[name] = dist.version
+    return out
+
+
+def peaks(kind: str, dry: bool) -> dict:
+    for key, tflops in PEAK_TFLOPS:
+        if key in kind:
+            return {"source": f"datasheet ({key})", "tflops": tflops}
+    cpu = cpu_info()
+    if cpu.get("peak_gflops_fp32"):
+        return {"source": f"CPU estimate: {cpu['how']}",
+                "tflops": {p: cpu["peak_gflops_fp32"] / 1e3 for p in ("float32", "tf32", "bfloat16")}}
+    return {"source": f"unknown device {kind!r}", "tflops": {}}
+
+
+def environment(check: Check, part: Part) -> None:
+    import jax
+
+    r = part.result
+    r["versions"] = versions()
+    import nstjax
+
+    r["nstjax_from"] = str(Path(nstjax.__file__).parent)
+    r["platform"] = platform.platform()
+    devices = jax.devices()
+    r.update(backend=jax.default_backend(), devices=[str(d) for d in devices], device_kind=devices[0].device_kind,
+             device_count=len(devices))
+    try:
+        stats = devices[0].memory_stats()
+    except Exception as e:  # noqa: BLE001
+        stats = {"error": str(e)}
+    r["memory_stats"] = stats
+    r["memory_stats_keys"] = sorted(stats) if stats else []
+    r["cudnn_jax"] = jax_cudnn()
+    r["env"] = {k: v for k, v in os.environ.items() if k.startswith(("XLA_", "JAX_", "CUDA_", "NSTJAX_", "TF_CPP"))}
+    r["compilation_cache"] = {"dir": jax.config.jax_compilation_cache_dir,
+                              "xla_caches": getattr(jax.config, "jax_persistent_cache_enable_xla_caches", None)}
+    r["cpu"] = cpu_info()
+    r["nvidia_smi"] = nvidia_smi()
+    check.report["peak_tflops"] = peaks(devices[0].device_kind, check.dry)
+    torch = check.torch.wait_ready(max(part.left(), 90.0))
+    r["torch"] = torch
+    if check.plan.torch_threads and "error" not in torch:
+        r["torch"]["threads"] = check.torch.call("configure", 30.0, threads=check.plan.torch_threads).get("threads")
+    r["cudnn_torch"] = torch.get("cudnn_version")
+    log(f"{r['device_kind']} ({r['backend']}), jax {r['versions']['jax']}, jaxlib {r['versions']['jaxlib']}, "
+        f"torch {r['versions']['torch']} ({torch.get('device', torch.get('error'))}), cuDNN torch "
+        f"{r['cudnn_torch']}; memory_stats keys: {', '.join(r['memory_stats_keys']) or '-'}")
+
+
+# --------------------------------------------------------------------------- 2. agreement
+
+def agreement(check: Check, part: Part) -> None:
+    """The gate: both sides' float32 loss at plan.size on the same inputs (and the gradients' distance)."""
+    size = check.plan.size
+    r = part.result
+    r.update(size=size, rtol=AGREEMENT_RTOL, agree=None)
+    jax_side = part.measure("nstjax float32 direct", lambda: {**check.evaluator(size, "float32", "direct").run(0),
+                                                               "conv": "direct"}, force=True)
+    path = check.work / "torch-grad.npy"
+
+    def torch_loss():
+        problem = check.torch_problem(size)
+        if "error" in problem:
+            return problem
+        return check.torch.call("loss", max(part.left(), 120.0), name=str(size), grad_path=str(path))
+
+    torch_side = part.measure("pytorch float32", torch_loss, force=True)
+    if "error" in jax_side or "error" in torch_side:
+        r["why"] = "a side failed: " + (jax_side.get("error") or torch_side.get("error"))
+        raise RuntimeError(r["why"])
+    lj, lt = jax_side["loss"], torch_side["loss"]
+    r.update(loss_jax=lj, loss_torch=lt, rel_diff=abs(lj - lt) / max(abs(lt), 1e-30))
+    r["agree"] = bool(r["rel_diff"] <= AGREEMENT_RTOL)
+    gj, gt = check.evaluator(size, "float32", "direct").gradient(), np.load(path)
+    r["grad_rel_l2"] = float(np.linalg.norm(gj - gt) / max(float(np.linalg.norm(gt)), 1e-30))
+    path.unlink(missing_ok=True)
+    log(f"loss nstjax {lj:.8g}, PyTorch {lt:.8g}: relative difference {r['rel_diff']:.2e} "
+        f"({'agree' if r['agree'] else 'DISAGREE'}, tolerance {AGREEMENT_RTOL:g}); gradient relative L2 "
+        f"{r['grad_rel_l2']:.2e}")
+
+
+# --------------------------------------------------------------------------- 3. and 5. per evaluation
+
+def evaluations(check: Check, part: Part, size: int, rows: list, first_forced: bool) -> None:
+    """Measure ``rows`` at ``size``: nstjax's compiled evaluation, PyTorch's eager one; then each
+    one's FLOP rate and loss against nstjax's float32."""
+    structure = check.group(size, "float32").structure
+    flops = executed_flops(structure.model, structure.loss.layers, size)
+    part.result.update(size=size, executed_flops=flops)
+    for i, (key, side, precision, how) in enumerate(rows):
+        if side == "jax":
+            fn = functools.partial(lambda p, c: {**check.evaluator(size, p, c).run(check.plan.reps), "conv": c},
+                                   precision, how)
+        else:
+            fn = functools.partial(check.torch_eval, part, size, precision, how)
+        r = part.measure(key, fn, force=first_forced and i == 0)
+        if r and "eval_s" in r:
+            r["achieved_tflops"] = flops / r["eval_s"] / 1e12
+            peak = check.peak(precision)
+            r["fraction_of_peak"] = r["achieved_tflops"] / peak if peak else None
+    ms = part.result["measurements"]
+    ref = ms.get("nstjax float32 direct", {}).get("loss")
+    for r in ms.values():
+        if ref and "loss" in r:
+            r["loss_rel_diff_vs_nstjax_float32"] = abs(r["loss"] - ref) / abs(ref)
+
+
+def per_evaluation(check: Check, part: Part) -> None:
+    both = ("direct", "xla")
+    rows = [("nstjax float32 direct", "jax", "float32", "direct"), ("pytorch float32", "torch", "float32", False),
+            ("nstjax float32 xla", "jax", "float32", "xla"),
+            ("nstjax tf32 direct", "jax", "tf32", "direct"), ("nstjax tf32 xla", "jax", "tf32", "xla"),
+            ("pytorch tf32", "torch", "tf32", False), ("pytorch tf32 cudnn.benchmark", "torch", "tf32", True),
+            *[(f"nstjax bfloat16 {c}", "jax", "bfloat16", c) for c in both]]
+    evaluations(check, part, check.plan.size, rows, first_forced=True)
+
+
+def faster_conv(check: Check, precision: str) -> str:
+    """The convolution whose evaluation was faster at plan.size in ``precision`` (direct if unmeasured)."""
+    ms = check.result("per_evaluation").get("measurements", {})
+    times = {c: ms.get(f"nstjax {precision} {c}", {}).get("eval_s") for c in ("direct", "xla")}
+    times = {c: t for c, t in times.items() if t}
+    return min(times, key=times.get) if times else "direct"
+
+
+def large(check: Check, part: Part) -> None:
+    rows = [("nstjax float32 direct", "jax", "float32", "direct"), ("pytorch float32", "torch", "float32", False),
+            ("nstjax float32 xla", "jax", "float32", "xla"), ("pytorch tf32 cudnn.benchmark", "torch", "tf32", True)]
+    for precision in check.plan.large_precisions[1:]:
+        conv = faster_conv(check, precision)
+        rows.insert(-1 if precision == "tf32" else len(rows), (f"nstjax {precision} {conv}", "jax", precision, conv))
+    evaluations(check, part, check.plan.large_size, rows, first_forced=False)
+
+
+# --------------------------------------------------------------------------- 4. the batched loop
+
+def loop_members(check: Check, k: int) -> dict:
+    """K problems differing in loss.beta, built by the product as one group, its Loop compiled and
+    run: members·steps/s over ``loop_chunks`` chunks after an untimed one."""
+    import jax
+    import jax.numpy as jnp
+
+    from nstjax import build, config
+    from nstjax.driver import free_memory_bytes, program_bytes
+
+    plan = check.plan
+    betas = [10 ** (2 + 4 * i / max(1, k - 1)) for i in range(k)]
+    t = time.perf_counter()
+    base = check.overrides(plan.size, *LOOP_OVERRIDES, f"chunk_steps={plan.loop_steps}", f"model.conv={plan.conv}")
+    group = build.build_group([config.compose(base + [f"loss.beta={b:.6g}"]) for b in betas])
+    out = {"members": k, "build_s": time.perf_counter() - t, "conv": group.structure.model.conv,
+           "precision": group.structure.model.precision}
+    t = time.perf_counter()
+    program = group.structure.loop.compile(group.problems, group.params)
+    out["compile_s"] = time.perf_counter() - t
+    out["program_bytes"] = max(program_bytes(program.init), program_bytes(program.chunk))
+    out["free_bytes_before"] = free_memory_bytes()
+    out.update(device_memory())
+    if out.get("bytes_limit"):
+        out["program_fraction_of_limit"] = out["program_bytes"] / out["bytes_limit"]
+    n, limit = jnp.int32(plan.loop_steps), jnp.int32(2**31 - 1)
+    state = jax.block_until_ready(program.init(group.problems, group.params))
+    state, rows, _ = program.chunk(state, group.problems, group.params, n, limit)
+    np.asarray(rows)  # the driver reads each chunk's rows back, so does this
+    before = int(np.asarray(state.step).sum())
+    t = time.perf_counter()
+    for _ in range(plan.loop_chunks):
+        state, rows, _ = program.chunk(state, group.problems, group.params, n, limit)
+        np.asarray(rows)
+    out["run_s"] = time.perf_counter() - t
+    out["members_steps"] = int(np.asarray(state.step).sum()) - before
+    out["members_steps_per_s"] = out["members_steps"] / out["run_s"]
+    out["running_members"] = int((np.asarray(state.status) == 0).sum())
+    out.update({f"after_{k_}": v for k_, v in device_memory().items()})
+    return out
+
+
+def batched_loop(check: Check, part: Part) -> None:
+    plan = check.plan
+    part.result.update(size=plan.size, steps_per_chunk=plan.loop_steps, timed_chunks=plan.loop_chunks,
+                       optimizer=" ".join(LOOP_OVERRIDES))
+    rows = part.result.setdefault("measurements", {})
+    # K = 1 and the largest K first (the target compares them), then those between
+    for k in dict.fromkeys([plan.members[0], plan.members[-1], *plan.members[1:-1]]):
+        out_of_memory = [m for m, r in rows.items() if r.get("out_of_memory") and int(m[2:]) < k]
+        if out_of_memory:
+            rows[f"K={k}"] = {"status": f"not run ({out_of_memory[0]} ran out of memory)"}
+            continue
+        part.measure(f"K={k}", functools.partial(loop_members, check, k))
+        gc.collect()
+    one = rows.get("K=1", {}).get("members_steps_per_s")
+    for r in rows.values():
+        if one and "members_steps_per_s" in r:
+            r["throughput_vs_one"] = r["members_steps_per_s"] / one
+
+
+# --------------------------------------------------------------------------- 6. the largest size
 
 def fit_search(probe, start: int, cap: int, can_try) -> dict:
     """The largest square size whose evaluation fits: ``probe(size)`` (a result with 'fits', and
@@ -247,340 +858,289 @@ def fit_search(probe, start: int, cap: int, can_try) -> dict:
     return {"largest": largest, "first_failure": failed, "stopped": stopped, "bisected_at": bisect, "tried": tried}
 
 
-def fit_part(plan: Plan, part: Part, common: dict) -> dict:
-    """fit_search without and with remat, each given half of what is left of the part."""
-    out = {"memory_fraction": FIT_MEMORY_FRACTION}
+def fit_probe(check: Check, size: int, remat: bool) -> dict:
+    """Does one float32 loss + gradient of the product's objective fit at size × size? Compiled for
+    that size (targets of the right shapes, zeros: the cost does not depend on their values); not
+    compiled when the image, its gradient and the targets (and without remat conv1_1's output)
+    alone exceed the memory there is, not run when XLA's plan does."""
+    import jax
+    import jax.numpy as jnp
+
+    from nstjax.driver import free_memory_bytes
+    from nstjax.losses import compute_targets
+
+    group = check.group(check.plan.size, "float32", check.plan.conv)
+    structure = group.structure
+    model = dataclasses.replace(structure.model, remat=remat)
+    structure = dataclasses.replace(structure, model=model)
+    image = jax.ShapeDtypeStruct((size, size, 3), jnp.float32)
+    shapes = jax.eval_shape(functools.partial(compute_targets, model, spec=structure.loss), group.params, image, image)
+    least = 2 * size * size * 3 * 4 + sum(s.size * s.dtype.itemsize for s in jax.tree.leaves(shapes))
+    least += 0 if remat else size * size * 64 * 4
+    memory = device_memory().get("bytes_limit") or free_memory_bytes()
+    out = {"size": size, "remat": remat, "conv": model.conv, "memory_bytes": memory, "least_bytes": least}
+    if memory and least > memory:
+        out.update(fits=False, compile_s=None, why=f"its image, gradient, targets{'' if remat else ', conv1_1'} alone "
+                                                   f"take {gib(least)} GiB of {gib(memory)}")
+        return out
+    targets = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    ev = Evaluator.compile(structure.loop.objective, group, jnp.full((size, size, 3), 0.5, jnp.float32), targets)
+    out.update(compile_s=ev.compile_s, program_bytes=ev.program_bytes())
+    if memory and out["program_bytes"] > memory:
+        out.update(fits=False, why=f"XLA plans {gib(out['program_bytes'])} GiB of {gib(memory)}")
+        return out
+    try:
+        r = ev.run(0)
+    except Exception as e:  # noqa: BLE001 - an out-of-memory is the answer; anything else is not
+        out.update(fits=False, **failure(e))
+        if not out["out_of_memory"]:
+            raise
+        out["why"] = "out of memory"
+        return out
+    finally:
+        del ev, targets
+        gc.collect()
+    out.update(fits=True, eval_s=r["first_call_s"], **{k: r[k] for k in ("peak_bytes_in_use",) if k in r})
+    return out
+
+
+def fit(check: Check, part: Part) -> None:
+    check.torch.close()  # its device memory is the fit search's now
+    plan = check.plan
+    part.result["memory_fraction"] = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION")
     for remat in (False, True):
+        mode = "remat" if remat else "plain"
         end = time.monotonic() + part.left() / (1 if remat else 2)
+        tried = part.result.setdefault(f"{mode}_tried", {})
 
         def probe(size):
-            r = part.run("gpu_fit", {"size": size, "objective": "gatys", "remat": remat, "variant": plan.variant,
-                                **common}, env_extra={"XLA_PYTHON_CLIENT_MEM_FRACTION": FIT_MEMORY_FRACTION})
-            r.update(size=size, fits="error" not in r)
-            log(f"fit {size}px remat={remat}: " + ("fits" if r["fits"] else _why(r)))
+            r = part.measure(f"{size} px", functools.partial(fit_probe, check, size, remat), force=True, into=tried)
+            r.setdefault("fits", False)
             return r
 
-        out["remat" if remat else "plain"] = fit_search(probe, plan.fit_start, plan.fit_cap,
-                                                        lambda: end - time.monotonic() >= MIN_START_S
-                                                        and part.can_start())
-    return out
+        def can_try():
+            ok = end - time.monotonic() >= part.need()
+            part.cut |= not ok
+            return ok
+
+        found = fit_search(probe, plan.fit_start, plan.fit_cap, can_try)
+        found.pop("tried")
+        part.result[mode] = found
+        log(f"  largest {mode}: {fmt(found['largest'], 'd')} px (stopped: {found['stopped']})")
 
 
-def estimate_one_by_one(measured: list, k: int) -> dict:
-    """The one-by-one side of K = ``k`` points from measured (K, side) pairs: each point is a job of
-    its own, so its run time is k × the last measured per-point time (the same members·steps/s); wall
-    and compile time extrapolate linearly in K from the last two measured (proportionally from one)."""
-    (k1, s1), (k0, s0) = measured[-1], (measured[-2] if len(measured) > 1 else (0, {"wall_s": 0, "compile_s": 0}))
-    out = {"estimated": True, "estimated_from_points": [k for k, _ in measured[-2:]],
-           "run_s": s1["run_s"] / k1 * k, "members_steps_per_s": s1["members_steps_per_s"], "device": s1["device"]}
-    for key in ("wall_s", "compile_s"):
-        out[key] = s1[key] + (s1[key] - s0[key]) / (k1 - k0) * (k - k1)
-    return out
-
-
-def not_installed() -> list:
-    """nstjax (as an installed package) and its declared dependencies (pyproject.toml) not installed here."""
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    missing = []
-    for name in ["nstjax"] + [re.split(r"[<>=!~ ;\[]", d, maxsplit=1)[0] for d in deps]:
-        try:
-            metadata.version(name)
-        except metadata.PackageNotFoundError:
-            missing.append(name)
-    return missing
-
-
-# What `python -m nstjax.run -m hydra/sweeper=...` imports and reads before it runs a point.
-CLI_PROBE = ("import importlib.resources, nstjax.run, nstjax.sweep, nstjax.weights, hydra_plugins.nstjax_sweeper; "
-             "assert importlib.resources.files('nstjax.configs').joinpath('config.yaml').is_file()")
-
-
-def cli_problem() -> str | None:
-    """Why nstjax's CLI cannot run here (its imports fail, nstjax is not installed), or None."""
-    try:
-        proc = run_killable([sys.executable, "-c", CLI_PROBE], timeout=120, cwd=ROOT)
-    except subprocess.TimeoutExpired:
-        return "importing nstjax's CLI timed out"
-    if proc.returncode == 0:
-        return None
-    return (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
-
-
-def sweep_part(plan: Plan, part: Part) -> dict:
-    """benchmarks.sweep's measurement (the same K points through both sweepers) for plan.sweep_points,
-    the last K's one-by-one side estimated from the K before it."""
-    from benchmarks import sweep
-
-    out = {"size": plan.sweep_size, "steps": plan.sweep_steps, "overrides": list(plan.sweep_overrides),
-           "one_by_one_estimated_for": plan.sweep_points[-1:] if len(plan.sweep_points) > 1 else [], "rows": []}
-    problem = cli_problem()
-    if problem:
-        out["error"] = (f"not run: the sweep runs nstjax's CLI, which fails to start here ({problem}); not "
-                        f"installed: {', '.join(not_installed()) or 'none'} (carry their wheels, pip install "
-                        "--no-deps them, and pip install --no-deps --no-build-isolation -e .)")
-        log(out["error"])
-        return out
-    with tempfile.TemporaryDirectory() as tmp:
-        weights = sweep.synthetic_weights(Path(tmp) / "synthetic-vgg19.safetensors")
-        for k in plan.sweep_points:
-            row = {"size": plan.sweep_size, "points": k, "steps": plan.sweep_steps}
-            for side in ("nstjax", "basic"):
-                measured = [(r["points"], r["basic"]) for r in out["rows"]
-                            if "members_steps_per_s" in r["basic"] and not r["basic"].get("estimated")]
-                if side == "basic" and k in out["one_by_one_estimated_for"] and measured:
-                    row[side] = estimate_one_by_one(measured, k)
-                elif not part.can_start():
-                    row[side] = part.out_of_time_error()
-                else:
-                    try:
-                        row[side] = sweep.one_side(side, plan.sweep_size, k, plan.sweep_steps, weights, Path(tmp),
-                                                   plan.sweep_overrides, timeout=part.left())
-                    except subprocess.TimeoutExpired:
-                        row[side] = {"error": f"timed out after {part.left():.0f} s", "out_of_time": True}
-                        part.out_of_time = True
-                    except sweep.SweepFailed as e:
-                        row[side] = {"error": str(e)[-2000:], "out_of_memory": bool(OOM.search(str(e)))}
-            if all("members_steps_per_s" in row[side] for side in ("nstjax", "basic")):
-                sweep.compare(row)
-            out["rows"].append(row)
-            log(f"K={k}: " + ", ".join(
-                f"{side} " + (f"{row[side]['members_steps_per_s']:.2f} members·steps/s, {row[side]['wall_s']:.1f} s "
-                              f"wall" + (" (estimated)" if row[side].get("estimated") else "")
-                              if "members_steps_per_s" in row[side] else "failed: " + _why(row[side]))
-                for side in ("nstjax", "basic")))
-    return out
-
-
-def ttq_part(plan: Plan, part: Part, common: dict) -> dict:
-    """Time to quality: the PyTorch tutorial's loop, then each nstjax setting until its best loss."""
-    tut = part.run("ttq_torch", {"size": plan.ttq_size, "evaluations": plan.ttq_evaluations, **common})
-    out = {"size": plan.ttq_size, "torch": tut, "jax": []}
-    if "error" in tut:
-        log("tutorial loop failed:", _why(tut))
-        return out
-    log(_tutorial_line(tut))
-    settings = dict(TTQ_SETTINGS)
-    for name in plan.ttq_settings:
-        r = part.run("ttq_jax", ttq_args(name, settings[name], plan.ttq_size, tut["best_loss"], tut["run_s"],
-                                         2 * plan.ttq_evaluations, plan.variant, common))
-        r.setdefault("name", name)
-        out["jax"].append(r)
-        log(_ttq_line(r, tut))
-    ttq_ratios(out["jax"], tut)
-    return out
-
-
-# --------------------------------------------------------------------------- peaks, rates, targets
-
-def peaks(machine: dict) -> dict:
-    kind = machine.get("device_kind", "")
-    for key, tflops in PEAK_TFLOPS:
-        if key in kind:
-            return {"source": f"datasheet ({key})", "tflops": tflops}
-    measured = machine.get("gemm_gflops_measured_by_precision", {})
-    return {"source": f"measured: {machine.get('gemm_n')}² matmul on {kind or '?'}",
-            "tflops": {p: v / 1e3 for p, v in measured.items()}}
-
-
-def add_rates(rows: list, peak: dict) -> None:
-    """Achieved TFLOP/s (executed convolution FLOPs / time) and its fraction of the peak, per side."""
-    for row in rows:
-        for side in (*row["jax"].values(), *row["torch"].values()):
-            if "eval_s" in side:
-                side["achieved_tflops"] = row["executed_flops"] / side["eval_s"] / 1e12
-                p = peak["tflops"].get(side.get("precision", "float32"))
-                side["fraction_of_peak"] = side["achieved_tflops"] / p if p else None
-
-
-def compile_times(report: dict) -> dict:
-    out = {"eval": {}, "loop": {}, "ttq": {}, "sweep": {}, "fit": {}}
-    for row in report.get("per_evaluation", []):
-        for prec, r in row["jax"].items():
-            out["eval"][f"{row['size']} {prec}"] = r.get("compile_s")
-            if "loop_compile_s" in r:
-                out["loop"][f"{row['size']} {prec}"] = r["loop_compile_s"]
-    for r in report.get("ttq", {}).get("jax", []):
-        out["ttq"][r["name"]] = r.get("compile_s")
-    for row in report.get("sweep", {}).get("rows", []):
-        for side in ("nstjax", "basic"):
-            if not row[side].get("estimated"):
-                out["sweep"][f"K={row['points']} {side}"] = row[side].get("compile_s")
-    for mode, res in report.get("fit", {}).items():
-        if isinstance(res, dict):
-            for r in res["tried"]:
-                out["fit"][f"{r['size']} {mode}"] = r.get("compile_s")
-    return out
-
+# --------------------------------------------------------------------------- targets and summary
 
 def targets(report: dict, plan: Plan) -> list:
-    """Each target with its value and 'passed' (None where it was not measured)."""
-    rows = report.get("per_evaluation", [])
-    out = []
-    f32 = rows[0]["jax"]["float32"] if rows else {}
-    value = f32.get("loop_eval_s", f32.get("eval_s"))
-    how = "a step of nstjax's Loop (Adam)" if "loop_eval_s" in f32 else "one evaluation"
-    out.append({"target": f"float32 per iteration at {plan.sizes[0]} px ≤ {ITERATION_S * 1e3:g} ms",
-                "value_s": value, "measured": how,
-                "passed": None if value is None else value <= ITERATION_S})
-    ratios = {r["size"]: r["jax"]["float32"]["eval_s"] / r["torch"]["float32"]["eval_s"] for r in rows
-              if "eval_s" in r["jax"]["float32"] and "eval_s" in r["torch"].get("float32", {})}
-    out.append({"target": "nstjax float32 faster than eager PyTorch CUDA float32 per evaluation at "
-                          + "/".join(map(str, plan.sizes)) + " px",
-                "jax_over_torch": ratios,
-                "passed": all(v < 1 for v in ratios.values()) if len(ratios) == len(plan.sizes) else None})
-    last = (report.get("sweep", {}).get("rows") or [{}])[-1]
-    ratio = last.get("throughput_ratio") if last.get("points") == plan.sweep_points[-1] else None
-    out.append({"target": f"batched sweep of {plan.sweep_points[-1]} at {plan.sweep_size} px ≥ {SWEEP_RATIO:g}× "
-                          "the throughput of one-by-one runs",
-                "throughput_ratio": ratio, "one_by_one_estimated": bool(last.get("basic", {}).get("estimated")),
-                "passed": None if ratio is None else ratio >= SWEEP_RATIO})
+    """Each target of the GPU issue with its numbers and 'passed' (None: not measured)."""
+    pe = report["parts"]["per_evaluation"].get("result", {}).get("measurements", {})
+    f32 = {k: v for k, v in pe.items() if k.startswith("nstjax float32") and v.get("eval_s")}
+    best = min(f32, key=lambda k: f32[k]["eval_s"]) if f32 else None
+    best_s = f32[best]["eval_s"] if best else None
+    torch_s = pe.get("pytorch float32", {}).get("eval_s")
+    loop = report["parts"]["batched_loop"].get("result", {}).get("measurements", {})
+    k_max = plan.members[-1]
+    one, most = (loop.get(f"K={k}", {}).get("members_steps_per_s") for k in (1, k_max))
+    ratio = most / one if one and most else None
+
+    def verdict(passed):
+        return {True: "PASS", False: "FAIL", None: "NOT MEASURED"}[passed]
+
+    out = [{"target": f"one evaluation (loss + gradient) at {plan.size} px in float32 ≤ {ITERATION_S * 1e3:g} ms",
+            "nstjax_s": best_s, "measurement": best, "limit_s": ITERATION_S,
+            "passed": None if best_s is None else bool(best_s <= ITERATION_S)},
+           {"target": f"faster than eager PyTorch CUDA in IEEE float32 per evaluation at {plan.size} px",
+            "nstjax_s": best_s, "measurement": best, "pytorch_s": torch_s,
+            "nstjax_over_pytorch": best_s / torch_s if best_s and torch_s else None,
+            "passed": None if not (best_s and torch_s) else bool(best_s < torch_s)},
+           {"target": f"batched loop of {k_max} members at {plan.size} px ≥ {BATCH_RATIO:g}× the members·steps/s "
+                      "of one member",
+            "one_member": one, "members": k_max, "members_steps_per_s": most, "ratio": ratio,
+            "passed": None if ratio is None else bool(ratio >= BATCH_RATIO)}]
+    for t in out:
+        t["verdict"] = verdict(t["passed"])
     return out
 
 
-# --------------------------------------------------------------------------- the table
-
-def summary(rep: dict) -> str:
-    m, peak = rep["machine"], rep["peak"]
-    head = (f"{'DRY RUN on the CPU (not a measurement)' if rep['dry_run'] else 'GPU check'}: {m.get('device_kind')}, "
-            f"jax {m.get('jax')}; peak TFLOP/s ({peak['source']}): "
-            + ", ".join(f"{p} {v:.4g}" for p, v in peak["tflops"].items())
-            + f"; budget {rep['budget']['total_s']:.0f} s, used {rep['budget']['used_s']:.0f} s"
-            + "".join(f"; {n} ran out of time" for n, p in rep["budget"]["parts"].items() if p["out_of_time"]))
-    parts = [head]
-    rows = []
-    for row in rep.get("per_evaluation", []):
-        for side in ("jax", "torch"):
-            for prec, r in row[side].items():
-                rows.append([row["size"], "nstjax" if side == "jax" else "PyTorch", prec,
-                             fmt(r.get("eval_s") and r["eval_s"] * 1e3, ".2f") if "eval_s" in r else _why(r)[:40],
-                             fmt(r.get("loop_eval_s") and r["loop_eval_s"] * 1e3, ".2f"),
-                             fmt(r.get("compile_s"), ".1f"), fmt(r.get("achieved_tflops"), ".3g"),
-                             fmt(r.get("fraction_of_peak"), ".0%"), fmt(r.get("loss_rel_diff_vs_jax_float32"), ".1e")])
+def summary(check: Check) -> str:
+    rep = check.report
+    env = rep["parts"]["environment"].get("result", {})
+    lines = [f"{'DRY RUN on the CPU (not a measurement)' if rep['dry_run'] else 'GPU check'}: "
+             f"{env.get('device_kind')}, jax {env.get('versions', {}).get('jax')}, budget {rep['budget']['total_s']:.0f} s,"
+             f" used {check.elapsed():.0f} s"]
+    lines += [f"  {name}: {p['status']}" for name, p in rep["parts"].items()]
+    for name in ("per_evaluation", "large"):
+        res = rep["parts"][name].get("result", {})
+        rows = [[key, fmt(r["eval_s"] * 1e3, ".2f") if "eval_s" in r else r.get("status", "?")[:30],
+                 fmt(r.get("compile_s"), ".1f"), fmt(r.get("achieved_tflops"), ".3g"), fmt(r.get("fraction_of_peak"), ".0%"),
+                 fmt(r.get("loss_rel_diff_vs_nstjax_float32"), ".1e")]
+                for key, r in res.get("measurements", {}).items()]
+        if rows:
+            lines.append(f"\n{name} at {res.get('size')} px: one loss + gradient (best of {check.plan.reps})\n"
+                         + table(["", "ms", "compile s", "TFLOP/s", "of peak", "loss vs f32"], rows))
+    res = rep["parts"]["batched_loop"].get("result", {})
+    rows = [[key, fmt(r.get("members_steps_per_s"), ".1f") if "members_steps_per_s" in r else r.get("status", "?")[:30],
+             fmt(r.get("throughput_vs_one"), ".2f"), fmt(r.get("compile_s"), ".1f"), gib(r.get("program_bytes")),
+             gib(r.get("bytes_limit"))]
+            for key, r in sorted(res.get("measurements", {}).items(), key=lambda kr: int(kr[0][2:]))]
     if rows:
-        parts.append("(a) one loss + gradient, Gatys objective (min of reps; 'Loop ms' = a step of nstjax's Loop; "
-                     "TFLOP/s = executed conv FLOPs / time)\n"
-                     + table(["px", "side", "precision", "ms", "Loop ms", "compile s", "TFLOP/s", "of peak",
-                              "loss vs f32"], rows))
-    sw = rep.get("sweep", {})
-    rows = [[r["points"]] + [fmt(r[s].get("members_steps_per_s"), ".2f") + ("*" if r[s].get("estimated") else "")
-                             if "members_steps_per_s" in r[s] else _why(r[s])[:40] for s in ("nstjax", "basic")]
-            + [fmt(r.get("throughput_ratio"), ".2f"), fmt(r["nstjax"].get("wall_s"), ".1f"),
-               fmt(r["basic"].get("wall_s"), ".1f") + ("*" if r["basic"].get("estimated") else "")]
-            for r in sw.get("rows", [])]
-    parts.append(f"(b) batched sweep at {sw.get('size')} px, {sw.get('steps')} steps: members·steps/s "
-                 "(* estimated from the K before)\n"
-                 + (table(["K", "batched", "one by one", "×", "batched wall s", "one-by-one wall s"], rows)
-                    if rows else sw.get("error", "not run")))
-    tq = rep.get("ttq", {})
-    tut = tq.get("torch", {})
-    rows = [["PyTorch tutorial loop", tut.get("evaluations", "-"), fmt(tut.get("run_s"), ".2f"), "-",
-             "target" if "best_loss" in tut else _why(tut)[:40], "1.00"]]
-    for r in tq.get("jax", []):
-        re_ = r.get("reached")
-        rows.append([r["name"], re_["evaluations"] if re_ else r.get("evaluations", "-"),
-                     fmt(re_["time_s"], ".2f") if re_ else f"({fmt(r.get('run_s'), '.2f')})",
-                     fmt(r.get("compile_s"), ".1f"), "reached" if re_ else ("no" if "run_s" in r else _why(r)[:40]),
-                     fmt(r.get("ratio_vs_tutorial_run"), ".2f")])
-    parts.append(f"(c) time to quality at {tq.get('size')} px: the tutorial loop's best loss "
-                 f"{fmt(tut.get('best_loss'), '.6g')} as the target\n"
-                 + table(["setting", "evals", "seconds", "compile s", "target", "× tutorial"], rows))
-    rows = [[mode, fmt(res.get("largest"), "d"), fmt(res.get("first_failure"), "d"), res.get("stopped"),
-             ", ".join(f"{r['size']} {'ok' if r['fits'] else _why(r)[:30]}" for r in res["tried"])]
-            for mode, res in rep.get("fit", {}).items() if isinstance(res, dict)]
-    parts.append("(d) largest square image whose evaluation fits (float32)\n"
-                 + table(["remat", "largest px", "failed px", "stopped", "tried"], rows))
-    parts.append("compile s, apart from the times above: " + "; ".join(
-        f"{what} " + ", ".join(f"{k} {fmt(v, '.1f')}" for k, v in times.items())
-        for what, times in rep["compile_s"].items() if times))
+        lines.append(f"\nbatched loop at {res.get('size')} px\n"
+                     + table(["", "members·steps/s", "× K=1", "compile s", "program GiB", "limit GiB"], rows))
+    res = rep["parts"]["fit"].get("result", {})
+    for mode in ("plain", "remat"):
+        if mode in res:
+            lines.append(f"largest square image, {mode}: {fmt(res[mode]['largest'], 'd')} px "
+                         f"(stopped: {res[mode]['stopped']})")
     note = " (dry run: these say nothing about a GPU)" if rep["dry_run"] else ""
-    lines = []
-    for t in rep["targets"]:
-        verdict = {True: "PASS", False: "FAIL", None: "NOT MEASURED"}[t["passed"]]
-        detail = {k: v for k, v in t.items() if k not in ("target", "passed")}
-        lines.append(f"{verdict:12s} {t['target']}: " + ", ".join(f"{k} {_short(v)}" for k, v in detail.items()))
-    parts.append(f"targets (H200){note}\n" + "\n".join(lines))
-    return "\n\n".join(parts)
-
-
-def _short(v):
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{k}: {_short(x)}" for k, x in v.items()) + "}"
-    return str(v)
+    lines.append(f"\ntargets{note}")
+    for t in targets(rep, check.plan):
+        detail = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in t.items()
+                           if k not in ("target", "passed", "verdict"))
+        lines.append(f"{t['verdict']:12s} {t['target']}: {detail}")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- main
 
+def unwritable(out: Path) -> str | None:
+    """Why ``out`` cannot hold the check's files, or None."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".gpu-check-", suffix=".probe"):
+            pass
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
+
+
+def installed_nstjax_first() -> None:
+    """``python -m benchmarks.gpu`` in a checkout puts the checkout first on sys.path, where the
+    nstjax folder lacks nstjax.configs and nstjax.examples (pip maps them in from configs/ and
+    examples/). With nstjax installed as a package (gpu_wheels.sh's wheel), the checkout goes to
+    the end of sys.path: nstjax is the installed one; benchmarks, imported already, the checkout's.
+    An editable install (its own finder) changes nothing."""
+    root = os.path.realpath(ROOT)
+    here = [p for p in sys.path if os.path.realpath(p or os.curdir) == root]
+    rest = [p for p in sys.path if p not in here]
+    if here and importlib.machinery.PathFinder.find_spec("nstjax", rest) is not None:
+        sys.path[:] = rest + here
+
+
+def configure_jax(out: Path) -> Path:
+    """The persistent compilation cache (and XLA's autotuning cache beside it), before anything
+    compiles: $NSTJAX_CACHE/xla as the CLI's, else DIR/xla-cache (and nstjax's own caches, its
+    compiled programs, in DIR/nstjax-cache rather than the user's cache folder)."""
+    import jax
+
+    if os.environ.get("NSTJAX_CACHE"):
+        cache = Path(os.environ["NSTJAX_CACHE"]) / "xla"
+    else:
+        cache = out / "xla-cache"
+        os.environ["NSTJAX_CACHE"] = str(out / "nstjax-cache")
+    jax.config.update("jax_compilation_cache_dir", str(cache))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    try:
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+        jax.config.update("jax_persistent_cache_enable_xla_caches", "xla_gpu_per_fusion_autotune_cache_dir")
+    except (AttributeError, KeyError, ValueError):
+        pass  # an older jax
+    return cache
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/gpu.json; dry run: gpu-dryrun.json)")
-    p.add_argument("--budget", type=float, help=f"seconds in all (default {GPU.budget_s:.0f}; dry run "
-                                                f"{DRY_RUN.budget_s:.0f})")
+    p.add_argument("--out", type=Path, required=True, help="folder for gpu.json, gpu.log (and xla-cache)")
+    p.add_argument("--budget", type=float,
+                   help=f"seconds in all (default {GPU.budget_s:.0f}; dry run {DRY_RUN.budget_s:.0f}); the watchdog "
+                        f"stops the check {GPU.grace_s:.0f} s (dry run {DRY_RUN.grace_s:.0f} s) later")
+    p.add_argument("--stop-after", choices=PARTS, help="skip the parts after this one")
     a = p.parse_args(argv)
-    budget = Budget(a.budget or GPU.budget_s, SHARES)
-    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    why = unwritable(a.out)
+    if why:
+        print(f"benchmarks.gpu: cannot write to --out {a.out}: {why}", file=sys.stderr)
+        return 2
+    out = a.out
+    installed_nstjax_first()
+    tee_to(out / "gpu.log")
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch shares the device until the fit search
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", FIT_MEMORY_FRACTION)
+    work = Path(tempfile.mkdtemp(prefix="nstjax-gpu-check-"))
+    torch = TorchWorker(out / "gpu-torch.log")  # torch starts while jax does
+    try:
+        import jax
 
-    part = budget.begin("machine")
-    m = part.run("machine", {"n_by_platform": {"gpu": GPU.gemm_n, "cpu": DRY_RUN.gemm_n}, "reps": 5,
-                             "precisions": list(PRECISIONS)})
-    if "error" in m:
-        log("machine probe failed:", _why(m))
-        return 1
-    dry = not m["gpus"]
-    plan = DRY_RUN if dry else GPU
-    out_path = a.out or RESULTS / ("gpu-dryrun.json" if dry else "gpu.json")
-    if dry:
-        log(f"no GPU: jax.devices('gpu') is empty here; dry run of the check on the CPU at tiny sizes "
-            f"(not a measurement) → {out_path}")
-        budget.total_s = a.budget or DRY_RUN.budget_s
-        os.environ["OMP_NUM_THREADS"] = "1"  # PyTorch's CPU threads spin on a busy machine; not a measurement
-        if out_path.resolve() == (RESULTS / "gpu.json").resolve():
-            log("error: a dry run does not write gpu.json (the GPU's results): give another --out")
-            return 2
-    peak = peaks(m)
-    log(f"{m['device_kind']} ({', '.join(m['gpus']) or 'cpu'}), jax {m['jax']}; peak TFLOP/s ({peak['source']}): "
-        + ", ".join(f"{k} {v:.4g}" for k, v in peak["tflops"].items()))
-    report = {"command": " ".join([Path(sys.executable).name, "-m", "benchmarks.gpu"] + sys.argv[1:]),
-              "started": started, "dry_run": dry, "plan": dataclasses.asdict(plan), "machine": m, "peak": peak,
-              "not_installed": not_installed()}
-    common = {}
+        configure_jax(out)
+        try:
+            gpus = jax.devices("gpu")
+        except RuntimeError:
+            gpus = []
+        dry = not gpus
+        plan = DRY_RUN if dry else GPU
+        if dry:
+            log(f"no GPU: jax sees none (backend {jax.default_backend()}); dry run of the check on the CPU at tiny "
+                f"sizes, not a measurement → {out / 'gpu.json'}")
+        budget = a.budget if a.budget is not None else plan.budget_s
+        command = " ".join([Path(sys.executable).name, "-m", "benchmarks.gpu", *(sys.argv[1:] if argv is None else argv)])
+        check = Check(out, plan, dry, budget, a.stop_after, torch, work, command)
+        return run_check(check)
+    finally:
+        torch.close()
+        shutil.rmtree(work, ignore_errors=True)
 
-    part = budget.begin("agreement")
-    log(f"\n== agreement of the two sides in float32 at {', '.join(map(str, plan.sizes))} px")
-    report["agreement"], status = check_agreement(plan.sizes, common, plan.variant, run=part.run)
-    if status:
-        return status
 
-    part = budget.begin("per_evaluation")
-    log("\n== (a) per evaluation: one loss + gradient")
-    report["per_evaluation"] = per_evaluation(plan, part.run, common, report["agreement"])
-    for row in report["per_evaluation"]:
-        for side in (*row["jax"].values(), *row["torch"].values()):
-            if side.get("disagreement"):
-                log("REFUSING TO REPORT:", side["error"])
-                return 2
-    add_rates(report["per_evaluation"], peak)
+def run_check(check: Check) -> int:
+    def expire():
+        with check.lock:
+            if check.current is not None:
+                check.current.rec["status"] = "cut short (stopped by the watchdog: budget + grace spent)"
+            for rec in check.report["parts"].values():
+                if rec["status"] == "pending":
+                    rec["status"] = "skipped (no time)"
+            check.report["exit_status"] = 3
+            check.save()
+        log(f"\nwatchdog: {check.elapsed():.0f} s spent (budget {check.budget_s:.0f} s + grace "
+            f"{check.plan.grace_s:.0f} s); stopped, {check.path} written")
+        check.torch.kill()
+        os._exit(3)
 
-    part = budget.begin("sweep")
-    log(f"\n== (b) batched sweep at {plan.sweep_size} px, K = {', '.join(map(str, plan.sweep_points))}")
-    report["sweep"] = sweep_part(plan, part)
-
-    part = budget.begin("ttq")
-    log(f"\n== (c) time to quality at {plan.ttq_size} px")
-    report["ttq"] = ttq_part(plan, part, common)
-
-    part = budget.begin("fit")
-    log(f"\n== (d) largest square image that fits, from {plan.fit_start} px")
-    report["fit"] = fit_part(plan, part, common)
-
-    report["compile_s"] = compile_times(report)
-    report["targets"] = targets(report, plan)
-    report["budget"] = budget.record()
-    log("\n" + summary(report))
-    write_json(out_path, report)
-    log(f"\nwrote {out_path} ({report['budget']['used_s']:.0f} s)")
-    return 0
+    watchdog = threading.Timer(max(0.0, check.budget_s + check.plan.grace_s - check.elapsed()), expire)
+    watchdog.daemon = True
+    watchdog.start()
+    previous = {s: signal.signal(s, _stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    status = 0
+    try:
+        check.save()
+        check.run("environment", environment, mandatory=True)
+        check.run("agreement", agreement, mandatory=True)
+        if not check.result("agreement").get("agree"):
+            res = check.result("agreement")
+            why = (f"the losses differ by {res['rel_diff']:.2e} relative (> {AGREEMENT_RTOL:g}): the two sides do "
+                   "not compute the same objective" if "rel_diff" in res else res.get("why", "it did not run"))
+            log(f"REFUSING TO MEASURE: the gate did not pass: {why}")
+            check.skip_reason, status = "skipped (the gate did not pass)", 2
+        check.run("per_evaluation", per_evaluation, mandatory=True)
+        check.run("batched_loop", batched_loop)
+        check.run("large", large)
+        check.run("fit", fit)
+        check.report["finished"] = True
+    except Stopped as e:
+        with check.lock:
+            for rec in check.report["parts"].values():
+                if rec["status"] == "pending":
+                    rec["status"] = f"skipped (stopped by {e})"
+        log(f"\nstopped by {e}")
+        status = 3
+    finally:
+        watchdog.cancel()
+        for s, h in previous.items():
+            signal.signal(s, h)
+    with check.lock:
+        check.report["exit_status"] = status
+        check.report["budget"]["used_s"] = check.elapsed()
+        check.save()
+    log("\n" + summary(check))
+    log(f"\nwrote {check.path} ({check.elapsed():.0f} s)")
+    return status
 
 
 if __name__ == "__main__":

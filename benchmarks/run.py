@@ -5,9 +5,9 @@
 
 (a) per evaluation (loss + gradient), (b) time to quality against the PyTorch tutorial's loop,
 (c) peak RSS of each side, (d) compile time apart from run time, the FLOP rate as a fraction of the
-CPU's peak, and on a GPU (picked automatically when jax sees one) per-iteration times in float32,
-tf32 and bfloat16 and the largest image that fits. Every measurement runs in its own process. See
-benchmarks/README.md.
+CPU's peak. Every measurement runs in its own process. On a GPU, python -m benchmarks.gpu is the
+check to run (float32, tf32 and bfloat16, PyTorch CUDA beside them, the batched loop, the largest
+image that fits). See benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import RESULTS, ROOT, SETUPS, deepest_conv, flop_counts, run_killable, write_json
-
-GiB = 2**30
+from benchmarks.report import fmt, gib, log, table
 
 # nstjax optimiser settings for time to quality: (name, args for workers.ttq_jax).
 TTQ_SETTINGS = [
@@ -38,10 +37,6 @@ TTQ_SETTINGS = [
     ("pyramid 128→256 lbfgs-none-m30-lr0.5", {"optim": {"name": "lbfgs", "linesearch": "none", "memory_size": 30},
                                               "lr": 0.5, "pyramid": {"min_size": 128, "factor": 2, "steps": 29}}),
 ]
-
-
-def log(*a):
-    print(*a, flush=True)
 
 
 def worker(task: str, args: dict, timeout: float = 1800, env_extra: dict | None = None) -> dict:
@@ -62,21 +57,6 @@ def worker(task: str, args: dict, timeout: float = 1800, env_extra: dict | None 
         if rc != 0 and "error" not in res:
             res["error"] = f"exit status {rc}: " + (stderr.strip().splitlines() or [""])[-1][-300:]
         return res
-
-
-def gib(b):
-    return f"{b / GiB:.2f}" if b else "-"
-
-
-def fmt(v, spec=".3f"):
-    return "-" if v is None else format(v, spec)
-
-
-def table(headers, rows):
-    cols = [[str(h)] + [str(r[i]) for r in rows] for i, h in enumerate(headers)]
-    widths = [max(len(c) for c in col) for col in cols]
-    line = lambda cells: "  ".join(str(c).rjust(w) for c, w in zip(cells, widths))  # noqa: E731
-    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
 def main(argv=None) -> int:
@@ -261,7 +241,8 @@ def main(argv=None) -> int:
             log("\n== GPU: no GPU visible to jax (jax.devices('gpu') is empty): GPU section skipped")
             report["gpu"] = {"skipped": "no GPU"}
         else:
-            report["gpu"] = gpu_section(quick, common)
+            log("\n== GPU: measured by the prepared GPU check, python -m benchmarks.gpu --out DIR")
+            report["gpu"] = {"skipped": "see python -m benchmarks.gpu --out DIR"}
 
     report["wall_s"] = time.time() - t_begin
     report["loadavg_end"] = os.getloadavg()
@@ -327,20 +308,6 @@ def _ttq_line(r, tut):
              f"({reached['time_s'] / tut['run_s']:.2f}× the tutorial loop)") if reached else \
         f"not reached (best {r['best_loss']:.4g} after {r['evaluations']} evaluations, {r['run_s']:.1f} s)"
     return f"{r['name']:32s} [{r['variant']}] compile {r['compile_s']:.1f} s; {where}"
-
-
-def gpu_section(quick, common):
-    """benchmarks.gpu's per-evaluation and fit parts (float32 / tf32 / bfloat16 at 512 and 1024 px,
-    PyTorch CUDA beside them; the largest square image that fits without and with remat), without
-    its time budget; quick: 256 px, fit search up to 2048 px."""
-    import dataclasses
-
-    from benchmarks import gpu
-
-    log("\n== GPU")
-    plan = gpu.GPU if not quick else dataclasses.replace(gpu.GPU, sizes=(256,), reps=3, fit_cap=2048)
-    part = gpu.Part("gpu", 4 * 3600)
-    return {"per_iteration": gpu.per_evaluation(plan, part.run, common), "largest": gpu.fit_part(plan, part, common)}
 
 
 def summary(rep) -> str:

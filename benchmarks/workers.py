@@ -416,11 +416,6 @@ def machine(args):
     return info
 
 
-def gpu_fit(args):
-    """One compile + evaluation at ``size`` on the default (GPU) device: does it fit?"""
-    return eval_jax(dict(args, reps=0))
-
-
 def profile(args):
     """Per-layer convolution profile (benchmarks.profile_layers) in its own process."""
     from benchmarks.profile_layers import profile as run_profile
@@ -429,8 +424,7 @@ def profile(args):
             "loadavg": os.getloadavg()}
 
 
-TASKS = {f.__name__: f for f in (agree, eval_jax, eval_torch, ttq_torch, ttq_jax, memory_jax, machine, gpu_fit,
-                                 profile)}
+TASKS = {f.__name__: f for f in (agree, eval_jax, eval_torch, ttq_torch, ttq_jax, memory_jax, machine, profile)}
 
 
 def main(argv=None):
