@@ -1,32 +1,29 @@
-"""Compiled programs kept across processes: a program traced, lowered and compiled once for a
-structure is loaded by every later process in a fraction of a second.
+"""Programs kept across processes: a program traced once for a structure is compiled by every
+later process from its stored form, without tracing, in a fraction of a second.
 
 JAX's persistent compilation cache (``$NSTJAX_CACHE/xla``) saves XLA's compile, but each process
 still traces and lowers its programs, seconds for a VGG objective inside an optimisation loop:
-the start-up of every run and of every group job of a sweep. :func:`compile` returns
-``jax.jit(fn, **jit).lower(*args).compile()``, or the executable stored under the same key in
-``$NSTJAX_CACHE/programs/<sha256>.bin`` (written atomically: a JSON header with everything the
-key is made of, then the executable serialised by ``jax.experimental.serialize_executable`` with
-its argument and result trees, pickled). The key covers the program's name and structure (the
-caller's description of what it traces: the network, the loss, the optimiser), the shapes, dtypes
-and shardings of its arguments, the jit options, nstjax's own source (a digest of the package's
-files), the versions of jax, jaxlib, flax and optax, jax's numeric flags, the devices and
-``XLA_FLAGS``. A stored program whose header differs, or that cannot be read (truncated, written
-by other versions), is compiled again, with a log line, and replaced.
-
-The cache dir is the user's own, as JAX's compilation cache is: its files are trusted (unpickling
-a program runs code). ``NSTJAX_PROGRAM_CACHE=0`` turns the cache off.
+the start-up of every run and of every group job of a sweep. :func:`compile` returns the compiled
+call of a program exported once (``jax.export``: its StableHLO with its argument and result
+trees) and stored in ``$NSTJAX_CACHE/programs/<sha256>.bin`` (written atomically: a JSON header
+with everything the key is made of, the NamedTuple classes of its trees, then the serialised
+export; no pickle); later processes deserialise it and compile its call, which XLA's persistent
+cache answers. The key covers the program's name and structure (the caller's description of what
+it traces: the network, the loss, the optimiser), the shapes, dtypes and shardings of its
+arguments, the jit options, nstjax's own source (a digest of the package's files), the versions
+of jax, jaxlib, flax and optax, jax's numeric flags, the devices and ``XLA_FLAGS``. A stored
+program whose header differs, or that cannot be read (truncated, written by other versions), is
+traced again, with a log line, and replaced. ``NSTJAX_PROGRAM_CACHE=0`` turns it off.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
+import importlib
 import json
 import logging
 import os
-import pickle
 from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
@@ -37,9 +34,11 @@ import jax
 from nstjax.atomic import atomic_path
 
 log = logging.getLogger("nstjax")
-MAGIC = b"nstjax-program-1\n"
+MAGIC = b"nstjax-program-2\n"
 FLAGS = ("jax_enable_x64", "jax_default_matmul_precision", "jax_numpy_dtype_promotion", "jax_numpy_rank_promotion",
          "jax_default_prng_impl", "jax_threefry_partitionable")
+_IN_PROCESS: dict[str, Any] = {}
+"""The programs this process has compiled, by the path of their stored form."""
 
 
 @functools.cache
@@ -53,7 +52,7 @@ def source_digest() -> str:
 
 
 def environment() -> dict:
-    """What else decides a compiled program: versions, numeric flags, devices, XLA_FLAGS."""
+    """What else decides a program: versions, numeric flags, devices, XLA_FLAGS."""
     versions = {}
     for name in ("jax", "jaxlib", "flax", "optax"):
         try:
@@ -82,93 +81,121 @@ def cache_root() -> Path | None:
     return cache_dir() / "programs"
 
 
-def _load(path: Path, header: dict, name: str):
-    """The executable stored at ``path`` if its header is ``header``; None if there is none; a log
-    line and None if it cannot be used."""
-    from jax.experimental import serialize_executable
+def _named_tuples(treedef) -> set[type]:
+    """The NamedTuple classes among a pytree's nodes (jax.export serialises them by name)."""
+    found, stack = set(), [treedef]
+    while stack:
+        node = stack.pop()
+        data = node.node_data()
+        if data is not None and isinstance(data[0], type) and issubclass(data[0], tuple) and hasattr(data[0], "_fields"):
+            found.add(data[0])
+        stack.extend(node.children())
+    return found
 
+
+def _register(classes: Sequence[str]) -> None:
+    """Register NamedTuple classes (``module:qualname``) with jax.export's serialisation."""
+    for path in classes:
+        module, _, qualname = path.partition(":")
+        cls = importlib.import_module(module)
+        for part in qualname.split("."):
+            cls = getattr(cls, part)
+        try:
+            jax.export.register_namedtuple_serialization(cls, serialized_name=path)
+        except ValueError:  # registered already
+            pass
+
+
+def _load(path: Path, header: dict, name: str):
+    """The export stored at ``path`` if its header is ``header``; None if there is none; a log line
+    and None if it cannot be used."""
     if not path.is_file():
         return None
     try:
         with open(path, "rb") as f:
             if f.readline() != MAGIC:
                 raise ValueError("not a stored program")
-            stored = json.loads(f.readline())
-            if stored != header:
+            if json.loads(f.readline()) != header:
                 raise ValueError("written for another structure or other versions")
-            payload, in_tree, out_tree = pickle.load(f)
-        return serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
-    except Exception as e:  # noqa: BLE001 (anything unreadable is compiled again)
-        log.info("the stored program %s (%s) cannot be used (%s): compiling it again", name, path.name,
+            classes = json.loads(f.readline())
+            blob = f.read()
+        _register(classes)
+        return jax.export.deserialize(bytearray(blob))
+    except Exception as e:  # noqa: BLE001 (anything unreadable is traced again)
+        log.info("the stored program %s (%s) cannot be used (%s): tracing it again", name, path.name,
                  str(e).splitlines()[0] if str(e) else type(e).__name__)
         return None
 
 
-def _store(path: Path, header: dict, compiled) -> None:
-    from jax.experimental import serialize_executable
-
+def _store(path: Path, header: dict, exported) -> None:
     try:
-        payload, in_tree, out_tree = serialize_executable.serialize(compiled)
-        data = pickle.dumps((payload, in_tree, out_tree))
+        classes = sorted(f"{c.__module__}:{c.__qualname__}"
+                         for c in _named_tuples(exported.in_tree) | _named_tuples(exported.out_tree))
+        _register(classes)
+        blob = bytes(exported.serialize())
     except Exception as e:  # noqa: BLE001 (e.g. a program with host callbacks): not stored
         log.debug("program not stored: %s", e)
         return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            f.write(MAGIC + json.dumps(header, sort_keys=True).encode() + b"\n" + data)
-    except OSError as e:  # a cache that cannot be written costs the next run its compile, nothing else
+            f.write(MAGIC + json.dumps(header, sort_keys=True).encode() + b"\n" + json.dumps(classes).encode()
+                    + b"\n" + blob)
+    except OSError as e:  # a cache that cannot be written costs the next run its tracing, nothing else
         log.debug("program not stored: %s", e)
 
 
-@contextlib.contextmanager
-def _without_xla_cache(off: bool):
-    """JAX's persistent compilation cache turned off (for every thread) while compiling programs
-    that this cache keeps."""
-    before = jax.config.jax_enable_compilation_cache
-    if off:
-        jax.config.update("jax_enable_compilation_cache", False)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_enable_compilation_cache", before)
+def _abstract_args(exported) -> list:
+    """The arguments an export was made for, as shapes and dtypes (jit's shardings place them)."""
+    avals = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in exported.in_avals]
+    args, _ = jax.tree_util.tree_unflatten(exported.in_tree, avals)
+    return list(args)
 
 
 def compile_many(specs: Sequence[tuple[str, Callable, Callable[[], Sequence], Sequence, dict, Any]]) -> list:
-    """Each ``(name, fn, args, signature_args, jit_kwargs, structure)`` compiled, or loaded from the
-    cache. ``args()`` gives the arguments to lower with (called only for a program not stored);
-    ``signature_args`` the arguments whose shapes, with ``structure`` (anything whose repr names
-    what ``fn`` traces beyond its arguments; None: not cached), determine the program. The ones to
-    compile are lowered one after another and compiled side by side (XLA compiles each on one
-    thread, outside the GIL)."""
+    """Each ``(name, fn, args, signature_args, jit_kwargs, structure)`` compiled. ``args()`` gives
+    the arguments to trace with (called only for a program not stored); ``signature_args`` the
+    arguments whose shapes, with ``structure`` (anything whose repr names what ``fn`` traces beyond
+    its arguments; None: not kept), determine the program. The programs are lowered one after
+    another and compiled side by side (XLA compiles each on one thread, outside the GIL)."""
     root = cache_root()
     env = environment() if root is not None else None
     out, todo = [None] * len(specs), []
     for i, (name, fn, args, signature_args, jit_kwargs, structure) in enumerate(specs):
-        path = header = None
-        if root is not None and structure is not None:
-            header = {"name": name, "structure": repr(structure), "signature": signature(signature_args),
-                      "jit": repr(sorted(jit_kwargs.items())), **env}
-            digest = hashlib.sha256(json.dumps(header, sort_keys=True).encode()).hexdigest()
-            path = root / f"{digest}.bin"
-            out[i] = _load(path, header, name)
-        if out[i] is None:
-            todo.append((i, jax.jit(fn, **jit_kwargs).lower(*args()), path, header))
+        if root is None or structure is None:
+            todo.append((i, jax.jit(fn, **jit_kwargs).lower(*args()), None))
+            continue
+        header = {"name": name, "structure": repr(structure), "signature": signature(signature_args),
+                  "jit": repr(sorted(jit_kwargs.items())), **env}
+        digest = hashlib.sha256(json.dumps(header, sort_keys=True).encode()).hexdigest()
+        path = root / f"{digest}.bin"
+        if str(path) in _IN_PROCESS:
+            out[i] = _IN_PROCESS[str(path)]
+            continue
+        exported = _load(path, header, name)
+        if exported is None:
+            exported = jax.export.export(jax.jit(fn, **jit_kwargs))(*args())
+            _store(path, header, exported)
+        todo.append((i, jax.jit(exported.call, **jit_kwargs).lower(*_abstract_args(exported)), str(path)))
     if todo:
-        # Compiled here, not loaded from XLA's compilation cache: an executable loaded from there and
-        # serialised again loses its functions on XLA:CPU ("Function ... not found" when run).
-        with _without_xla_cache(any(t[2] is not None for t in todo)), ThreadPoolExecutor(len(todo)) as pool:
+        with ThreadPoolExecutor(len(todo)) as pool:
             compiled = list(pool.map(lambda t: t[1].compile(), todo))
-        for (i, _, path, header), c in zip(todo, compiled):
+        for (i, _, key), c in zip(todo, compiled):
             out[i] = c
-            if path is not None:
-                _store(path, header, c)
+            if key is not None:
+                _IN_PROCESS[key] = c
     return out
 
 
+def forget() -> None:
+    """Forget the programs compiled in this process: the next :func:`compile` of each loads it from
+    the cache dir again (as a new process would)."""
+    _IN_PROCESS.clear()
+
+
 def compile(name: str, fn: Callable, args: Sequence, structure: Any = None, **jit_kwargs):
-    """``jax.jit(fn, **jit_kwargs).lower(*args).compile()``, or the same program stored by an earlier
-    process (see the module); ``args`` may be arrays or ``jax.ShapeDtypeStruct`` s."""
+    """``jax.jit(fn, **jit_kwargs).lower(*args).compile()``, from the program an earlier process
+    stored where there is one (see the module); ``args`` may be arrays or ``jax.ShapeDtypeStruct`` s."""
     return compile_many([(name, fn, lambda: args, args, jit_kwargs, structure)])[0]
 
 

@@ -68,8 +68,10 @@ def _store_one(tmp_path, monkeypatch):
     np.testing.assert_array_equal(np.asarray(programs.compile("double", make(), (x,), "double")(x)), 2 * np.arange(6.0))
     [path] = (tmp_path / "programs").glob("*.bin")
     assert len(traced) == 1
+    programs.forget()  # as a new process
     programs.compile("double", make(), (x,), "double")
     assert len(traced) == 1  # loaded, not traced
+    programs.forget()
     return make, x, traced, path
 
 
@@ -79,7 +81,8 @@ def test_a_truncated_entry_is_compiled_again_with_a_log_line(tmp_path, monkeypat
     with caplog.at_level(logging.INFO, logger="nstjax"):
         out = programs.compile("double", make(), (x,), "double")(x)
     np.testing.assert_array_equal(np.asarray(out), 2 * np.arange(6.0))
-    assert len(traced) == 2 and "cannot be used" in caplog.text and "compiling it again" in caplog.text
+    assert len(traced) == 2 and "cannot be used" in caplog.text and "tracing it again" in caplog.text
+    programs.forget()
     programs.compile("double", make(), (x,), "double")
     assert len(traced) == 2  # the entry was replaced by a whole one
 
@@ -130,5 +133,6 @@ def test_a_loaded_loop_program_gives_the_compiled_ones_result(members, tmp_path,
     compiled = run()
     names = sorted(json.loads(p.read_bytes().split(b"\n")[1])["name"] for p in (tmp_path / "programs").glob("*.bin"))
     assert names == ["chunk", "init", "targets", "yardstick_targets"]
+    programs.forget()
     loaded = run()
     np.testing.assert_array_equal(loaded, compiled)
