@@ -291,6 +291,7 @@ def ttq_jax(args):
     ``pyramid.*`` (nstjax.pyramid): ``pyramid`` = {min_size, factor, steps}, each level below the
     full size run for ``steps`` steps, then upsampled as nstjax does. Compile time (all levels) is
     measured apart and excluded from the run time."""
+    import jax
     import jax.numpy as jnp
 
     from nstjax.optimize import Loop, OptimSpec, Status
@@ -343,15 +344,15 @@ def ttq_jax(args):
         while int(state.evaluations[0]) < st["evaluations"] and int(state.status[0]) == Status.RUNNING:
             state, rows, valid = st["program"].chunk(state, problems, st["params"], jnp.int32(chunk_steps),
                                                      jnp.int32(st["evaluations"]))
-            rows, valid = np.asarray(rows[0]), np.asarray(valid[0])  # waits for the chunk
+            rows, valid = jax.device_get(rows), np.asarray(valid[0])  # waits for the chunk
             now = time.perf_counter() - t_start
             if st["final"]:
-                for r, v in zip(rows, valid):
-                    if v:
-                        trajectory.append((evals_before + int(r[5]), float(r[1]), now))
-                        if reached is None and r[1] <= target:
-                            reached = {"evaluations": evals_before + int(r[5]), "time_s": now,
-                                       "cpu_s": _cpu() - c_start, "loss": float(r[1])}
+                for j in np.flatnonzero(valid):
+                    evals, loss = int(rows.evaluations[0, j]), float(rows.terms.total[0, j])
+                    trajectory.append((evals_before + evals, loss, now))
+                    if reached is None and loss <= target:
+                        reached = {"evaluations": evals_before + evals, "time_s": now,
+                                   "cpu_s": _cpu() - c_start, "loss": loss}
             if reached is not None or now > cap:
                 break
         x = state.pixels[0]

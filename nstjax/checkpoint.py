@@ -13,6 +13,7 @@ checkpoint.json records and its step; a truncated or changed one is refused.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -22,12 +23,90 @@ from safetensors.numpy import load_file, save_file
 
 from nstjax.atomic import atomic_path
 from nstjax.errors import UserError
-from nstjax.optimize import LoopState
+from nstjax.optimize import HistoryRow, LoopState
 from nstjax.outputs import write_json
+from nstjax.status import RunStatus
 from nstjax.weights.formats import file_hash
 
 CHECKPOINT_DIR = "checkpoint"
 META = "checkpoint.json"
+
+
+@dataclasses.dataclass
+class LevelResult:
+    """What a member ends a pyramid level with (metrics.json's ``levels``: each level's facts)."""
+
+    level: int
+    size: list[int]
+    status: RunStatus
+    reason: str | None
+    steps: int
+    loss_evaluations: int
+    run_seconds: float
+    compile_seconds: float
+
+    def to_json(self) -> dict:
+        return {**dataclasses.asdict(self), "status": self.status.value}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "LevelResult":
+        return cls(**{**data, "status": RunStatus(data["status"])})
+
+
+@dataclasses.dataclass
+class Earlier:
+    """What the levels below the one running left, per member of the wave: their history rows,
+    their results and the initial image's yardsticks (None before the first level ends)."""
+
+    histories: list[list[HistoryRow]]
+    levels: list[list[LevelResult]]
+    initial: list[dict] | None = None
+
+    @classmethod
+    def none(cls, members: int) -> "Earlier":
+        return cls([[] for _ in range(members)], [[] for _ in range(members)])
+
+    def then(self, histories: list[list[HistoryRow]], levels: list[LevelResult], initial: list[dict] | None) -> "Earlier":
+        """With one more level: its rows, its results, the initial yardsticks if not known yet."""
+        return Earlier([e + h for e, h in zip(self.histories, histories)],
+                       [e + [r] for e, r in zip(self.levels, levels)], self.initial or initial)
+
+    def to_json(self) -> dict:
+        return {"histories": self.histories, "levels": [[r.to_json() for r in rs] for rs in self.levels],
+                "initial": self.initial}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Earlier":
+        return cls([[HistoryRow(*r) for r in h] for h in data["histories"]],
+                   [[LevelResult.from_json(r) for r in rs] for rs in data["levels"]], data["initial"])
+
+
+@dataclasses.dataclass
+class CheckpointMeta:
+    """checkpoint.json: where the group's run stands (its wave, level, the members' histories at this
+    level, what the levels below left, the seconds run), and which state file holds its arrays."""
+
+    wave: int
+    wave_size: int
+    level: int
+    histories: list[list[HistoryRow]]
+    earlier: Earlier
+    run_seconds: float
+    step: int = 0
+    state_file: str = ""
+    state_sha256: str = ""
+
+    def to_json(self) -> dict:
+        return {"wave": self.wave, "wave_size": self.wave_size, "level": self.level, "histories": self.histories,
+                "earlier": self.earlier.to_json(), "run_seconds": self.run_seconds, "step": self.step,
+                "state_file": self.state_file, "state_sha256": self.state_sha256}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "CheckpointMeta":
+        return cls(data["wave"], data["wave_size"], data.get("level", 0),
+                   [[HistoryRow(*r) for r in h] for h in data["histories"]],
+                   Earlier.from_json(data["earlier"]) if data.get("earlier") else Earlier.none(data["wave_size"]),
+                   data["run_seconds"], data["step"], data["state_file"], data["state_sha256"])
 
 
 def _leaf_names(tree) -> list[str]:
@@ -38,9 +117,10 @@ def _is_key(leaf) -> bool:
     return jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
 
 
-def save(run_dir: Path, state: LoopState, meta: dict) -> Path:
+def save(run_dir: Path, state: LoopState, meta: CheckpointMeta) -> Path:
     """Write a checkpoint of ``state`` (a batch of members) into ``run_dir/checkpoint``; return
-    the directory. ``meta`` (histories, run seconds, ...) goes into checkpoint.json."""
+    the directory. ``meta`` (histories, run seconds, ...) goes into checkpoint.json with the
+    state file's name, step and sha256."""
     ckpt = Path(run_dir) / CHECKPOINT_DIR
     ckpt.mkdir(parents=True, exist_ok=True)
     leaves = [jax.random.key_data(leaf) if _is_key(leaf) else leaf
@@ -54,7 +134,8 @@ def save(run_dir: Path, state: LoopState, meta: dict) -> Path:
         save_file(tensors, str(tmp))
         digest = file_hash(tmp)
     try:
-        write_json(ckpt / META, {"step": step, "state_file": state_file, "state_sha256": digest, **meta})
+        meta = dataclasses.replace(meta, step=step, state_file=state_file, state_sha256=digest)
+        write_json(ckpt / META, meta.to_json())
     except BaseException:
         if not rewritten:  # the previous checkpoint.json names another state file: keep that one only
             (ckpt / state_file).unlink(missing_ok=True)
@@ -65,36 +146,36 @@ def save(run_dir: Path, state: LoopState, meta: dict) -> Path:
     return ckpt
 
 
-def read_meta(run_dir: Path) -> dict:
+def read_meta(run_dir: Path) -> CheckpointMeta:
     """The JSON part of the checkpoint of ``run_dir``; a missing or unreadable one is a UserError."""
     meta_path = Path(run_dir) / CHECKPOINT_DIR / META
     if not meta_path.is_file():
         raise UserError(f"no checkpoint in {run_dir} (expected {meta_path}); "
                         "resume= takes the directory of an interrupted run")
     try:
-        meta = json.loads(meta_path.read_text())
-        if not all(isinstance(meta.get(k), t) for k, t in (("step", int), ("state_file", str),
+        data = json.loads(meta_path.read_text())
+        if not all(isinstance(data.get(k), t) for k, t in (("step", int), ("state_file", str),
                                                             ("state_sha256", str))):
             raise ValueError("no step, state_file or state_sha256")
-    except (OSError, ValueError, AttributeError) as e:
+        return CheckpointMeta.from_json(data)
+    except (OSError, ValueError, AttributeError, KeyError, TypeError) as e:
         raise UserError(f"{meta_path} is unreadable ({e}): the checkpoint is damaged and cannot be "
                         "resumed; start the run again") from e
-    return meta
 
 
-def verify(run_dir: Path) -> dict:
+def verify(run_dir: Path) -> CheckpointMeta:
     """The JSON part of the checkpoint of ``run_dir``, once its state file is found to be the one
     written (the sha256 checkpoint.json records); a missing, truncated or changed one is a UserError."""
     meta = read_meta(run_dir)
-    path = Path(run_dir) / CHECKPOINT_DIR / meta["state_file"]
+    path = Path(run_dir) / CHECKPOINT_DIR / meta.state_file
     try:
         digest = file_hash(path)
     except OSError as e:
         raise UserError(f"checkpoint state {path} is unreadable ({e.strerror or e}): the checkpoint "
                         "cannot be resumed; start the run again") from e
-    if digest != meta["state_sha256"]:
+    if digest != meta.state_sha256:
         raise UserError(f"checkpoint state {path} is damaged: truncated or changed since it was written "
-                        f"(its sha256 is {digest}, checkpoint.json records {meta['state_sha256']}); "
+                        f"(its sha256 is {digest}, checkpoint.json records {meta.state_sha256}); "
                         "it cannot be resumed: start the run again")
     return meta
 
@@ -105,7 +186,7 @@ def load(run_dir: Path, template: LoopState, sharding=None) -> LoopState:
     ckpt = Path(run_dir) / CHECKPOINT_DIR
     meta = verify(run_dir)
     try:
-        tensors = load_file(str(ckpt / meta["state_file"]))
+        tensors = load_file(str(ckpt / meta.state_file))
     except (OSError, ValueError) as e:
         raise UserError(f"checkpoint in {ckpt} is unreadable ({e}); start the run again") from e
     names = _leaf_names(template)
@@ -113,8 +194,8 @@ def load(run_dir: Path, template: LoopState, sharding=None) -> LoopState:
     if set(names) != set(tensors):
         raise UserError(f"checkpoint in {ckpt} does not match this configuration "
                         "(different optimiser or image size); resume with the run's own settings")
-    if int(np.max(tensors[".step"])) != meta["step"]:
-        raise UserError(f"checkpoint in {ckpt} is damaged: checkpoint.json is at step {meta['step']}, "
+    if int(np.max(tensors[".step"])) != meta.step:
+        raise UserError(f"checkpoint in {ckpt} is damaged: checkpoint.json is at step {meta.step}, "
                         f"its state at step {int(np.max(tensors['.step']))}; start the run again")
     leaves = []
     for name, like in zip(names, template_leaves):

@@ -15,7 +15,6 @@ that diverges stops alone, keeping its last finite image, while the others go on
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import math
@@ -34,38 +33,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from nstjax import checkpoint, images, programs, pyramid
 from nstjax.build import Group
+from nstjax.checkpoint import CheckpointMeta, Earlier, LevelResult
 from nstjax.errors import UserError
 from nstjax.optimize import MEMBERS, HistoryRow, LoopState, Program, Status, average, member_mesh
+from nstjax.status import SIGNALS, RunStatus
 from nstjax.yardstick import as_metrics, yardstick
-
-EXIT_DIVERGED = 3
-EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
-
-
-class StopSignals:
-    """SIGINT / SIGTERM as a flag that the chunk loop reads; installed once per process."""
-
-    def __init__(self):
-        self.received: int | None = None
-        self._depth = 0
-
-    def _handle(self, signum, frame):
-        self.received = signum
-
-    @contextlib.contextmanager
-    def installed(self):
-        previous = {s: signal.signal(s, self._handle) for s in EXIT_SIGNAL} if self._depth == 0 else {}
-        self._depth += 1
-        try:
-            yield self
-        finally:
-            self._depth -= 1
-            for s, h in previous.items():
-                signal.signal(s, h)
-
-
-SIGNALS = StopSignals()
-
 
 @dataclasses.dataclass
 class MemberResult:
@@ -73,19 +45,18 @@ class MemberResult:
 
     image: np.ndarray
     history: list[HistoryRow]
-    status: str  # finished | diverged | interrupted
+    status: RunStatus
     reason: str | None
     steps: int
     evaluations: int
     yardstick: dict
     run_seconds: float
     compile_seconds: float
-    levels: list[dict] = dataclasses.field(default_factory=list)  # with a pyramid: each level's facts
+    levels: list[LevelResult] = dataclasses.field(default_factory=list)  # with a pyramid: each level's facts
 
     @property
     def exit_code(self) -> int:
-        return {"finished": 0, "diverged": EXIT_DIVERGED}.get(
-            self.status, EXIT_SIGNAL.get(SIGNALS.received, 130))
+        return self.status.exit_code(SIGNALS.received)
 
 
 def program_bytes(compiled) -> int:
@@ -173,6 +144,7 @@ class Driver:
     ``group_dir`` holds the group's checkpoint; ``member_dirs`` get each member's
     snapshots (None for both: no files). ``max_members`` caps the members per program; the memory check
     (``memory_check``) picks the largest batch that fits, a multiple of the device count.
+    ``earlier_levels`` are the groups of a pyramid's levels below ``group`` (the last level).
     """
 
     def __init__(self, group: Group, group_dir: Path | None, member_dirs: Sequence[Path | None], *,
@@ -180,8 +152,7 @@ class Driver:
                  memory_check: bool = True, progress: bool = False, earlier_levels: Sequence[Group] = (),
                  log: Callable[[str], None] = print):
         self.levels = [*earlier_levels, group]  # the pyramid's levels (nstjax.pyramid), smallest first
-        self.level = len(self.levels) - 1  # the level being run, and its group
-        self.group, self.member_dirs = group, member_dirs
+        self.member_dirs = member_dirs
         self.group_dir = Path(group_dir) if group_dir is not None else None
         self.save_every, self.checkpoint_every = save_every, checkpoint_every
         self.max_members, self.memory_check, self.progress = max_members, memory_check, progress
@@ -190,38 +161,46 @@ class Driver:
         self.mesh = member_mesh()
         self.devices = self.mesh.size
         self.members = NamedSharding(self.mesh, P(MEMBERS))
+        # the weights are one file for every level (nstjax.stylize.level_groups): one copy on the devices
         self.params = jax.device_put(group.params, NamedSharding(self.mesh, P()))
         self._programs: dict[tuple[int, int], Programs] = {}
 
-    # --- programs and waves ------------------------------------------------------------
-    def _wave_problems(self, index: Sequence[int], size: int):
-        padded = jnp.asarray(list(index) + [index[-1]] * (size - len(index)))
-        return (jax.device_put(_take(self.group.problems, padded), self.members),
-                jax.device_put(_take(self.group.yardstick_targets, padded), self.members))
+    @property
+    def group(self) -> Group:
+        """The last level's group: the run's members, their outputs."""
+        return self.levels[-1]
 
-    def programs(self, size: int) -> Programs:
-        """The current level's programs for batches of ``size`` members (compiled once)."""
-        key = (self.level, size)
+    # --- programs and waves ------------------------------------------------------------
+    def _wave_problems(self, level: int, index: Sequence[int], size: int):
+        padded = jnp.asarray(list(index) + [index[-1]] * (size - len(index)))
+        group = self.levels[level]
+        return (jax.device_put(_take(group.problems, padded), self.members),
+                jax.device_put(_take(group.yardstick_targets, padded), self.members))
+
+    def programs(self, level: int, size: int) -> Programs:
+        """Level ``level``'s programs for batches of ``size`` members (compiled once)."""
+        key = (level, size)
         if key not in self._programs:
             t0 = time.perf_counter()
-            problems, yards = self._wave_problems([0], size)
-            structure = self.group.structure
-            program = structure.loop.compile(problems, self.params, self.mesh, structure.program_key)
+            problems, yards = self._wave_problems(level, [0], size)
+            structure, params = self.levels[level].structure, self.params
+            program = structure.loop.compile(problems, params, self.mesh, structure.program_key)
             rgb = jax.ShapeDtypeStruct(problems.pixels.shape[:-1] + (3,), jnp.float32, sharding=self.members)
             measure = programs.compile("yardstick", jax.vmap(functools.partial(yardstick, structure.model),
                                                              in_axes=(None, 0, 0)),
-                                       (self.params, rgb, yards), structure.model)
+                                       (params, rgb, yards), structure.model)
             self._programs[key] = Programs(program, measure, time.perf_counter() - t0)
         return self._programs[key]
 
     def wave_size(self) -> int:
         """The largest batch (a multiple of the device count, at most ``max_members`` rounded up
-        to it) whose programs fit in free memory; one device's worth must fit."""
-        k = len(self.group.members)
+        to it) whose programs (of the last, largest level) fit in free memory; one device's worth
+        must fit."""
+        k, last = len(self.group.members), len(self.levels) - 1
         per = self.devices
         size = per * math.ceil(min(k, self.max_members or k) / per)
         while True:
-            compiled = self.programs(size)
+            compiled = self.programs(last, size)
             if not self.memory_check:
                 return size
             try:
@@ -232,7 +211,7 @@ class Driver:
             except UserError:
                 if size <= per:
                     raise
-                self._programs.pop((self.level, size))
+                self._programs.pop((last, size))
                 size = per * max(1, (size // per) // 2)
 
     # --- the run -----------------------------------------------------------------------
@@ -245,14 +224,14 @@ class Driver:
         anything else is written. Returns the results of this call."""
         self._start = start
         meta = checkpoint.read_meta(self.group_dir) if resume else None
-        size = meta["wave_size"] if meta else self.wave_size()
+        size = meta.wave_size if meta else self.wave_size()
         k = len(self.group.members)
         waves = [list(range(i, min(i + size, k))) for i in range(0, k, size)]
         if len(waves) > 1:
             self.log(f"{k} members in {len(waves)} waves of at most {size} (the largest batch that fits"
                      + (f", at most max_members={self.max_members}" if self.max_members else "") + ")")
         results = {}
-        first = meta["wave"] if meta else 0
+        first = meta.wave if meta else 0
         for w in range(first, len(waves)):
             wave_results = self._run_wave(waves[w], size, w, meta if w == first else None)
             write(waves[w], wave_results)
@@ -261,59 +240,52 @@ class Driver:
                 break
         return results
 
-    def _run_wave(self, index: list[int], size: int, wave: int, meta: dict | None) -> list[MemberResult]:
+    def _run_wave(self, index: list[int], size: int, wave: int, meta: CheckpointMeta | None) -> list[MemberResult]:
         """The wave's members through every pyramid level (one level without a pyramid): each
         level from the previous level's pixels upsampled, members that diverged kept stopped.
         A checkpoint names its level and carries what the earlier levels left."""
-        first = meta.get("level", 0) if meta else 0
-        earlier = meta.get("earlier") if meta else None
-        earlier = earlier or {"histories": [[] for _ in range(size)], "levels": [[] for _ in range(size)],
-                              "initial": None}
+        first = meta.level if meta else 0
+        earlier = meta.earlier if meta else Earlier.none(size)
         previous = None  # the last level's final state, on the host
         for k in range(first, len(self.levels)):
-            self.level, self.group = k, self.levels[k]
-            host, histories, initial, final, info = self._run_level(
-                index, size, wave, meta if k == first else None, previous, k, earlier)
-            earlier = {"histories": [e + h for e, h in zip(earlier["histories"], histories)],
-                       "levels": [e + [i] for e, i in zip(earlier["levels"], info)],
-                       "initial": earlier["initial"] or initial}
+            run = self._run_level(index, size, wave, meta if k == first else None, previous, k, earlier)
+            earlier = earlier.then(run.histories, run.results, run.initial)
             interrupted = SIGNALS.received is not None and any(
-                i["status"] == "interrupted" for i in info[:len(index)])
+                r.status is RunStatus.INTERRUPTED for r in run.results[:len(index)])
             last = k == len(self.levels) - 1
             if len(self.levels) > 1 and not interrupted:
                 for i, n in enumerate(index):
                     if self.member_dirs[n] is not None:
                         images.save_image(Path(self.member_dirs[n]) / "levels" / f"level_{k}.png",
-                                          self.group.output_image(n, average(host)[i]))
+                                          self.levels[k].output_image(n, average(run.host)[i]))
             if last or interrupted:
                 break
-            previous = host
-        self.level, self.group = len(self.levels) - 1, self.levels[-1]
-        return [self._result(index[i], host, i, earlier, final) for i in range(len(index))]
+            previous = run.host
+        return [self._result(index[i], run, i, earlier) for i in range(len(index))]
 
-    def _result(self, n: int, host: LoopState, i: int, earlier: dict, final) -> MemberResult:
+    def _result(self, n: int, run: "LevelRun", i: int, earlier: Earlier) -> MemberResult:
         """Member ``n`` (row ``i`` of the wave) over its levels."""
-        levels, level = earlier["levels"][i], earlier["levels"][i][-1]
+        levels, level = earlier.levels[i], earlier.levels[i][-1]
         return MemberResult(
-            self.group.output_image(n, average(host)[i]), [HistoryRow(*r) for r in earlier["histories"][i]],
-            level["status"], level["reason"], sum(x["steps"] for x in levels),
-            sum(x["loss_evaluations"] for x in levels),
-            {"initial": earlier["initial"][i], "final": as_metrics(_member(final, i))},
-            sum(x["run_seconds"] for x in levels), sum(x["compile_seconds"] for x in levels),
+            self.levels[run.level].output_image(n, average(run.host)[i]), list(earlier.histories[i]),
+            level.status, level.reason, sum(x.steps for x in levels), sum(x.loss_evaluations for x in levels),
+            {"initial": earlier.initial[i], "final": as_metrics(_member(run.final, i))},
+            sum(x.run_seconds for x in levels), sum(x.compile_seconds for x in levels),
             levels if len(self.levels) > 1 else [])
 
-    def _run_level(self, index: list[int], size: int, wave: int, meta: dict | None, previous: LoopState | None,
-                   level: int, earlier: dict):
-        """One level of the wave: (final host state, histories, initial and final yardsticks, and
-        per member its status, steps, evaluations and seconds at this level)."""
-        s = self.group.structure
-        compiled = self.programs(size)
-        problems, yards = self._wave_problems(index, size)
+    def _run_level(self, index: list[int], size: int, wave: int, meta: CheckpointMeta | None,
+                   previous: LoopState | None, level: int, earlier: Earlier) -> "LevelRun":
+        """One level of the wave: its final state on the host, the members' history rows, the initial
+        (at the first level) and final yardsticks, and each member's :class:`LevelResult`."""
+        group, params = self.levels[level], self.params
+        s = group.structure
+        compiled = self.programs(level, size)
+        problems, yards = self._wave_problems(level, index, size)
         if previous is not None:  # start from the level below, upsampled; stopped members stay stopped
             pixels = pyramid.upsample(average(previous), tuple(problems.pixels.shape[1:3]))
             problems = problems._replace(pixels=jax.device_put(pixels, self.members))
         t_run = time.perf_counter()
-        state = compiled.program.init(problems, self.params)
+        state = compiled.program.init(problems, params)
         if previous is not None:
             stopped = jnp.asarray(previous.status) != Status.RUNNING
             state = state._replace(status=jax.device_put(jnp.where(stopped, previous.status, state.status),
@@ -322,8 +294,8 @@ class Driver:
         seconds_before = 0.0
         if meta is not None:
             state = checkpoint.load(self.group_dir, state, self.members)
-            histories = [[HistoryRow(*r) for r in h] for h in meta["histories"]]
-            seconds_before = meta["run_seconds"]
+            histories = [list(h) for h in meta.histories]
+            seconds_before = meta.run_seconds
             self.log(f"resuming {self.group_dir} at step {int(np.max(np.asarray(state.step)))}"
                      + (f" of level {level}" if len(self.levels) > 1 else ""))
         start, self._start = self._start, None
@@ -331,68 +303,68 @@ class Driver:
             start()
 
         def save_checkpoint(state):
-            checkpoint.save(self.group_dir, state, {
-                "wave": wave, "wave_size": size, "histories": histories, "level": level, "earlier": earlier,
-                "run_seconds": seconds_before + time.perf_counter() - t_run})
+            checkpoint.save(self.group_dir, state, CheckpointMeta(
+                wave, size, level, histories, earlier, seconds_before + time.perf_counter() - t_run))
 
-        hooks = [functools.partial(self._snapshots, index, level)]
+        hooks = [functools.partial(self._snapshots, group, index, level)]
         if self.checkpoint_every:
             hooks.append(lambda st, step, new: (
                 save_checkpoint(st) if step % self.checkpoint_every == 0 and any(new) else None))
-        state = self._drive(compiled.program, state, problems, histories, hooks, level)
+        state = self._drive(group, params, compiled.program, state, problems, histories, hooks, level)
         run_seconds = seconds_before + time.perf_counter() - t_run
         signum = SIGNALS.received
         host = jax.device_get(state._replace(opt_state=None, grad=None))  # the optimiser's memory stays
         initial = None
-        if earlier["initial"] is None:
-            values = jax.device_get(compiled.yardstick(self.params, self._outputs(index, size, problems.pixels), yards))
+        if earlier.initial is None:
+            values = jax.device_get(compiled.yardstick(params, self._outputs(group, index, size, problems.pixels),
+                                                       yards))
             initial = [as_metrics(_member(values, i)) for i in range(size)]
-        final = jax.device_get(compiled.yardstick(self.params, self._outputs(index, size, average(host)), yards))
-        info, interrupted = [], False
+        final = jax.device_get(compiled.yardstick(params, self._outputs(group, index, size, average(host)), yards))
+        results, interrupted = [], False
         for i in range(size):
-            status, reason = "finished", None
+            status, reason = RunStatus.FINISHED, None
             code = Status(int(host.status[i]))
             done = int(host.step[i]) >= s.steps or int(host.evaluations[i]) >= s.max_evaluations
             if code != Status.RUNNING:
-                status, reason = "diverged", code.reason
+                status, reason = RunStatus.DIVERGED, code.reason
             elif signum is not None and not done:
-                status, reason, interrupted = "interrupted", f"stopped by {signal.Signals(signum).name}", True
-            info.append({"level": level, "size": [int(v) for v in problems.pixels.shape[1:3]], "status": status,
-                         "reason": reason, "steps": int(host.step[i]), "loss_evaluations": int(host.evaluations[i]),
-                         "run_seconds": run_seconds, "compile_seconds": compiled.seconds})
+                status, reason, interrupted = RunStatus.INTERRUPTED, f"stopped by {signal.Signals(signum).name}", True
+            results.append(LevelResult(level, [int(v) for v in problems.pixels.shape[1:3]], status, reason,
+                                       int(host.step[i]), int(host.evaluations[i]), run_seconds, compiled.seconds))
         if interrupted and self.group_dir is not None:
             save_checkpoint(state)
-        return host, histories, initial, final, info
+        return LevelRun(level, host, histories, initial, final, results)
 
-    def _outputs(self, index: list[int], size: int, pixels) -> jax.Array:
+    def _outputs(self, group: Group, index: list[int], size: int, pixels) -> jax.Array:
         """The wave's RGB images (its members' outputs from their pixels, padded as the wave)."""
         padded = list(index) + [index[-1]] * (size - len(index))
-        rgb = [self.group.output_image(n, np.asarray(pixels[j])) for j, n in enumerate(padded)]
+        rgb = [group.output_image(n, np.asarray(pixels[j])) for j, n in enumerate(padded)]
         return jax.device_put(np.stack(rgb), self.members)
 
-    def _active(self, state: LoopState) -> np.ndarray:
-        s = self.group.structure
+    @staticmethod
+    def _active(group: Group, state: LoopState) -> np.ndarray:
+        s = group.structure
         status, step, evals = jax.device_get((state.status, state.step, state.evaluations))
         return (status == Status.RUNNING) & (step < s.steps) & (evals < s.max_evaluations)
 
-    def _drive(self, program: Program, state: LoopState, problems, histories: list, hooks,
-               level: int = 0) -> LoopState:
-        s = self.group.structure
+    def _drive(self, group: Group, params, program: Program, state: LoopState, problems, histories: list, hooks,
+               level: int) -> LoopState:
+        s = group.structure
         events = [e for e in (self.save_every, self.checkpoint_every) if e > 0]
         max_evals = jnp.int32(s.max_evaluations)
-        active = self._active(state)
+        active = self._active(group, state)
         step = int(np.max(np.asarray(state.step)[active])) if active.any() else s.steps
         with _progress(s.steps, step, self.progress) as bar:
             while active.any() and SIGNALS.received is None:
                 n = min(s.chunk_steps, s.steps - step, *[e - step % e for e in events])
-                state, rows, valid = program.chunk(state, problems, self.params, jnp.int32(n), max_evals)
-                rows, valid = np.asarray(rows), np.asarray(valid)
-                new = [[HistoryRow(int(r[0]), *map(float, r[1:5]), level) for r, v in zip(rows[i], valid[i]) if v]
+                state, records, valid = program.chunk(state, problems, params, jnp.int32(n), max_evals)
+                records, valid = jax.device_get(records), np.asarray(valid)
+                new = [[_history_row(records, i, j, level) for j in np.flatnonzero(valid[i])]
                        for i in range(len(histories))]
                 for h, rows_i in zip(histories, new):
                     h += rows_i
-                active = self._active(state)
-                last = int(np.max(rows[:, :, 0][valid])) if valid.any() else step
+                active = self._active(group, state)
+                last = int(np.max(records.step[valid])) if valid.any() else step
                 bar.update(last - step)
                 step = last
                 _postfix(bar, histories, active)
@@ -400,14 +372,34 @@ class Driver:
                     hook(state, step, new)
         return state
 
-    def _snapshots(self, index: list[int], level: int, state: LoopState, step: int, new: list) -> None:
+    def _snapshots(self, group: Group, index: list[int], level: int, state: LoopState, step: int, new: list) -> None:
         if not (self.save_every and step % self.save_every == 0):
             return
         name = (f"level_{level}_" if len(self.levels) > 1 else "") + f"step_{step:06d}.png"
         pixels = np.asarray(average(state))
         for i, n in enumerate(index):
             if new[i]:
-                images.save_image(Path(self.member_dirs[n]) / "snapshots" / name, self.group.output_image(n, pixels[i]))
+                images.save_image(Path(self.member_dirs[n]) / "snapshots" / name, group.output_image(n, pixels[i]))
+
+
+@dataclasses.dataclass
+class LevelRun:
+    """One level of a wave, run: its level, final state on the host, the members' history rows, the
+    initial yardsticks (the first level's) and the final ones, each member's result."""
+
+    level: int
+    host: LoopState
+    histories: list[list[HistoryRow]]
+    initial: list[dict] | None
+    final: dict
+    results: list[LevelResult]
+
+
+def _history_row(records, i: int, j: int, level: int) -> HistoryRow:
+    """Member ``i``'s record ``j`` of a chunk as a history row."""
+    t = records.terms
+    return HistoryRow(int(records.step[i, j]), float(t.total[i, j]), float(t.content[i, j]), float(t.style[i, j]),
+                      float(t.tv[i, j]), level)
 
 
 def _row(state: LoopState, i: int, level: int) -> HistoryRow:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 from typing import Callable, NamedTuple
 
 import jax
@@ -172,6 +173,15 @@ def average(state) -> jax.Array:
     return state.average / (1 - decayed)
 
 
+class StepRecord(NamedTuple):
+    """What a chunk records of each step of each member: the steps taken, the weighted terms after
+    it, and the objective evaluations spent so far (each with its own dtype)."""
+
+    step: jax.Array  # int32
+    terms: Terms
+    evaluations: jax.Array  # int32
+
+
 class HistoryRow(NamedTuple):
     """One row of history.csv: the weighted terms after ``step`` steps of pyramid level ``level``."""
 
@@ -191,8 +201,8 @@ MEMBER_BATCHING = ("vmap", "map")
 
 class Program(NamedTuple):
     """The compiled batched functions of one group: ``init(problems, params)`` and
-    ``chunk(state, problems, params, n, max_evaluations) -> (state, rows, valid)``, and the
-    shapes of the state."""
+    ``chunk(state, problems, params, n, max_evaluations) -> (state, records, valid)``
+    (:class:`StepRecord`), and the shapes of the state."""
 
     init: object
     chunk: object
@@ -206,8 +216,8 @@ class Loop:
     image (step 0). ``chunk(state, problems, params, n, max_evaluations)`` takes
     up to ``n <= chunk_steps`` steps, each member stopping once it has spent
     ``max_evaluations`` objective evaluations or stopped (diverged), and returns
-    the new state, each member's row (step, total, content, style, tv,
-    evaluations) after each step, and which rows are steps taken. Every leaf of
+    the new state, each member's :class:`StepRecord` after each step, and
+    which records are steps taken. Every leaf of
     ``problems`` and of the state has the member axis first; the VGG params are
     shared. A single run is a batch of one. :meth:`compile` shards the member
     axis over a device mesh. ``n`` and ``max_evaluations`` are traced.
@@ -311,9 +321,9 @@ class Loop:
 
     def chunk(self, state: LoopState, problems: Problem, params, n, max_evaluations):
         """Up to ``n`` steps (a loop whose trip count is ``n``, so a chunk of fewer steps costs
-        only those), and none once no member is active."""
-        members = state.step.shape[0]
-
+        only those), and none once no member is active. Returns the new state, a
+        :class:`StepRecord` of each step (leaves (members, chunk_steps)) and which records are
+        steps taken."""
         def active(state):
             return (state.status == Status.RUNNING) & (state.evaluations < max_evaluations)
 
@@ -322,20 +332,21 @@ class Loop:
             return (i < jnp.minimum(n, self.chunk_steps)) & jnp.any(active(state))
 
         def body(carry):
-            i, state, rows, valid = carry
+            i, state, records, valid = carry
             now = active(state)
             state = self._steps(now, state, problems, params)
-            t = state.terms
-            row = jnp.stack([state.step.astype(rows.dtype), t.total, t.content, t.style, t.tv,
-                             state.evaluations.astype(rows.dtype)], axis=-1)
-            return i + 1, state, rows.at[i].set(row), valid.at[i].set(now & (state.status == Status.RUNNING))
+            record = StepRecord(state.step, state.terms, state.evaluations)
+            records = jax.tree.map(lambda buffer, value: buffer.at[i].set(value), records, record)
+            return i + 1, state, records, valid.at[i].set(now & (state.status == Status.RUNNING))
 
-        # The buffers are made from the state (zeros_like): inside shard_map they vary over the
-        # members as the rows written into them do.
-        rows = jnp.broadcast_to(jnp.zeros_like(state.terms.total)[None, :, None], (self.chunk_steps, members, 6))
-        valid = jnp.broadcast_to(jnp.zeros_like(state.status, dtype=bool)[None], (self.chunk_steps, members))
-        _, state, rows, valid = jax.lax.while_loop(more, body, (jnp.int32(0), state, rows, valid))
-        return state, jnp.swapaxes(rows, 0, 1), jnp.swapaxes(valid, 0, 1)
+        def buffer(like):  # made from the state (zeros_like): inside shard_map it varies over the members
+            return jnp.broadcast_to(jnp.zeros_like(like)[None], (self.chunk_steps, *like.shape))
+
+        records = jax.tree.map(buffer, StepRecord(state.step, state.terms, state.evaluations))
+        valid = buffer(state.status == Status.RUNNING)
+        _, state, records, valid = jax.lax.while_loop(more, body, (jnp.int32(0), state, records, valid))
+        members_first = functools.partial(jnp.swapaxes, axis1=0, axis2=1)
+        return state, jax.tree.map(members_first, records), members_first(valid)
 
     def compile(self, problems: Problem, params, mesh: Mesh | None = None, structure=None) -> Program:
         """Compile init and chunk for these shapes, the member axis sharded over ``mesh``

@@ -38,6 +38,7 @@ from omegaconf.errors import OmegaConfBaseException
 from nstjax import config, rundir
 from nstjax.atomic import write_text
 from nstjax.errors import UserError, WriteError
+from nstjax.status import RunStatus
 
 log = logging.getLogger("nstjax")
 config.register()
@@ -109,7 +110,7 @@ def _resumed_config(cfg: DictConfig) -> tuple[DictConfig | None, Path]:
     if not saved.is_file():
         raise UserError(f"cannot resume {run_dir}: no config.yaml there; "
                         "resume= takes the directory of an interrupted run or sweep")
-    if sweep.status(run_dir) in sweep.FINAL:
+    if sweep.status(run_dir).final:
         return None, run_dir
     resumed = config.from_container(OmegaConf.load(saved))
     checkpoint.verify(run_dir)
@@ -182,7 +183,7 @@ def _reported(run_dir: Path, discard: Callable[[], None] = lambda: None) -> Iter
 def main(cfg: DictConfig):
     """A single run (a group of one), a group of a batched sweep, or a resumed run or sweep."""
     from nstjax import sweep
-    from nstjax.driver import SIGNALS
+    from nstjax.status import SIGNALS
 
     for noisy in ("jax", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -237,10 +238,10 @@ def _single_run(cfg: DictConfig, hydra_dir: Path) -> None:
     log.info("%s: %d steps, %d evaluations, total loss %.6g; compile %.1f s, run %.1f s -> %s",
              result.status, m["steps"], m["loss_evaluations"], m["total"],
              m["compile_seconds"], m["run_seconds"], run_dir)
-    if result.status == "interrupted":
+    if result.status is RunStatus.INTERRUPTED:
         print(f"interrupted at step {m['steps']}: resume with "
               f"python -m nstjax.run resume={run_dir}", file=sys.stderr)
-    elif result.status == "diverged":
+    elif result.status is RunStatus.DIVERGED:
         print(f"error: the run diverged at step {m['diverged_step']} ({m['reason']}); "
               f"the last finite image is {run_dir / 'result.png'}: lower optim.lr or the loss weights",
               file=sys.stderr)
@@ -251,7 +252,7 @@ def _single_run(cfg: DictConfig, hydra_dir: Path) -> None:
 def cli() -> None:
     """Run :func:`main`, turning Hydra's composition errors and a sweep's refused point into
     one line and exit 2 (a sweep's file that could not be written: exit 74)."""
-    from nstjax.driver import SIGNALS
+    from nstjax.status import SIGNALS
 
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     try:

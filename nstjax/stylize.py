@@ -23,6 +23,7 @@ from nstjax import images, outputs, pyramid
 from nstjax.build import Group, Inputs, Member, build_group, level_inputs, structure_key, validate
 from nstjax.driver import Driver, MemberResult
 from nstjax.errors import UserError
+from nstjax.status import RunStatus
 
 
 def level_groups(cfgs: Sequence[DictConfig], inputs: Sequence[Inputs] | None = None) -> list[Group]:
@@ -86,7 +87,7 @@ def run_group(cfgs: Sequence[DictConfig], member_dirs: Sequence[Path], group_dir
     def write(index: list[int], results: list[MemberResult]) -> None:
         for i, r in zip(index, results):
             write_outputs(member_dirs[i], group, group.members[i], r, extra[i])
-            if r.status == "finished" and (why := not_improved(improvement(group, i, r))):
+            if r.status is RunStatus.FINISHED and (why := not_improved(improvement(group, i, r))):
                 log(f"warning: {member_dirs[i]}: {why}")
 
     return _driver(levels, group_dir, member_dirs, log).run(write, resume, start)
@@ -125,7 +126,7 @@ def metrics(group: Group, member: Member, r: MemberResult) -> dict:
     cfg, last = member.cfg, r.history[-1]
     out = {
         **{name: getattr(last, name) for name in ("total", "content", "style", "tv")},
-        "status": r.status,
+        "status": r.status.value,
         "reason": r.reason,
         "steps": r.steps,
         "loss_evaluations": r.evaluations,
@@ -152,8 +153,8 @@ def metrics(group: Group, member: Member, r: MemberResult) -> dict:
         "versions": outputs.versions(),
     }
     if r.levels:
-        out["levels"] = r.levels
-    if r.status == "diverged":
+        out["levels"] = [level.to_json() for level in r.levels]
+    if r.status is RunStatus.DIVERGED:
         out["diverged_step"] = r.steps + 1
     return out
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import signal
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -24,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from nstjax import checkpoint, config, rundir
 from nstjax.atomic import atomic_path, write_text
 from nstjax.build import Inputs, check_arch, preprocessing_override, structure_key, validate
-from nstjax.driver import EXIT_DIVERGED, EXIT_SIGNAL, SIGNALS
+from nstjax.status import SIGNALS, RunStatus
 from nstjax.errors import UserError
 from nstjax.stylize import run_group
 from nstjax.weights import load_weights
@@ -35,7 +34,6 @@ MULTIRUN = "multirun.yaml"
 SUMMARY_COLUMNS = ("total", "content", "style", "tv", "yardstick_content", "yardstick_style", "status",
                    "steps", "loss_evaluations", "group", "run_seconds")
 """sweep.csv's columns after ``n`` and the swept keys."""
-FINAL = ("finished", "diverged")
 
 
 @dataclasses.dataclass
@@ -102,12 +100,12 @@ def is_sweep(path: Path) -> bool:
     return (Path(path) / PLAN).is_file()
 
 
-def status(run_dir: Path) -> str:
+def status(run_dir: Path) -> RunStatus:
     """A point's (or a run's) status from its metrics.json: pending before it has one."""
     path = Path(run_dir) / "metrics.json"
     if not path.is_file():
-        return "pending"
-    return OmegaConf.load(path).status
+        return RunStatus.PENDING
+    return RunStatus(OmegaConf.load(path).status)
 
 
 def run_group_job(sweep_dir: Path, g: int, log: Callable[[str], None] = print,
@@ -118,7 +116,7 @@ def run_group_job(sweep_dir: Path, g: int, log: Callable[[str], None] = print,
     and ``start()`` is called. Returns the members' statuses."""
     members = read_plan(sweep_dir).groups[g]
     dirs = [member_dir(sweep_dir, m.n) for m in members]
-    if SIGNALS.received is None and not all(status(d) in FINAL for d in dirs):
+    if SIGNALS.received is None and not all(status(d).final for d in dirs):
         gdir = group_dir(sweep_dir, g)
         resume = (gdir / checkpoint.CHECKPOINT_DIR / checkpoint.META).is_file()
         cfgs = [config.from_container(m.config) for m in members]
@@ -133,7 +131,7 @@ def run_group_job(sweep_dir: Path, g: int, log: Callable[[str], None] = print,
 
         run_group(cfgs, dirs, gdir, resume=resume, log=log, start=started,
                   extra_metrics=[{"n": int(m.n), "group": g} for m in members])
-    return [status(d) for d in dirs]
+    return [str(status(d)) for d in dirs]
 
 
 def discard_unstarted(sweep_dir: Path, keep: Path) -> None:
@@ -169,7 +167,7 @@ def summarize(sweep_dir: Path) -> list[dict]:
             final = metrics.get("yardstick", {}).get("final", {})
             row.update({k: metrics.get(k, "") for k in SUMMARY_COLUMNS},
                        yardstick_content=final.get("content", ""), yardstick_style=final.get("style_mean", ""),
-                       status=metrics.get("status", "pending"), group=g)
+                       status=metrics.get("status", RunStatus.PENDING.value), group=g)
             rows.append(row)
     rows.sort(key=lambda r: r["n"])
     buf = io.StringIO()
@@ -187,9 +185,9 @@ def summarize(sweep_dir: Path) -> list[dict]:
 def exit_code(rows: Sequence[dict]) -> int:
     """0 when every point finished; 130 / 143 when a signal stopped the sweep; 3 when a point
     diverged."""
-    if any(r["status"] not in FINAL for r in rows):
-        return EXIT_SIGNAL.get(SIGNALS.received, EXIT_SIGNAL[signal.SIGINT])
-    return EXIT_DIVERGED if any(r["status"] == "diverged" for r in rows) else 0
+    statuses = [RunStatus(r["status"]) for r in rows]
+    unfinished = [s for s in statuses if not s.final] or [s for s in statuses if s is RunStatus.DIVERGED]
+    return unfinished[0].exit_code(SIGNALS.received) if unfinished else 0
 
 
 def contact_sheet(path: Path, sweep_dir: Path, rows: Sequence[dict], swept: Sequence[str]) -> None:

@@ -128,9 +128,9 @@ def test_ema_of_the_iterates_is_the_bias_corrected_recurrence(problem):
         state = init(probs, params)
         iterates = [np.asarray(state.pixels[0], np.float64)]
         for _ in range(5):
-            state, rows, _ = chunk(state, probs, params, jnp.int32(1), NO_LIMIT)
+            state, records, _ = chunk(state, probs, params, jnp.int32(1), NO_LIMIT)
             iterates.append(np.asarray(state.pixels[0], np.float64))
-            np.testing.assert_allclose(rows[0, 0, 1], OBJECTIVE(state.pixels[0], params, targets,
+            np.testing.assert_allclose(records.terms.total[0, 0], OBJECTIVE(state.pixels[0], params, targets,
                                                                  HParams.create(SPEC, beta=1e4)).total, rtol=1e-5)
         v, t = np.zeros_like(iterates[0]), 0
         for x in iterates:
@@ -156,7 +156,7 @@ def test_ema_is_checkpointed_and_a_member_key(problem, tmp_path, synthetic_weigh
     straight, _, _ = chunk(chunk(init(probs, params), probs, params, jnp.int32(3), NO_LIMIT)[0], probs, params,
                            jnp.int32(3), NO_LIMIT)
     half, _, _ = chunk(init(probs, params), probs, params, jnp.int32(3), NO_LIMIT)
-    checkpoint.save(tmp_path, half, {})
+    checkpoint.save(tmp_path, half, checkpoint.CheckpointMeta(0, 1, 0, [[]], checkpoint.Earlier.none(1), 0.0))
     resumed, _, _ = chunk(checkpoint.load(tmp_path, half), probs, params, jnp.int32(3), NO_LIMIT)
     for a, b in zip(jax.tree.leaves(straight.average), jax.tree.leaves(resumed.average)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -301,7 +301,7 @@ def test_loop_in_float64_equals_torch_lbfgs(clip):
         for _ in range(steps // 4):
             state, r, valid = chunk(state, problems, params, jnp.int32(4), jnp.int32(2**31 - 1))
             assert np.asarray(valid).all()
-            rows.append(np.asarray(r[:, :, 1]))
+            rows.append(np.asarray(r.terms.total))
         got, pixels = np.concatenate(rows, axis=1), np.asarray(state.pixels)
     assert pixels.dtype == np.float64
     for i, (seed, lr, w) in enumerate(members):
@@ -343,9 +343,10 @@ def _nstjax_steps(weights_file, *overrides):
     terms = [[float(state.terms.total[0]), float(state.terms.content[0]), float(state.terms.style[0])]]
     pixels = [np.asarray(state.pixels[0])]
     for _ in range(STEPS):
-        state, rows, valid = program.chunk(state, group.problems, group.params, jnp.int32(1), jnp.int32(NO_LIMIT))
+        state, records, valid = program.chunk(state, group.problems, group.params, jnp.int32(1), jnp.int32(NO_LIMIT))
         assert np.asarray(valid).all()
-        terms.append(np.asarray(rows[0, 0, 1:4]).tolist())
+        t = records.terms
+        terms.append([float(t.total[0, 0]), float(t.content[0, 0]), float(t.style[0, 0])])
         pixels.append(np.asarray(state.pixels[0]))
     return group, np.array(terms), np.array(pixels)
 
@@ -575,7 +576,7 @@ def test_safeguard_takes_back_a_step_that_raises_the_loss_tenfold():
                                       jax.random.key(0), jnp.float32(0))])
             state = jax.jit(loop.init)(problems, None)
             state, rows, valid = jax.jit(loop.chunk)(state, problems, None, jnp.int32(6), jnp.int32(2**31 - 1))
-            results[kappa] = np.asarray(rows[0, :, 1]), np.asarray(state.pixels[0]), float(state.scale[0])
+            results[kappa] = np.asarray(rows.terms.total[0]), np.asarray(state.pixels[0]), float(state.scale[0])
     losses, back, scales, x = _guarded_numpy(x0, c, 1.0, 10.0, 6)
     assert back[1] and not back[0], back  # the second step is the one torch overshoots
     guarded, pixels, scale = results[10.0]

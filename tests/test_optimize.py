@@ -53,9 +53,16 @@ def run(name, problem, steps, hp=None, lr=None):
     state = init(probs, params)
     rows = []
     while int(state.step[0]) < steps and int(state.status[0]) == RUNNING:
-        state, r, valid = chunk(state, probs, params, jnp.int32(min(4, steps - int(state.step[0]))), NO_LIMIT)
-        rows += [row for row, v in zip(np.asarray(r[0]), np.asarray(valid[0])) if v]
+        state, records, valid = chunk(state, probs, params, jnp.int32(min(4, steps - int(state.step[0]))), NO_LIMIT)
+        rows += [record_row(records, 0, j) for j in np.flatnonzero(np.asarray(valid[0]))]
     return one(state), np.array(rows)
+
+
+def record_row(records, i, j):
+    """Member ``i``'s record ``j`` of a chunk as (step, total, content, style, tv, evaluations)."""
+    t = records.terms
+    return [int(records.step[i, j]), *(float(v[i, j]) for v in (t.total, t.content, t.style, t.tv)),
+            int(records.evaluations[i, j])]
 
 
 @pytest.mark.parametrize("name", sorted(LOOPS))
@@ -149,12 +156,13 @@ def test_batched_members_equal_their_solo_runs(name, members, problem):
     lrs = [LR[name], 0.5 * LR[name]]
     probs = batch(x0, targets, hps, lrs)
     state = init(probs, params)
-    state, rows, valid = chunk(state, probs, params, jnp.int32(4), NO_LIMIT)
+    state, records, valid = chunk(state, probs, params, jnp.int32(4), NO_LIMIT)
     for i, (hp, lr) in enumerate(zip(hps, lrs)):
         single, single_rows = run(name, problem, 4, hp=hp, lr=lr)
         assert np.asarray(valid[i]).all()
-        np.testing.assert_allclose(np.asarray(rows[i])[:, 1:5], single_rows[:, 1:5], rtol=1e-5)
-        np.testing.assert_array_equal(np.asarray(rows[i])[:, 5], single_rows[:, 5])  # its own evaluations
+        rows = np.array([record_row(records, i, j) for j in range(4)])
+        np.testing.assert_allclose(rows[:, 1:5], single_rows[:, 1:5], rtol=1e-5)
+        np.testing.assert_array_equal(rows[:, 5], single_rows[:, 5])  # its own evaluations
         np.testing.assert_allclose(np.asarray(state.pixels[i]), np.asarray(single.pixels), rtol=1e-5, atol=1e-6)
     assert not np.allclose(np.asarray(state.pixels[0]), np.asarray(state.pixels[1]))
 

@@ -53,7 +53,7 @@ def fsync(fd):  # flushing an atomic write's temporary file, .NAME.XXXX.tmp.SUFF
 def replace(src, dst):  # "pause": once the file is in place, wait for a signal
     real_replace(src, dst)
     if fault == "pause" and nth_write(dst):
-        from nstjax.driver import SIGNALS
+        from nstjax.status import SIGNALS
         open(marker, "w").close()
         while SIGNALS.received is None:
             time.sleep(0.01)
@@ -124,7 +124,7 @@ def test_a_failed_write_keeps_what_was_written_and_exits_74(fault, name, nth, ke
     assert os.strerror({"midway": 5, "enospc": 28}[fault]) in line
     assert f"resume={run_dir}" in line
     # The last checkpoint is whole and loadable; nothing half-written or temporary is left.
-    meta = checkpoint.verify(run_dir)
+    meta = checkpoint.verify(run_dir).to_json()
     assert meta["step"] == kept
     assert checkpoint_files(run_dir) == [checkpoint.META, f"state-{kept:08d}.safetensors"]
     assert int(load_file(str(run_dir / "checkpoint" / meta["state_file"]))[".step"].max()) == kept
@@ -144,7 +144,7 @@ def test_sigkill_inside_a_checkpoint_write_then_resume_reaches_the_uninterrupted
     finally:
         child.kill()
         child.communicate()
-    assert checkpoint.verify(run_dir)["step"] == 2  # the previous checkpoint, whole
+    assert checkpoint.verify(run_dir).step == 2  # the previous checkpoint, whole
     assert [p.name.split(".")[1] for p in temporaries(run_dir)] == ["state-00000004"]
     assert not (run_dir / "metrics.json").exists()
 
@@ -196,7 +196,7 @@ def test_sigkill_then_sigint_then_resume_reaches_the_uninterrupted_result(
     _wait(lambda: _checkpoint_step(run_dir) > 0, killed)
     killed.send_signal(signal.SIGKILL)
     killed.communicate(timeout=60)
-    assert checkpoint.verify(run_dir)["step"] == 4
+    assert checkpoint.verify(run_dir).step == 4
     assert not (run_dir / "metrics.json").exists() and not (run_dir / "result.png").exists()
 
     resumed = faulty("pause", "step_", 2, tmp_path / "m2", [f"resume={run_dir}", *resume], nstjax_cache,
@@ -208,7 +208,7 @@ def test_sigkill_then_sigint_then_resume_reaches_the_uninterrupted_result(
     assert f"resuming {run_dir} at step 4" in out
     interrupted = json.loads((run_dir / "metrics.json").read_text())
     assert interrupted["status"] == "interrupted" and interrupted["steps"] == 6
-    assert checkpoint.verify(run_dir)["step"] == 6
+    assert checkpoint.verify(run_dir).step == 6
 
     final = run_cli([f"resume={run_dir}", *resume], nstjax_cache)
     assert final.returncode == 0, final.stderr[-2000:]
@@ -288,6 +288,6 @@ def test_checkpoint_of_another_optimiser_is_refused(tmp_path):
         return LoopState(x, tx.init(x), terms, x, jnp.zeros((1, 2), jnp.uint32), jnp.zeros(1, jnp.int32),
                          jnp.ones(1, jnp.int32), jnp.zeros(1, jnp.int32), jnp.ones(1))
 
-    checkpoint.save(tmp_path, state(optax.adam(0.1)), {"histories": []})
+    checkpoint.save(tmp_path, state(optax.adam(0.1)), checkpoint.CheckpointMeta(0, 1, 0, [[]], checkpoint.Earlier.none(1), 0.0))
     with pytest.raises(UserError, match="does not match this configuration"):
         checkpoint.load(tmp_path, state(optax.lbfgs()))

@@ -46,6 +46,7 @@ class BatchedSweeper(Sweeper):
     def sweep(self, arguments: List[str]) -> Any:
         from nstjax import sweep
         from nstjax.atomic import write_text
+        from nstjax.status import EXIT_SIGNAL
         from nstjax.errors import UserError
         from nstjax.rundir import first_existing, require_empty
 
@@ -77,7 +78,7 @@ class BatchedSweeper(Sweeper):
         for r in results:
             _ = r.return_value  # re-raises a job's exception
         code = sweep.exit_code(sweep.summarize(sweep_dir))
-        if code in sweep.EXIT_SIGNAL.values():
+        if code in EXIT_SIGNAL.values():
             print(f"interrupted: resume with python -m nstjax.run resume={sweep_dir}", file=sys.stderr)
         if code:
             sys.exit(code)
