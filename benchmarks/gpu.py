@@ -359,10 +359,11 @@ class Check:
         key = (size, precision, conv)
         if key not in self.groups:
             from nstjax import build, config
+            from nstjax.spec import parse
 
             cfg = config.compose(self.overrides(size, f"model.precision={precision}", f"model.conv={conv}",
                                                 "model.remat=off"))
-            self.groups[key] = build.build_group([cfg])
+            self.groups[key] = build.build_group([parse(cfg)])
         return self.groups[key]
 
     def evaluator(self, size: int, precision: str, conv: str) -> Evaluator:
@@ -371,10 +372,9 @@ class Check:
         key = (size, precision, conv)
         if key not in self.evaluators:
             group = self.group(size, precision)
-            structure = group.structure
-            if conv != structure.model.conv:
-                structure = dataclasses.replace(structure, model=dataclasses.replace(structure.model, conv=conv))
-            self.evaluators[key] = Evaluator.compile(structure.loop.objective, group)
+            if conv != group.model.conv:
+                group = dataclasses.replace(group, model=group.model.clone(conv=conv))
+            self.evaluators[key] = Evaluator.compile(group.loop.objective, group)
         return self.evaluators[key]
 
     def torch_problem(self, size: int) -> dict:
@@ -709,8 +709,8 @@ def agreement(check: Check, part: Part) -> None:
 def evaluations(check: Check, part: Part, size: int, rows: list, first_forced: bool) -> None:
     """Measure ``rows`` at ``size``: nstjax's compiled evaluation, PyTorch's eager one; then each
     one's FLOP rate and loss against nstjax's float32."""
-    structure = check.group(size, "float32").structure
-    flops = executed_flops(structure.model, structure.loss.layers, size)
+    group = check.group(size, "float32")
+    flops = executed_flops(group.model, group.structure.loss.layers, size)
     part.result.update(size=size, executed_flops=flops)
     for i, (key, side, precision, how) in enumerate(rows):
         if side == "jax":
@@ -767,16 +767,17 @@ def loop_members(check: Check, k: int) -> dict:
 
     from nstjax import build, config
     from nstjax.driver import free_memory_bytes, program_bytes
+    from nstjax.spec import parse
 
     plan = check.plan
     betas = [10 ** (2 + 4 * i / max(1, k - 1)) for i in range(k)]
     t = time.perf_counter()
     base = check.overrides(plan.size, *LOOP_OVERRIDES, f"chunk_steps={plan.loop_steps}", f"model.conv={plan.conv}")
-    group = build.build_group([config.compose(base + [f"loss.beta={b:.6g}"]) for b in betas])
-    out = {"members": k, "build_s": time.perf_counter() - t, "conv": group.structure.model.conv,
+    group = build.build_group([parse(config.compose(base + [f"loss.beta={b:.6g}"])) for b in betas])
+    out = {"members": k, "build_s": time.perf_counter() - t, "conv": group.model.conv,
            "precision": group.structure.model.precision}
     t = time.perf_counter()
-    program = group.structure.loop.compile(group.problems, group.params)
+    program = group.loop.compile(group.problems, group.params)
     out["compile_s"] = time.perf_counter() - t
     out["program_bytes"] = max(program_bytes(program.init), program_bytes(program.chunk))
     out["free_bytes_before"] = free_memory_bytes()
@@ -786,12 +787,12 @@ def loop_members(check: Check, k: int) -> dict:
     n, limit = jnp.int32(plan.loop_steps), jnp.int32(2**31 - 1)
     state = jax.block_until_ready(program.init(group.problems, group.params))
     state, rows, _ = program.chunk(state, group.problems, group.params, n, limit)
-    np.asarray(rows)  # the driver reads each chunk's rows back, so does this
+    jax.device_get(rows)  # the driver reads each chunk's records back, so does this
     before = int(np.asarray(state.step).sum())
     t = time.perf_counter()
     for _ in range(plan.loop_chunks):
         state, rows, _ = program.chunk(state, group.problems, group.params, n, limit)
-        np.asarray(rows)
+        jax.device_get(rows)
     out["run_s"] = time.perf_counter() - t
     out["members_steps"] = int(np.asarray(state.step).sum()) - before
     out["members_steps_per_s"] = out["members_steps"] / out["run_s"]
@@ -871,8 +872,8 @@ def fit_probe(check: Check, size: int, remat: bool) -> dict:
 
     group = check.group(check.plan.size, "float32", check.plan.conv)
     structure = group.structure
-    model = dataclasses.replace(structure.model, remat=remat)
-    structure = dataclasses.replace(structure, model=model)
+    model = group.model.clone(remat=remat)
+    group = dataclasses.replace(group, model=model)
     image = jax.ShapeDtypeStruct((size, size, 3), jnp.float32)
     shapes = jax.eval_shape(functools.partial(compute_targets, model, spec=structure.loss), group.params, image, image)
     least = 2 * size * size * 3 * 4 + sum(s.size * s.dtype.itemsize for s in jax.tree.leaves(shapes))
@@ -884,7 +885,7 @@ def fit_probe(check: Check, size: int, remat: bool) -> dict:
                                                    f"take {gib(least)} GiB of {gib(memory)}")
         return out
     targets = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-    ev = Evaluator.compile(structure.loop.objective, group, jnp.full((size, size, 3), 0.5, jnp.float32), targets)
+    ev = Evaluator.compile(group.loop.objective, group, jnp.full((size, size, 3), 0.5, jnp.float32), targets)
     out.update(compile_s=ev.compile_s, program_bytes=ev.program_bytes())
     if memory and out["program_bytes"] > memory:
         out.update(fits=False, why=f"XLA plans {gib(out['program_bytes'])} GiB of {gib(memory)}")

@@ -44,16 +44,17 @@ def nstjax_run(overrides: list[str], evaluations: int) -> dict:
     ``optim.ema_decay`` the loss traced is the average's (the image the run returns), evaluated
     apart and not timed."""
     from nstjax import build, config
+    from nstjax.spec import parse
     from nstjax.optimize import average
 
     cfg = config.compose([*overrides, "chunk_steps=1", "progress=false"])
-    group = build.build_group([cfg])
+    group = build.build_group([parse(cfg)])
     t0 = time.perf_counter()
-    program = group.structure.loop.compile(group.problems, group.params)
+    program = group.loop.compile(group.problems, group.params)
     compile_s = time.perf_counter() - t0
     member = jax.tree.map(lambda a: a[0], group.problems)
     averaged = cfg.optim.ema_decay is not None
-    loss_of = jax.jit(lambda x: group.structure.loop.objective(x, group.params, member.targets, member.hp,
+    loss_of = jax.jit(lambda x: group.loop.objective(x, group.params, member.targets, member.hp,
                                                                 member.key).total)
     limit, untimed = jnp.int32(evaluations), 0.0
 
@@ -82,9 +83,10 @@ def torch_run(overrides: list[str], evaluations: int) -> dict:
 
     from benchmarks import torch_gatys as tg
     from nstjax import build, config
+    from nstjax.spec import parse
 
     cfg = config.compose([*overrides, "progress=false"])
-    group = build.build_group([cfg])
+    group = build.build_group([parse(cfg)])
     member, hp = group.members[0], jax.tree.map(lambda a: np.asarray(a[0]), group.problems.hp)
     objective = tg.GatysObjective(tg.params_to_torch(group.weights.params), group.structure.loss,
                                   group.weights.preprocessing, group.structure.model.pooling, member.content,

@@ -305,12 +305,10 @@ def ttq_jax(args):
     target, cap = args["target"], args.get("time_cap_s", float("inf"))
     max_evals = args.get("max_evaluations", 300)
 
-    from omegaconf import OmegaConf
-
     from nstjax import pyramid
+    from nstjax.spec import PyramidSpec
 
-    levels = pyramid.sizes(OmegaConf.create({"image": {"size": args["size"]},
-                                             "pyramid": args.get("pyramid", {"min_size": None})}))
+    levels = pyramid.sizes(PyramidSpec(**args.get("pyramid", {})), args["size"])
     stages = [dict(size=size, evaluations=args["pyramid"]["steps"] + 1, final=False, optim=opt, lr=lr)
               for size in levels[:-1]]
     stages.append(dict(size=args["size"], evaluations=max_evals, final=True, optim=opt, lr=lr))

@@ -183,12 +183,12 @@ class Driver:
         if key not in self._programs:
             t0 = time.perf_counter()
             problems, yards = self._wave_problems(level, [0], size)
-            structure, params = self.levels[level].structure, self.params
-            program = structure.loop.compile(problems, params, self.mesh, structure.program_key)
+            group, params = self.levels[level], self.params
+            program = group.loop.compile(problems, params, self.mesh, group.program_key)
             rgb = jax.ShapeDtypeStruct(problems.pixels.shape[:-1] + (3,), jnp.float32, sharding=self.members)
-            measure = programs.compile("yardstick", jax.vmap(functools.partial(yardstick, structure.model),
+            measure = programs.compile("yardstick", jax.vmap(functools.partial(yardstick, group.model),
                                                              in_axes=(None, 0, 0)),
-                                       (params, rgb, yards), structure.model)
+                                       (params, rgb, yards), group.model, self.mesh)
             self._programs[key] = Programs(program, measure, time.perf_counter() - t0)
         return self._programs[key]
 
@@ -206,7 +206,7 @@ class Driver:
             try:
                 check_memory((compiled.program.init, compiled.program.chunk, compiled.yardstick),
                              _tree_bytes(compiled.program.state.opt_state) // self.devices,
-                             self.group.structure.model.remat)
+                             self.group.model.remat)
                 return size
             except UserError:
                 if size <= per:
@@ -324,7 +324,7 @@ class Driver:
         for i in range(size):
             status, reason = RunStatus.FINISHED, None
             code = Status(int(host.status[i]))
-            done = int(host.step[i]) >= s.steps or int(host.evaluations[i]) >= s.max_evaluations
+            done = int(host.step[i]) >= s.steps or int(host.evaluations[i]) >= s.evaluation_limit
             if code != Status.RUNNING:
                 status, reason = RunStatus.DIVERGED, code.reason
             elif signum is not None and not done:
@@ -345,18 +345,18 @@ class Driver:
     def _active(group: Group, state: LoopState) -> np.ndarray:
         s = group.structure
         status, step, evals = jax.device_get((state.status, state.step, state.evaluations))
-        return (status == Status.RUNNING) & (step < s.steps) & (evals < s.max_evaluations)
+        return (status == Status.RUNNING) & (step < s.steps) & (evals < s.evaluation_limit)
 
     def _drive(self, group: Group, params, program: Program, state: LoopState, problems, histories: list, hooks,
                level: int) -> LoopState:
         s = group.structure
         events = [e for e in (self.save_every, self.checkpoint_every) if e > 0]
-        max_evals = jnp.int32(s.max_evaluations)
+        max_evals = jnp.int32(s.evaluation_limit)
         active = self._active(group, state)
         step = int(np.max(np.asarray(state.step)[active])) if active.any() else s.steps
         with _progress(s.steps, step, self.progress) as bar:
             while active.any() and SIGNALS.received is None:
-                n = min(s.chunk_steps, s.steps - step, *[e - step % e for e in events])
+                n = min(s.run.chunk_steps, s.steps - step, *[e - step % e for e in events])
                 state, records, valid = program.chunk(state, problems, params, jnp.int32(n), max_evals)
                 records, valid = jax.device_get(records), np.asarray(valid)
                 new = [[_history_row(records, i, j, level) for j in np.flatnonzero(valid[i])]

@@ -73,3 +73,14 @@ def initial_image(init: str, content: np.ndarray, styles: Sequence[np.ndarray], 
     if init == "style_stats":
         return truncated_normal(key, *style_stats(styles, blend), content.shape)
     return images.resize_to(images.load_image(init, max_pixels), h, w)
+
+
+def check(init: str, max_pixels: int | None) -> None:
+    """``init`` is one of :data:`INITS` or a readable image file."""
+    if init not in INITS:
+        from nstjax.errors import UserError
+
+        try:
+            images.load_image(init, max_pixels)
+        except UserError as e:
+            raise UserError(f"init={init}: {e} (init is one of {', '.join(INITS)} or an image file)") from e

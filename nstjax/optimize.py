@@ -357,15 +357,15 @@ class Loop:
         the compiled programs are kept across processes (:mod:`nstjax.programs`)."""
         mesh = mesh or member_mesh()
         m, r = P(MEMBERS), P()
+        members, replicated = NamedSharding(mesh, m), NamedSharding(mesh, r)
+        init_kw = dict(in_shardings=(members, replicated), out_shardings=members)
+        chunk_kw = dict(in_shardings=(members, members, replicated, replicated, replicated), out_shardings=members,
+                        donate_argnums=(0,))
         if self.members == "vmap":
-            members, replicated = NamedSharding(mesh, m), NamedSharding(mesh, r)
-            init, init_kw = self.init, dict(in_shardings=(members, replicated), out_shardings=members)
-            chunk, chunk_kw = self.chunk, dict(in_shardings=(members, members, replicated, replicated, replicated),
-                                               out_shardings=members, donate_argnums=(0,))
+            init, chunk = self.init, self.chunk
         else:
-            init, init_kw = jax.shard_map(self.init, mesh=mesh, in_specs=(m, r), out_specs=m), {}
+            init = jax.shard_map(self.init, mesh=mesh, in_specs=(m, r), out_specs=m)
             chunk = jax.shard_map(self.chunk, mesh=mesh, in_specs=(m, m, r, r, r), out_specs=m)
-            chunk_kw = dict(donate_argnums=(0,))
 
         def chunk_args():  # the state's shapes: traced only when the chunk is compiled
             state = jax.eval_shape(jax.jit(init, **init_kw), problems, params)
@@ -374,7 +374,7 @@ class Loop:
         key = None if structure is None else (structure, self.chunk_steps, self.members)
         init_c, chunk_c = programs.compile_many([
             ("init", init, lambda: (problems, params), (problems, params), init_kw, key),
-            ("chunk", chunk, chunk_args, (problems, params), chunk_kw, key)])
+            ("chunk", chunk, chunk_args, (problems, params), chunk_kw, key)], mesh)
         return Program(init_c, chunk_c, init_c.out_info)
 
 

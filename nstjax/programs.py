@@ -145,19 +145,23 @@ def _store(path: Path, header: dict, exported) -> None:
         log.debug("program not stored: %s", e)
 
 
-def _abstract_args(exported) -> list:
-    """The arguments an export was made for, as shapes and dtypes (jit's shardings place them)."""
-    avals = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in exported.in_avals]
+def _abstract_args(exported, mesh) -> list:
+    """The arguments an export was made for, as shapes and dtypes, placed on ``mesh`` as they were
+    when it was exported over several devices."""
+    shardings = exported.in_shardings_jax(mesh) if exported.nr_devices > 1 else [None] * len(exported.in_avals)
+    avals = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s) for a, s in zip(exported.in_avals, shardings)]
     args, _ = jax.tree_util.tree_unflatten(exported.in_tree, avals)
     return list(args)
 
 
-def compile_many(specs: Sequence[tuple[str, Callable, Callable[[], Sequence], Sequence, dict, Any]]) -> list:
+def compile_many(specs: Sequence[tuple[str, Callable, Callable[[], Sequence], Sequence, dict, Any]],
+                 mesh=None) -> list:
     """Each ``(name, fn, args, signature_args, jit_kwargs, structure)`` compiled. ``args()`` gives
     the arguments to trace with (called only for a program not stored); ``signature_args`` the
     arguments whose shapes, with ``structure`` (anything whose repr names what ``fn`` traces beyond
     its arguments; None: not kept), determine the program. The programs are lowered one after
-    another and compiled side by side (XLA compiles each on one thread, outside the GIL)."""
+    another and compiled side by side (XLA compiles each on one thread, outside the GIL). ``mesh``:
+    the devices a program traced over several of them runs on (the same axis names)."""
     root = cache_root()
     env = environment() if root is not None else None
     out, todo = [None] * len(specs), []
@@ -176,7 +180,7 @@ def compile_many(specs: Sequence[tuple[str, Callable, Callable[[], Sequence], Se
         if exported is None:
             exported = jax.export.export(jax.jit(fn, **jit_kwargs))(*args())
             _store(path, header, exported)
-        todo.append((i, jax.jit(exported.call, **jit_kwargs).lower(*_abstract_args(exported)), str(path)))
+        todo.append((i, jax.jit(exported.call, **jit_kwargs).lower(*_abstract_args(exported, mesh)), str(path)))
     if todo:
         with ThreadPoolExecutor(len(todo)) as pool:
             compiled = list(pool.map(lambda t: t[1].compile(), todo))
@@ -187,16 +191,32 @@ def compile_many(specs: Sequence[tuple[str, Callable, Callable[[], Sequence], Se
     return out
 
 
+def enable_compilation_cache() -> None:
+    """JAX's persistent compilation cache in ``$NSTJAX_CACHE/xla`` with XLA's own caches (on GPUs
+    the autotuning results and kernels, so that a sweep's later groups and later runs do not
+    autotune again). Not on XLA:CPU, whose executables loaded from that cache beside live ones of
+    the same program lose functions ("Function ... not found" at dispatch): there the stored
+    programs spare the tracing and XLA compiles once per process."""
+    if jax.default_backend() == "cpu":
+        return
+    from nstjax.weights import cache_dir
+
+    jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    if hasattr(jax.config, "jax_persistent_cache_enable_xla_caches"):
+        jax.config.update("jax_persistent_cache_enable_xla_caches", "all")
+
+
 def forget() -> None:
     """Forget the programs compiled in this process: the next :func:`compile` of each loads it from
     the cache dir again (as a new process would)."""
     _IN_PROCESS.clear()
 
 
-def compile(name: str, fn: Callable, args: Sequence, structure: Any = None, **jit_kwargs):
+def compile(name: str, fn: Callable, args: Sequence, structure: Any = None, mesh=None, **jit_kwargs):
     """``jax.jit(fn, **jit_kwargs).lower(*args).compile()``, from the program an earlier process
     stored where there is one (see the module); ``args`` may be arrays or ``jax.ShapeDtypeStruct`` s."""
-    return compile_many([(name, fn, lambda: args, args, jit_kwargs, structure)])[0]
+    return compile_many([(name, fn, lambda: args, args, jit_kwargs, structure)], mesh)[0]
 
 
 def cached_jit(name: str, fn: Callable, structure: Any) -> Callable:

@@ -17,32 +17,33 @@ checkpoint names its level, so an interrupted run resumes at any level.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
 
 from nstjax.errors import UserError
 
 
-def sizes(cfg: DictConfig) -> list[int]:
-    """The longest side of each level, smallest first (one level, image.size, when off)."""
-    p, size = cfg.pyramid, int(cfg.image.size)
-    if p.min_size is None:
+def sizes(pyramid, size: int) -> list[int]:
+    """The longest side of each level, smallest first (one level, ``size``, when off);
+    ``pyramid`` a :class:`nstjax.spec.PyramidSpec`."""
+    if pyramid.min_size is None:
         return [size]
     out = [size]
-    while p.min_size <= (below := round(out[-1] / p.factor)) < out[-1]:
+    while pyramid.min_size <= (below := round(out[-1] / pyramid.factor)) < out[-1]:
         out.append(below)
     return out[::-1]
 
 
-def check(cfg: DictConfig) -> None:
-    """pyramid.* in range: min_size ≤ image.size, factor > 1, steps ≥ 1."""
-    p = cfg.pyramid
+def check(pyramid, size: int) -> None:
+    """pyramid.* in range: min_size ≤ image.size (``size``), factor > 1, steps ≥ 1."""
+    p = pyramid
     if p.min_size is None:
         return
-    if p.min_size < 1 or p.min_size > cfg.image.size:
-        raise UserError(f"pyramid.min_size = {p.min_size} must be between 1 and image.size = {cfg.image.size}: "
+    if p.min_size < 1 or p.min_size > size:
+        raise UserError(f"pyramid.min_size = {p.min_size} must be between 1 and image.size = {size}: "
                         "lower it, raise image.size, or set pyramid.min_size=null to run at one size")
     if not p.factor > 1:
         raise UserError(f"pyramid.factor = {p.factor} must be > 1 (2 halves the size at each level down)")
@@ -50,19 +51,15 @@ def check(cfg: DictConfig) -> None:
         raise UserError(f"pyramid.steps = {p.steps} must be ≥ 1")
 
 
-def level_configs(cfg: DictConfig) -> list[DictConfig]:
-    """The config of each level: image.size its size, optim.steps pyramid.steps below the last.
-    With one level, ``cfg`` itself."""
-    levels = sizes(cfg)
-    if len(levels) == 1:
-        return [cfg]
-    out = []
-    for k, size in enumerate(levels):
-        level = OmegaConf.merge(cfg, {"image": {"size": size}})
-        if k < len(levels) - 1:
-            level.optim.steps = int(cfg.pyramid.steps)
-        out.append(level)
-    return out
+def levels(structure) -> list:
+    """The structure of each level (a :class:`nstjax.spec.Structure`): its image size, and
+    pyramid.steps steps below the last. With one level, ``structure`` itself."""
+    all_sizes = sizes(structure.pyramid, structure.image.size)
+    if len(all_sizes) == 1:
+        return [structure]
+    return [dataclasses.replace(structure, image=dataclasses.replace(structure.image, size=size),
+                                steps=structure.pyramid.steps if k < len(all_sizes) - 1 else structure.steps)
+            for k, size in enumerate(all_sizes)]
 
 
 def upsample(pixels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

@@ -132,23 +132,22 @@ def check_coverage(guides: dict, key: str, mode: str) -> None:
                             + " or shallower loss.style_layers")
 
 
-def load_regions(cfg, content_shape: tuple[int, int], load_style, layers: Sequence[str],
-                 ceil: bool, arch: str = DEFAULT_ARCH) -> list[Region]:
-    """Each of ``cfg.regions`` loaded and checked: masks, weights, style images (``load_style(path,
-    key)`` resizes one as the run's style), and the guides at ``layers`` (every one covering
-    something)."""
-    mode = getattr(cfg.mask_propagation, "value", cfg.mask_propagation)
+def load_regions(regions: Sequence, content_shape: tuple[int, int], load_style, layers: Sequence[str],
+                 mode: str, ceil: bool, arch: str = DEFAULT_ARCH, max_pixels: int | None = None) -> list[Region]:
+    """Each region (:class:`nstjax.spec.RegionSpec`: mask, style, style_mask, weight) loaded and
+    checked: masks, weights, style images (``load_style(path, key)`` resizes one as the run's
+    style), and the guides at ``layers`` (every one covering something) by ``mode`` propagation."""
     out = []
-    for r, region in enumerate(cfg.regions or []):
+    for r, region in enumerate(regions):
         key = f"regions[{r}]"
         if not (math.isfinite(region.weight) and region.weight >= 0):
             raise UserError(f"{key}.weight = {region.weight} is not allowed: region weights must be finite and ≥ 0")
         if region.mask is None:
             raise UserError(f"{key}.mask is missing: give each region a mask image (white = inside)")
-        mask = load_mask(region.mask, content_shape, f"{key}.mask", cfg.image.max_pixels)
+        mask = load_mask(region.mask, content_shape, f"{key}.mask", max_pixels)
         style = load_style(region.style, f"{key}.style")
         style_mask = (np.ones(style.shape[:2], np.float32) if region.style_mask is None else
-                      load_mask(region.style_mask, style.shape[:2], f"{key}.style_mask", cfg.image.max_pixels))
+                      load_mask(region.style_mask, style.shape[:2], f"{key}.style_mask", max_pixels))
         guides, style_guides = (propagate(m, layers, mode, ceil, arch) for m in (mask, style_mask))
         check_coverage(guides, f"{key}.mask", mode)
         check_coverage(style_guides, f"{key}.style_mask", mode)

@@ -139,19 +139,6 @@ def _log_to(job_dir: Path) -> None:
     root.addHandler(handler)
 
 
-def _enable_compilation_cache() -> None:
-    """Keep compiled programs across runs (one compile per shape, also in sweeps), with XLA's own
-    caches: on GPUs the autotuning results and kernels, so that a sweep's later groups and later
-    runs do not autotune again."""
-    import jax
-    from nstjax.weights import cache_dir
-
-    jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    if hasattr(jax.config, "jax_persistent_cache_enable_xla_caches"):
-        jax.config.update("jax_persistent_cache_enable_xla_caches", "all")
-
-
 def share_the_device(launcher) -> bool:
     """Whether the group jobs of a sweep run at the same time on one machine, sharing its
     accelerator: joblib's launcher with ``n_jobs`` other than 1, or submitit's with several tasks
@@ -182,7 +169,7 @@ def _reported(run_dir: Path, discard: Callable[[], None] = lambda: None) -> Iter
 @hydra.main(version_base=None, config_path="pkg://nstjax.configs", config_name="config")
 def main(cfg: DictConfig):
     """A single run (a group of one), a group of a batched sweep, or a resumed run or sweep."""
-    from nstjax import sweep
+    from nstjax import programs, sweep
     from nstjax.status import SIGNALS
 
     for noisy in ("jax", "matplotlib"):
@@ -194,17 +181,17 @@ def main(cfg: DictConfig):
                 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
             sweep_dir = Path(HydraConfig.get().sweep.dir)
             with _reported(sweep_dir, lambda: rundir.discard(hydra_dir, keep=sweep_dir)):
-                _enable_compilation_cache()
+                programs.enable_compilation_cache()
                 return sweep.run_group_job(sweep_dir, cfg.sweep_group, log.info,
                                            start=lambda: _record_job(hydra_dir, cfg))
         if cfg.resume is None:
             with _reported(hydra_dir, lambda: rundir.discard_hydra_run_dir(hydra_dir)):
-                _enable_compilation_cache()
+                programs.enable_compilation_cache()
                 return _single_run(cfg, hydra_dir)
         rundir.discard_hydra_run_dir(hydra_dir)  # a resumed run works in its own directory
         with _reported(Path(cfg.resume)):
             _check_resume_overrides(HydraConfig.get().overrides.task)
-            _enable_compilation_cache()
+            programs.enable_compilation_cache()
             if sweep.is_sweep(cfg.resume):
                 code = sweep.resume(Path(cfg.resume), log.info)
                 if code:

@@ -1,4 +1,4 @@
-"""Style transfer for a batch of configs: build ─► drive ─► the files of each point.
+"""Style transfer for a batch of points: parse ─► build ─► drive ─► the files of each point.
 
     from nstjax import config, stylize
     cfgs = [config.compose(["+experiment=preview", f"loss.beta={b}"]) for b in (1e3, 1e4)]
@@ -7,7 +7,8 @@
 :func:`optimize` returns the results without writing files; :func:`run_group`
 writes into each member's directory what a run leaves there (result.png,
 metrics.json, history.csv, loss_curve.png, snapshots). A single run is a group
-of one: the same code path.
+of one: the same code path. Both take composed configs, parsed at their door
+(:func:`nstjax.spec.parse`), or points already parsed.
 """
 
 from __future__ import annotations
@@ -17,59 +18,65 @@ from typing import Callable, Sequence
 
 import jax
 import numpy as np
-from omegaconf import DictConfig
 
 from nstjax import images, outputs, pyramid
-from nstjax.build import Group, Inputs, Member, build_group, level_inputs, structure_key, validate
+from nstjax.build import Group, Inputs, Member, build_group, group_key, level_inputs, validate
 from nstjax.driver import Driver, MemberResult
 from nstjax.errors import UserError
+from nstjax.spec import Point, parse
 from nstjax.status import RunStatus
 
 
-def level_groups(cfgs: Sequence[DictConfig], inputs: Sequence[Inputs] | None = None) -> list[Group]:
+def points_of(configs: Sequence) -> list[Point]:
+    """Configs parsed at the door (points already parsed pass as they are)."""
+    return [c if isinstance(c, Point) else parse(c) for c in configs]
+
+
+def level_groups(points: Sequence[Point], inputs: Sequence[Inputs] | None = None) -> list[Group]:
     """The group of each pyramid level (:mod:`nstjax.pyramid`), smallest first; one level, the
-    configs' own group, without a pyramid."""
-    inputs = list(inputs) if inputs is not None else [validate(c) for c in cfgs]
-    per_level = list(zip(*[pyramid.level_configs(c) for c in cfgs]))
-    if len(per_level) == 1:
-        return [build_group(cfgs, inputs)]
+    points' own group, without a pyramid."""
+    inputs = list(inputs) if inputs is not None else [validate(p) for p in points]
+    levels = pyramid.levels(points[0].structure)
+    if len(levels) == 1:
+        return [build_group(points, inputs)]
     groups: list[Group] = []
-    for level in per_level:  # the weights read once, for the first level
-        groups.append(build_group(list(level), [level_inputs(c, inp) for c, inp in zip(level, inputs)],
-                                  groups[0].weights if groups else None))
+    for level in levels:  # the weights read once, for the first level
+        groups.append(build_group(points, [level_inputs(p, level, inp) for p, inp in zip(points, inputs)],
+                                  groups[0].weights if groups else None, level))
     return groups
 
 
 def _driver(levels: Sequence[Group], group_dir: Path | None, member_dirs: Sequence[Path | None], log) -> Driver:
-    cfg = levels[-1].members[0].cfg
-    return Driver(levels[-1], group_dir, member_dirs, save_every=cfg.save_every if group_dir else 0,
-                  checkpoint_every=cfg.checkpoint_every if group_dir else 0, max_members=cfg.max_members,
-                  memory_check=cfg.memory_check, progress=cfg.progress, earlier_levels=levels[:-1], log=log)
+    run = levels[-1].structure.run
+    return Driver(levels[-1], group_dir, member_dirs, save_every=run.save_every if group_dir else 0,
+                  checkpoint_every=run.checkpoint_every if group_dir else 0, max_members=run.max_members,
+                  memory_check=run.memory_check, progress=run.progress, earlier_levels=levels[:-1], log=log)
 
 
-def optimize(cfgs: Sequence[DictConfig], inputs: Sequence[Inputs] | None = None,
+def optimize(configs: Sequence, inputs: Sequence[Inputs] | None = None,
              log: Callable[[str], None] = print) -> list[MemberResult]:
-    """Optimise every config (grouped by structure, each group one batched program) and
-    return their results in order; nothing is written. ``inputs`` may give each config's
-    images as arrays (:class:`~nstjax.build.Inputs`) instead of its files."""
-    inputs = list(inputs) if inputs is not None else [validate(c) for c in cfgs]
-    groups: dict[str, list[int]] = {}
-    for i, (cfg, inp) in enumerate(zip(cfgs, inputs)):
-        groups.setdefault(structure_key(cfg, inp), []).append(i)
-    results: list[MemberResult | None] = [None] * len(cfgs)
+    """Optimise every config or point (grouped by structure, each group one batched program) and
+    return their results in order; nothing is written. ``inputs`` may give each one's images as
+    arrays (:class:`~nstjax.build.Inputs`) instead of its files."""
+    points = points_of(configs)
+    inputs = list(inputs) if inputs is not None else [validate(p) for p in points]
+    groups: dict[tuple, list[int]] = {}
+    for i, (point, inp) in enumerate(zip(points, inputs)):
+        groups.setdefault(group_key(point, inp), []).append(i)
+    results: list[MemberResult | None] = [None] * len(points)
     for index in groups.values():
-        levels = level_groups([cfgs[i] for i in index], [inputs[i] for i in index])
+        levels = level_groups([points[i] for i in index], [inputs[i] for i in index])
         done = _driver(levels, None, [None] * len(index), log).run(lambda *_: None)
         for j, r in done.items():
             results[index[j]] = r
     return results
 
 
-def run_group(cfgs: Sequence[DictConfig], member_dirs: Sequence[Path], group_dir: Path, *,
+def run_group(configs: Sequence, member_dirs: Sequence[Path], group_dir: Path, *,
               resume: bool = False, inputs: Sequence[Inputs] | None = None,
               extra_metrics: Sequence[dict] | None = None, start: Callable[[], None] | None = None,
               log: Callable[[str], None] = print) -> dict[int, MemberResult]:
-    """Optimise a group of configs of one structure, writing each member's files into its
+    """Optimise a group of configs (or points) of one structure, writing each member's files into its
     directory and the group's checkpoints into ``group_dir``. A directory that already
     holds a result is refused unless ``resume``. Nothing is written before everything is checked
     (inputs, weights, memory; on resume the checkpoint): then ``start()`` is called. Returns the
@@ -79,10 +86,11 @@ def run_group(cfgs: Sequence[DictConfig], member_dirs: Sequence[Path], group_dir
         for d in member_dirs:
             if (d / "result.png").exists():
                 raise UserError(f"{d / 'result.png'} exists: every run needs its own directory")
+    points = points_of(configs)
     outputs.preload_plotting()
-    levels = level_groups(cfgs, inputs)
+    levels = level_groups(points, inputs)
     group = levels[-1]
-    extra = list(extra_metrics) if extra_metrics is not None else [{} for _ in cfgs]
+    extra = list(extra_metrics) if extra_metrics is not None else [{} for _ in points]
 
     def write(index: list[int], results: list[MemberResult]) -> None:
         for i, r in zip(index, results):
@@ -123,7 +131,7 @@ def not_improved(facts: dict) -> str | None:
 
 def metrics(group: Group, member: Member, r: MemberResult) -> dict:
     """metrics.json of one member."""
-    cfg, last = member.cfg, r.history[-1]
+    s, last = group.structure, r.history[-1]
     out = {
         **{name: getattr(last, name) for name in ("total", "content", "style", "tv")},
         "status": r.status.value,
@@ -134,20 +142,20 @@ def metrics(group: Group, member: Member, r: MemberResult) -> dict:
         "run_seconds": r.run_seconds,
         "image_size": [int(s) for s in r.image.shape[:2]],
         "style_size": _one_or_all([[int(s) for s in style.shape[:2]] for style in member.styles]),
-        "optimizer": cfg.optim.name,
-        "conv": group.structure.model.conv,
-        "remat": group.structure.model.remat,
-        "precision": group.structure.model.precision,
+        "optimizer": s.optimizer,
+        "conv": group.model.conv,
+        "remat": group.model.remat,
+        "precision": group.model.precision,
         "content_image": member.paths[0],
         "style_image": _one_or_all(member.paths[1]),
         "style_blend_weights": [float(w) for w in member.blend],
-        "weights": cfg.model.weights,
+        "weights": s.model.weights,
         "weights_sha256": group.weights.sha256,
         "device": str(jax.devices()[0].device_kind),
         "devices": jax.local_device_count(),
         "members": len(group.members),
         "platform": jax.default_backend(),
-        "seed": cfg.seed,
+        "seed": member.spec.seed,
         **improvement(group, next(i for i, m in enumerate(group.members) if m is member), r),
         "yardstick": r.yardstick,
         "versions": outputs.versions(),
@@ -169,4 +177,4 @@ def write_outputs(run_dir: Path, group: Group, member: Member, r: MemberResult, 
     images.save_image(run_dir / "result.png", r.image)
     outputs.write_history(run_dir / "history.csv", r.history)
     outputs.write_json(run_dir / "metrics.json", {**metrics(group, member, r), **extra})
-    outputs.plot_history(run_dir / "loss_curve.png", r.history, title=str(member.cfg.model.weights))
+    outputs.plot_history(run_dir / "loss_curve.png", r.history, title=group.structure.model.weights)

@@ -20,11 +20,11 @@ from typing import Callable, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from nstjax import checkpoint, config, rundir
+from nstjax import checkpoint, config, rundir, spec
 from nstjax.atomic import atomic_path, write_text
-from nstjax.build import Inputs, check_arch, preprocessing_override, structure_key, validate
-from nstjax.status import SIGNALS, RunStatus
+from nstjax.build import Inputs, check_arch, group_key, validate
 from nstjax.errors import UserError
+from nstjax.status import SIGNALS, RunStatus
 from nstjax.stylize import run_group
 from nstjax.weights import load_weights
 
@@ -38,30 +38,33 @@ SUMMARY_COLUMNS = ("total", "content", "style", "tv", "yardstick_content", "yard
 
 @dataclasses.dataclass
 class Point:
-    """One point of a sweep: Hydra's number, its overrides, its swept values, its config."""
+    """One point of a sweep: Hydra's number, its overrides, its swept values, its config (what its
+    config.yaml holds), and, once planned, its parse and its inputs."""
 
     n: int
     overrides: list[str]
     values: dict[str, str]
     cfg: DictConfig
+    parsed: spec.Point | None = None
     inputs: Inputs | None = None
 
 
 def plan(points: Sequence[Point]) -> list[list[Point]]:
-    """Validate every point and read each weights file the points name (a bad one is refused,
-    naming it) and group them by structure."""
-    groups: dict[str, list[Point]] = {}
-    read: set[str] = set()
+    """Parse and validate every point and read each weights file the points name (a bad one is
+    refused, naming it) and group them (:func:`nstjax.build.group_key`)."""
+    groups: dict[tuple, list[Point]] = {}
+    read: set = set()
     for p in points:
         try:
-            p.inputs = validate(p.cfg)
-            key = OmegaConf.to_yaml(p.cfg.model)
-            if key not in read:
-                check_arch(p.cfg, load_weights(p.cfg.model.weights, preprocessing=preprocessing_override(p.cfg)).arch)
-                read.add(key)
+            p.parsed = spec.parse(p.cfg)
+            p.inputs = validate(p.parsed)
+            model = p.parsed.structure.model
+            if model not in read:
+                check_arch(model, load_weights(model.weights, preprocessing=model.preprocessing).arch)
+                read.add(model)
         except UserError as e:
             raise UserError(f"sweep point {p.n} ({' '.join(p.overrides)}): {e}") from e
-        groups.setdefault(structure_key(p.cfg, p.inputs), []).append(p)
+        groups.setdefault(group_key(p.parsed, p.inputs), []).append(p)
     return list(groups.values())
 
 

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from nstjax import programs
 from weights_fixtures import synthetic_params as make_synthetic_params
 
 
@@ -28,8 +29,7 @@ def nstjax_cache(tmp_path_factory):
     path = root / "nstjax-cache"
     path.mkdir(exist_ok=True)
     os.environ["NSTJAX_CACHE"] = str(path)
-    jax.config.update("jax_compilation_cache_dir", str(path / "xla"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    programs.enable_compilation_cache()
     return path
 
 

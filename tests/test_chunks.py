@@ -9,6 +9,7 @@ from PIL import Image
 
 from nstjax import config, stylize
 from nstjax.losses import HParams
+from nstjax.spec import parse
 from nstjax.optimize import Loop, OptimSpec
 from test_optimize import LR, NO_LIMIT, OBJECTIVE, SPEC, batch, problem  # noqa: F401 (fixture)
 
@@ -118,7 +119,7 @@ def test_a_run_that_does_not_improve_says_so(tmp_path, synthetic_weights_file):
 def test_ema_of_the_iterates_is_the_bias_corrected_recurrence(problem):
     """optim.ema_decay: a = v / (1 − dᵗ), v ← d·v + (1 − d)·x over x₀ and each step, against a numpy
     recurrence on the iterates; d = 0 is exactly the iterate; the loss history is the iterates'."""
-    from nstjax.optimize import Problem, average
+    from nstjax.optimize import average
 
     x0, params, targets = problem
     loop = Loop(OBJECTIVE, OptimSpec("adam"), chunk_steps=1)
@@ -163,5 +164,5 @@ def test_ema_is_checkpointed_and_a_member_key(problem, tmp_path, synthetic_weigh
     np.testing.assert_array_equal(np.asarray(straight.decayed), np.asarray(resumed.decayed))
     cfgs = [config.compose([f"model.weights={synthetic_weights_file}", "image.size=32", f"optim.ema_decay={d}"])
             for d in (0.5, 0.99)]
-    keys = {build.structure_key(c, build.validate(c)) for c in cfgs}
+    keys = {build.group_key(p, build.validate(p)) for p in map(parse, cfgs)}
     assert len(keys) == 1

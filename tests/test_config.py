@@ -10,11 +10,24 @@ from omegaconf.errors import ConfigAttributeError, ValidationError
 
 from nstjax import config
 from nstjax.losses import HParams
-from nstjax.build import hparams, loss_spec, optim_spec
 from nstjax.errors import UserError
+from nstjax.spec import parse
 
 config.register()
 PRESETS = ["gatys2016", "pytorch_tutorial", "tf_tutorial", "neural_style", "preview"]
+
+
+def loss_spec(cfg):
+    return parse(cfg).structure.loss
+
+
+def hparams(cfg):
+    point = parse(cfg)
+    return point.member.hparams(point.structure.loss)
+
+
+def optim_spec(cfg):
+    return parse(cfg).structure.optim
 
 
 def composed(*overrides):
@@ -25,8 +38,7 @@ def composed(*overrides):
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_preset_composes_and_builds_the_objective(preset):
     cfg = composed(f"+experiment={preset}")
-    spec = loss_spec(cfg)
-    hp = hparams(cfg, spec)
+    hp = hparams(cfg)
     ospec = optim_spec(cfg)
     assert isinstance(hp, HParams)
     assert ospec.name == cfg.optim.name
@@ -44,7 +56,7 @@ def test_gatys2016_is_the_seed():
     assert list(cfg.loss.content_layers) == ["relu4_2"]
     assert list(cfg.loss.style_layers) == ["relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"]
     assert cfg.loss.style_layer_weights is None  # 1/L each: 1/5
-    np.testing.assert_allclose(hparams(cfg, loss_spec(cfg)).style_layer_weights, [0.2] * 5)
+    np.testing.assert_allclose(hparams(cfg).style_layer_weights, [0.2] * 5)
     assert (cfg.loss.alpha, cfg.loss.beta) == (1.0, 1e4)
     assert cfg.loss.style_reduction.value == "gatys" and cfg.loss.gram_norm.value == "none"
     assert cfg.loss.content_reduction.value == "half_sum"
@@ -104,19 +116,17 @@ def test_unknown_key_and_wrong_type_name_the_key():
 @pytest.mark.parametrize("mode,pixels,expected", [
     ("auto", 2048 * 2048 - 1, False), ("auto", 2048 * 2048, True), ("on", 16, True), ("off", 10**8, False)])
 def test_remat_mode_and_threshold(mode, pixels, expected):
-    from nstjax.build import use_remat
-
     cfg = composed(f"model.remat={mode}")
-    assert use_remat(cfg, (pixels, 1, 3)) is expected
+    assert parse(cfg).structure.model.uses_remat((pixels, 1, 3)) is expected
 
 
 def test_style_layers_alone_take_equal_weights():
     cfg = composed("loss.style_layers=[relu1_1,relu3_1]")
-    hp = hparams(cfg, loss_spec(cfg))
+    hp = hparams(cfg)
     np.testing.assert_allclose(hp.style_layer_weights, [0.5, 0.5])  # 1/L for the layers given
     cfg = composed("+experiment=neural_style", "loss.style_layers=[relu1_1,relu3_1]")  # a preset's own: 5 values
     with pytest.raises(UserError, match="style_layer_weights has 5 values for 2 layers"):
-        hparams(cfg, loss_spec(cfg))
+        hparams(cfg)
 
 
 @pytest.mark.parametrize("arch, bad, good", [("vgg16", "relu3_4", "relu3_3"), ("vgg11", "relu1_2", "relu4_2"),
@@ -132,10 +142,10 @@ def test_weights_of_another_network_are_refused_naming_both():
     from nstjax.build import check_arch
 
     with pytest.raises(UserError, match="model.weights=vgg16 holds a VGG16, model.arch is vgg19: set model.arch=vgg16"):
-        check_arch(composed("model.weights=vgg16"), "vgg16")
-    check_arch(composed("model=vgg16"), "vgg16")
+        check_arch(parse(composed("model.weights=vgg16")).structure.model, "vgg16")
+    check_arch(parse(composed("model=vgg16")).structure.model, "vgg16")
     with pytest.raises(UserError, match="holds a VGG19, model.arch is vgg16"):
-        check_arch(composed("model.arch=vgg16"), "vgg19")
+        check_arch(parse(composed("model.arch=vgg16")).structure.model, "vgg19")
 
 
 def test_unknown_arch_lists_the_choices():

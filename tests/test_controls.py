@@ -9,6 +9,7 @@ from scipy import stats
 from cli import EXAMPLES, run_cli, small_run_args
 from nstjax import build, config, inits
 from nstjax.errors import UserError
+from nstjax.spec import parse
 from nstjax.vgg import CAFFE
 
 
@@ -73,7 +74,7 @@ def test_init_style_and_noise_keep_their_meaning(images):
 def test_unknown_init_names_the_key_and_the_choices():
     cfg = config.compose(["init=nonsense"])
     with pytest.raises(UserError) as info:
-        build.check_init(cfg)
+        parse(cfg)
     message = str(info.value)
     assert "init=nonsense" in message and all(name in message for name in inits.INITS)
     assert "\n" not in message
@@ -130,12 +131,12 @@ def test_blend_weights_are_normalised_and_checked():
 
 def test_several_styles_are_validated_before_anything_runs():
     two = f"style=[{EXAMPLES / 'starry_night.jpg'},{EXAMPLES / 'the_scream.jpg'}]"
-    inputs = build.validate(config.compose(["image.size=32", two]))
+    inputs = build.validate(parse(config.compose(["image.size=32", two])))
     assert [s.shape[2] for s in inputs.styles] == [3, 3] and inputs.style is inputs.styles[0]
     with pytest.raises(UserError, match="^style_blend_weights has 1 values for 2"):
-        build.validate(config.compose(["image.size=32", two, "style_blend_weights=[1]"]))
+        build.validate(parse(config.compose(["image.size=32", two, "style_blend_weights=[1]"])))
     with pytest.raises(UserError, match="loss.style_loss=mean_std"):
-        build.validate(config.compose(["image.size=32", two, "loss.style_loss=mean_std"]))
+        build.validate(parse(config.compose(["image.size=32", two, "loss.style_loss=mean_std"])))
 
 
 # ---------------------------------------------------------------- colour control
@@ -335,7 +336,7 @@ def test_optim_clip_false_leaves_the_pixels_unclamped(clip):
 
     assert colors.finish("none", pixels[0], pixels[0]).max() == 1.0  # the saved image is clamped
     cfg = config.compose(["optim=adam", f"optim.clip={str(clip).lower()}"])
-    assert build.optim_spec(cfg).clip is clip and build.optim_spec(config.compose([])).clip is True
+    assert parse(cfg).structure.optim.clip is clip and parse(config.compose([])).structure.optim.clip is True
 
 
 def test_normalized_gradients_follow_neural_style(synthetic_params):
@@ -378,7 +379,7 @@ def test_normalized_gradients_follow_neural_style(synthetic_params):
         g = (flat @ (flat.T @ flat - np.asarray(targets.style[name], np.float64)) / (n**2 * m**2)).reshape(f.shape)
         want = want + 1e3 * w * pulled_back(name, g / (np.abs(g).sum() + 1e-8))
     np.testing.assert_allclose(np.asarray(grad), want, atol=1e-4 * np.abs(want).max())
-    assert build.loss_spec(config.compose(["loss.normalize_gradients=true"])).normalize_gradients
+    assert parse(config.compose(["loss.normalize_gradients=true"])).structure.loss.normalize_gradients
 
 
 # ---------------------------------------------------------------- the normalised VGG
@@ -427,4 +428,4 @@ def test_normalized_vgg_has_mean_activation_one_and_caches_its_means(synthetic_p
     with pytest.raises(BaseException, match="cached means were not used"):  # another size: another key
         normalize.normalized_params(model, params, "sha", folder, 40, tmp_path / "cache")
     with pytest.raises(UserError, match="^model.normalize_images"):
-        build.validate(config.compose(["model.normalize=true", f"model.normalize_images={tmp_path / 'none'}"]))
+        build.validate(parse(config.compose(["model.normalize=true", f"model.normalize_images={tmp_path / 'none'}"])))

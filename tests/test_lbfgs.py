@@ -332,13 +332,14 @@ def _nstjax_steps(weights_file, *overrides):
     from cli import EXAMPLES
     from nstjax import config
     from nstjax.build import build_group
+    from nstjax.spec import parse
 
     cfg = config.compose([f"model.weights={weights_file}", f"content={EXAMPLES / 'tubingen.jpg'}",
                           f"style={EXAMPLES / 'starry_night.jpg'}", "image.size=32", "model.conv=direct",
                           "seed=0", f"optim.steps={STEPS}", "chunk_steps=1", *overrides])
-    group = build_group([cfg])
+    group = build_group([parse(cfg)])
     assert group.structure.optim.linesearch == "none" and group.structure.optim.memory_size == 100
-    program = group.structure.loop.compile(group.problems, group.params)
+    program = group.loop.compile(group.problems, group.params)
     state = program.init(group.problems, group.params)
     terms = [[float(state.terms.total[0]), float(state.terms.content[0]), float(state.terms.style[0])]]
     pixels = [np.asarray(state.pixels[0])]

@@ -4,6 +4,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from nstjax import config
+from nstjax.spec import parse
 from nstjax.vgg import CAFFE, TORCHVISION
 from nstjax.weights import SOURCES
 
@@ -113,9 +114,9 @@ def test_neural_style_step_0_equals_neural_style_lua(synthetic_weights_file, nor
                           f"content={EXAMPLES / 'tubingen.jpg'}", f"style={EXAMPLES / 'starry_night.jpg'}",
                           "image.size=45", "model.conv=direct", f"loss.normalize_gradients={normalize_gradients}",
                           "init=uniform"])
-    group = build_group([cfg])
+    group = build_group([parse(cfg)])
     problem = jax.tree.map(lambda a: a[0], group.problems)
-    objective = group.structure.loop.objective
+    objective = group.loop.objective
     terms = objective(problem.pixels, group.params, problem.targets, problem.hp, problem.key)
     grad = jax.grad(lambda x: objective(x, group.params, problem.targets, problem.hp, problem.key).total)(
         problem.pixels)

@@ -7,7 +7,6 @@ import subprocess
 import sys
 import textwrap
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -116,16 +115,16 @@ def test_a_loaded_loop_program_gives_the_compiled_ones_result(members, tmp_path,
     """The optimisation's own programs (Loop.compile with a structure): compiled, then loaded in
     this process from the stored file, run to bitwise the same state."""
     from nstjax import build, config
+    from nstjax.spec import parse
 
     monkeypatch.setenv("NSTJAX_CACHE", str(tmp_path))
     cfg = config.compose([f"model.weights={synthetic_weights_file}", "image.size=32", "model.conv=direct",
                           "loss.style_layers=[relu1_1,relu2_1]", "loss.content_layers=[relu2_1]",
                           "optim.linesearch=none", f"member_batching={members}"])
-    group = build.build_group([cfg])
-    s = group.structure
+    group = build.build_group([parse(cfg)])
 
     def run():
-        program = s.loop.compile(group.problems, group.params, structure=s.program_key)
+        program = group.loop.compile(group.problems, group.params, structure=group.program_key)
         state = program.init(group.problems, group.params)
         state, _, _ = program.chunk(state, group.problems, group.params, jnp.int32(3), jnp.int32(99))
         return np.asarray(state.pixels)

@@ -1,6 +1,7 @@
 """Coarse to fine (nstjax.pyramid): the levels' sizes and steps, each level starting from the one
 below, and a three-level run interrupted at its middle level and resumed."""
 
+import dataclasses
 import json
 import signal
 import subprocess
@@ -8,12 +9,12 @@ import time
 
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
 
 from cli import ROOT, env, patched_cli_args, run_cli, small_run_args
 from nstjax import config, pyramid, stylize
-from nstjax.errors import UserError
 from nstjax.build import validate
+from nstjax.errors import UserError
+from nstjax.spec import PyramidSpec, parse
 
 SHALLOW = ("loss.content_layers=[relu2_2]", "loss.style_layers=[relu1_1,relu2_1,relu3_1]",
            "loss.style_layer_weights=null")  # three VGG blocks: quick to compile
@@ -23,15 +24,15 @@ SHALLOW = ("loss.content_layers=[relu2_2]", "loss.style_layers=[relu1_1,relu2_1,
     (64, None, 2.0, [64]), (64, 16, 2.0, [16, 32, 64]), (64, 20, 2.0, [32, 64]), (512, 256, 2 ** 0.5, [256, 362, 512]),
     (64, 64, 2.0, [64])])
 def test_level_sizes_divide_by_the_factor_down_to_min_size(size, min_size, factor, want):
-    cfg = OmegaConf.create({"image": {"size": size}, "pyramid": {"min_size": min_size, "factor": factor}})
-    assert pyramid.sizes(cfg) == want
+    assert pyramid.sizes(PyramidSpec(min_size, factor), size) == want
 
 
-def test_level_configs_run_pyramid_steps_below_the_last_level():
+def test_levels_run_pyramid_steps_below_the_last_level():
     cfg = config.compose(["image.size=64", "pyramid.min_size=16", "pyramid.steps=7", "optim.steps=9"])
-    levels = pyramid.level_configs(cfg)
-    assert [(c.image.size, c.optim.steps) for c in levels] == [(16, 7), (32, 7), (64, 9)]
-    assert pyramid.level_configs(config.compose(["image.size=64"])) == [config.compose(["image.size=64"])]
+    levels = pyramid.levels(parse(cfg).structure)
+    assert [(s.image.size, s.steps) for s in levels] == [(16, 7), (32, 7), (64, 9)]
+    one = parse(config.compose(["image.size=64"])).structure
+    assert pyramid.levels(one) == [one]
 
 
 def test_upsample_is_bicubic_and_clipped():
@@ -48,8 +49,8 @@ def test_upsample_is_bicubic_and_clipped():
     ("pyramid.factor=1", "pyramid.factor = 1.0 must be > 1")])
 def test_bad_pyramids_are_refused(synthetic_weights_file, tmp_path, override, message):
     with pytest.raises(UserError, match=message.replace(".", r"\.")):
-        validate(config.compose([*small_run_args(synthetic_weights_file, tmp_path)[:-1], "pyramid.min_size=16",
-                                 override]))
+        validate(parse(config.compose([*small_run_args(synthetic_weights_file, tmp_path)[:-1], "pyramid.min_size=16",
+                                       override])))
 
 
 def test_each_level_starts_from_the_level_below_upsampled_and_members_equal_solo_runs(
@@ -69,18 +70,20 @@ def test_each_level_starts_from_the_level_below_upsampled_and_members_equal_solo
     cfgs = [config.compose([*base, f"loss.beta={b}"]) for b in (1e3, 1e5)]
     both, (solo,) = stylize.optimize(cfgs), stylize.optimize(cfgs[:1])
     assert [r.level for r in solo.history] == [0] * 4 + [1] * 4
-    assert [lv["size"] for lv in solo.levels] == [[24, 32], [48, 64]]
+    assert [lv.size for lv in solo.levels] == [[24, 32], [48, 64]]
     assert solo.steps == 6 and solo.image.shape == (48, 64, 3)
     np.testing.assert_allclose(np.array(both[0].history), np.array(solo.history), rtol=1e-5)
     assert both[1].history[0].total != solo.history[0].total
 
-    low_cfg, high_cfg = pyramid.level_configs(cfgs[0])
-    (low,) = stylize.optimize([low_cfg], [level_inputs(low_cfg, validate(cfgs[0]))])
+    point = parse(cfgs[0])
+    low_level, _ = pyramid.levels(point.structure)
+    low_point = dataclasses.replace(point, structure=low_level)
+    (low,) = stylize.optimize([low_point], [level_inputs(point, low_level, validate(point))])
     np.testing.assert_allclose(np.array(low.history), np.array(solo.history[:4]), rtol=1e-5)
-    high = stylize.level_groups(cfgs[:1])[1]
+    high = stylize.level_groups([point])[1]
     problem = jax.tree.map(lambda a: a[0], high.problems)
     start = pyramid.upsample(low.image[None], (48, 64))[0]
-    terms = high.structure.loop.objective(start, high.params, problem.targets, problem.hp, problem.key)
+    terms = high.loop.objective(start, high.params, problem.targets, problem.hp, problem.key)
     np.testing.assert_allclose(float(terms.total), solo.history[4].total, rtol=1e-5)
 
 

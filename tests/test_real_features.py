@@ -9,6 +9,7 @@ import pytest
 
 import weights_fixtures as wf
 from nstjax import build, config
+from nstjax.spec import parse
 from nstjax.weights import load_weights
 
 GATYS_STYLE = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
@@ -63,11 +64,11 @@ def test_objective_and_gradient_at_step_0_equal_float64_torch(real_weights):
     """gatys2016 at 64 px from a noise image (both terms non-zero), built as the CLI builds it: each
     term and the gradient against float64 PyTorch on the same weights, 1e-5."""
     cfg = compose(real_weights, "+experiment=gatys2016", "image.size=64", "init=noise", "model.conv=direct")
-    group = build.build_group([cfg])
+    group = build.build_group([parse(cfg)])
     member, p = group.members[0], jax.tree.map(lambda a: a[0], group.problems)
 
     def total(x):
-        terms = group.structure.loop.objective(x, group.params, p.targets, p.hp, p.key)
+        terms = group.loop.objective(x, group.params, p.targets, p.hp, p.key)
         return terms.total, terms
 
     (_, terms), grad = jax.jit(jax.value_and_grad(total, has_aux=True))(p.pixels)
@@ -166,8 +167,8 @@ def test_two_regions_each_take_their_own_style(control_results, real_weights):
     from nstjax.yardstick import yardstick, yardstick_targets
 
     cfg, r = control_results["regions"]
-    group = build.build_group([cfg])
-    model, params = group.structure.model, group.params
+    group = build.build_group([parse(cfg)])
+    model, params = group.model, group.params
     styles = [resize_longest(load_image(EXAMPLES / name), 128) for name in ("starry_night.jpg", "the_scream.jpg")]
     halves = [r.image[:, :64], r.image[:, 64:]]
 

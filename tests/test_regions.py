@@ -13,6 +13,7 @@ from PIL import Image
 from cli import EXAMPLES, run_cli, small_run_args
 from nstjax import build, config, regions
 from nstjax.errors import UserError
+from nstjax.spec import parse
 from nstjax.vgg import LAYER_NAMES, gram_matrix, layer_stride
 
 STYLE_LAYERS = ["relu1_1", "relu2_1", "relu3_1"]
@@ -102,9 +103,9 @@ def test_inside_propagation_keeps_the_positions_whose_receptive_field_is_inside(
 
 def _loss_of(cfg, inputs=None):
     """(objective terms, gradient) at the initial image, as the run computes them."""
-    group = build.build_group([cfg], inputs)
+    group = build.build_group([parse(cfg)], inputs)
     problem = jax.tree.map(lambda a: a[0], group.problems)
-    objective = group.structure.loop.objective
+    objective = group.loop.objective
 
     def total(x):
         return objective(x, group.params, problem.targets, problem.hp, problem.key).total
@@ -132,8 +133,8 @@ def test_two_regions_style_loss_matches_numpy(synthetic_weights_file, synthetic_
                         {"mask": masks["right"], "style": EXAMPLES / "the_scream.jpg", "style_mask": masks["left"],
                          "weight": 2.0}))
     terms, _, group, problem = _loss_of(cfg)
-    model = group.structure.model
-    inputs = build.validate(cfg)
+    model = group.model
+    inputs = build.validate(parse(cfg))
     acts = model.apply({"params": group.params}, problem.pixels[None], STYLE_LAYERS)
     weights = np.asarray(problem.hp.style_layer_weights, np.float64)
     want = 0.0
@@ -158,11 +159,10 @@ def test_banded_remat_gives_the_regions_loss_and_gradient(synthetic_weights_file
     region = _regions({"mask": masks["left"]}, {"mask": masks["right"], "style": EXAMPLES / "the_scream.jpg"})
     whole, whole_grad, *_ = _loss_of(_cfg(synthetic_weights_file, region, "model.conv=direct"))
     cfg = _cfg(synthetic_weights_file, region, "model.conv=direct", "model.remat=on")
-    group = build.build_group([cfg])
-    model = group.structure.model.clone(band_elements=64 * 12 * 4)  # several bands per block at 48 px
-    structure = dataclasses.replace(group.structure, model=model)
+    group = build.build_group([parse(cfg)])
+    group = dataclasses.replace(group, model=group.model.clone(band_elements=64 * 12 * 4))  # several bands a block
     problem = jax.tree.map(lambda a: a[0], group.problems)
-    objective = structure.loop.objective
+    objective = group.loop.objective
 
     def total(x):
         return objective(x, group.params, problem.targets, problem.hp, problem.key).total
@@ -176,7 +176,7 @@ def test_banded_remat_gives_the_regions_loss_and_gradient(synthetic_weights_file
 def test_bad_masks_and_weights_are_refused_naming_the_key(synthetic_weights_file, masks):
     def refused(*extra):
         with pytest.raises(UserError) as info:
-            build.validate(_cfg(synthetic_weights_file, *extra))
+            build.validate(parse(_cfg(synthetic_weights_file, *extra)))
         return str(info.value)
 
     assert refused(_regions({"mask": masks["bad"]})).startswith("regions[0].mask: ")

@@ -286,7 +286,7 @@ def test_checkpoint_of_another_optimiser_is_refused(tmp_path):
         x = jnp.zeros((1, 8, 8, 3))
         terms = Terms(*(jnp.zeros(1) for _ in Terms._fields))
         return LoopState(x, tx.init(x), terms, x, jnp.zeros((1, 2), jnp.uint32), jnp.zeros(1, jnp.int32),
-                         jnp.ones(1, jnp.int32), jnp.zeros(1, jnp.int32), jnp.ones(1))
+                         jnp.ones(1, jnp.int32), jnp.zeros(1, jnp.int32), jnp.ones(1), x, jnp.ones(1))
 
     checkpoint.save(tmp_path, state(optax.adam(0.1)), checkpoint.CheckpointMeta(0, 1, 0, [[]], checkpoint.Earlier.none(1), 0.0))
     with pytest.raises(UserError, match="does not match this configuration"):

@@ -12,7 +12,8 @@ from PIL import Image
 from cli import EXAMPLES, run_cli, small_run_args
 from nstjax import config
 from nstjax.losses import compute_targets, make_objective
-from nstjax.build import hparams, initial_image, load_inputs, loss_spec
+from nstjax.build import initial_image, validate
+from nstjax.spec import parse
 from nstjax.vgg import VGG
 from nstjax.weights import load_weights
 
@@ -75,13 +76,15 @@ def test_history_step0_is_the_objective_at_the_initial_image(finished_runs):
     run_dir = finished_runs["lbfgs"]
     cfg = OmegaConf.merge(OmegaConf.structured(config.Config(optim=config.LBFGSConfig())),
                           OmegaConf.load(run_dir / "config.yaml"))
-    spec = loss_spec(cfg)
+    point = parse(cfg)
+    spec = point.structure.loss
     weights = load_weights(cfg.model.weights)
-    content, (style,) = load_inputs(cfg, spec)
-    x0 = initial_image(cfg, content, [style], weights.preprocessing, jax.random.key(cfg.seed))
+    inputs = validate(point)
+    content, style = inputs.content, inputs.style
+    x0 = initial_image(point, content, [style], weights.preprocessing, jax.random.key(cfg.seed))
     model = VGG(weights.preprocessing, cfg.model.pooling.value)
     targets = compute_targets(model, weights.params, content, style, spec)
-    terms = make_objective(model, spec)(x0, weights.params, targets, hparams(cfg, spec))
+    terms = make_objective(model, spec)(x0, weights.params, targets, point.member.hparams(spec))
     with open(run_dir / "history.csv", newline="") as f:
         row0 = next(csv.DictReader(f))
     for name in ("total", "content", "style", "tv"):

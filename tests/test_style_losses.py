@@ -91,7 +91,7 @@ def w2_float64(f, s):
     root: ∂‖D D′ᵀ‖_*/∂D = Q P Vᵀ R′ over the non-zero singular values of R R′ᵀ = P S Vᵀ."""
     shape = f.shape
     f, s = flat(f), flat(s)
-    (m, n), m_s = f.shape, s.shape[0]
+    m, m_s = f.shape[0], s.shape[0]
     d, d_s = f - f.mean(0), s - s.mean(0)
     (q, r), (_, r_s) = np.linalg.qr(d), np.linalg.qr(d_s)
     p, sv, vt = np.linalg.svd(r @ r_s.T, full_matrices=False)
@@ -605,10 +605,11 @@ def _validate(*overrides):
     from cli import EXAMPLES
     from nstjax import config
     from nstjax.build import validate
+    from nstjax.spec import parse
 
-    return validate(config.compose([f"content={EXAMPLES / 'tubingen.jpg'}", f"style={EXAMPLES / 'starry_night.jpg'}",
+    return validate(parse(config.compose([f"content={EXAMPLES / 'tubingen.jpg'}", f"style={EXAMPLES / 'starry_night.jpg'}",
                                     "image.size=32", "loss.style_layers=[relu1_1,relu2_1,relu3_1]",
-                                    "loss.style_layer_weights=null", *overrides]))
+                                    "loss.style_layer_weights=null", *overrides])))
 
 
 WHOLE_MAP = [["loss.style_loss=sliced_wasserstein"], ["loss.style_loss=histogram"], ["loss.style_loss=mrf"],

@@ -14,7 +14,8 @@ from PIL import Image
 
 from cli import EXAMPLES, run_cli, start_cli, wait_for_files
 from nstjax import config, images, stylize, sweep
-from nstjax.build import build_group, structure_key, validate
+from nstjax.build import build_group, group_key, validate
+from nstjax.spec import parse
 from nstjax.style_losses import STYLE_LOSSES
 
 LOSSES = tuple(STYLE_LOSSES)
@@ -101,7 +102,7 @@ def test_members_with_their_own_seeds_and_moment_weights_are_one_group_equal_to_
     base = small(synthetic_weights_file, "loss.style_loss=remd", "loss.style_positions=64")
     points = [("0", 0), ("0", 0), ("0", 1), ("4", 1)]  # (remd_moment_weight, seed); w_m = 0: all sampled
     cfgs = [config.compose([*base, f"loss.remd_moment_weight={w}", f"seed={s}"]) for w, s in points]
-    assert len({structure_key(c, validate(c)) for c in cfgs}) == 1
+    assert len({group_key(p, validate(p)) for p in map(parse, cfgs)}) == 1
     batch = stylize.optimize(cfgs)
     np.testing.assert_array_equal(batch[0].image, batch[1].image)  # the same seed: the same pixels
     assert batch[0].history == batch[1].history
@@ -110,13 +111,13 @@ def test_members_with_their_own_seeds_and_moment_weights_are_one_group_equal_to_
     assert_history_close(batch[3].history, stylize.optimize([cfgs[3]])[0].history)  # the last member
 
     # The loop's key chain: k₀ = key(seed); (k_{t+1}, e_t) = split(k_t); row t is evaluated with e_t.
-    group = build_group([cfgs[2]])
+    group = build_group([parse(cfgs[2])])
     problem = jax.tree.map(lambda a: a[0], group.problems)
     keys, k = [], problem.key
     for _ in range(3):
         k, e = jax.random.split(k)
         keys.append(e)
-    objective = jax.jit(group.structure.loop.objective)
+    objective = jax.jit(group.loop.objective)
     style = [float(objective(jnp.asarray(batch[2].image), group.params, problem.targets, problem.hp, e).style)
              for e in keys]
     final = batch[2].history[-1].style

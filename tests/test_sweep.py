@@ -18,6 +18,7 @@ from cli import EXAMPLES, ROOT, env, quick_conv, run_cli, start_cli, tree_digest
 from nstjax import config, stylize, sweep
 from nstjax.optimize import HistoryRow
 from nstjax.outputs import read_history
+from nstjax.spec import parse
 from nstjax.vgg import CAFFE, VGG
 from nstjax.yardstick import CONTENT_LAYER, STYLE_LAYERS, yardstick, yardstick_targets
 
@@ -298,9 +299,10 @@ def test_a_group_larger_than_free_memory_runs_in_waves_that_fit(synthetic_weight
 
     cfgs = [config.compose(small(synthetic_weights_file, f"loss.beta={b}")) for b in (1e2, 1e3, 1e4, 1e5)]
     logged = []
-    d = driver.Driver(build_group(cfgs), None, [None] * 4, log=logged.append)
-    need = {k: max(driver.program_bytes(p) for p in (d.programs(k).program.init, d.programs(k).program.chunk,
-                                                     d.programs(k).yardstick)) for k in (4, 2)}
+    d = driver.Driver(build_group([parse(c) for c in cfgs]), None, [None] * 4, log=logged.append)
+    last = len(d.levels) - 1
+    need = {k: max(driver.program_bytes(p) for p in (d.programs(last, k).program.init, d.programs(last, k).program.chunk,
+                                                     d.programs(last, k).yardstick)) for k in (4, 2)}
     assert need[2] < need[4]
     monkeypatch.setattr(driver, "free_memory_bytes", lambda: (need[2] + need[4]) // 2)
     assert d.wave_size() == 2
@@ -309,4 +311,4 @@ def test_a_group_larger_than_free_memory_runs_in_waves_that_fit(synthetic_weight
     assert any("4 members in 2 waves of at most 2" in m for m in logged)
     monkeypatch.setattr(driver, "free_memory_bytes", lambda: need[2] // 4)  # not even one device's worth
     with pytest.raises(driver.UserError, match="GiB is free"):
-        driver.Driver(build_group(cfgs[:2]), None, [None] * 2).wave_size()
+        driver.Driver(build_group([parse(c) for c in cfgs[:2]]), None, [None] * 2).wave_size()
