@@ -88,7 +88,7 @@ def test_prepare_params_transforms_only_the_winograd_convolutions_a_run_needs(pa
 def test_default_conv_is_winograd_on_cpu_in_float32_only():
     assert vgg.default_conv("float32", "cpu") == "winograd"
     assert vgg.default_conv("bfloat16", "cpu") == "direct"
-    assert vgg.default_conv("float32", "gpu") == "direct"
+    assert vgg.default_conv("float32", "gpu") == "xla"
 
 
 def test_winograd_needs_float32(params):
