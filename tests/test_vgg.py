@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import weights_fixtures as wf
-from nstjax.vgg import ARCHITECTURES, CAFFE, LAYER_NAMES, TORCHVISION, VGG, UnknownLayerError
+from nstjax.vgg import ARCHITECTURES, CAFFE, LAYER_NAMES, TORCHVISION, VGG, UnknownLayerError, gram_matrix
 
 
 @pytest.fixture(scope="module")
@@ -214,6 +214,17 @@ def test_features_grams_are_gram_matrices_of_the_activations(params):
     np.testing.assert_array_equal(out.acts["relu2_1"], acts["relu2_1"])
 
 
+def test_gram_matrix_gradient_is_autodiffs_of_the_einsum():
+    """gram_matrix's own gradient F (dG + dGᵀ) against autodiff of Fᵀ F in float64 numpy terms."""
+    rng = np.random.default_rng(4)
+    f = jnp.asarray(rng.standard_normal((2, 5, 7, 6)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((2, 6, 6)), jnp.float32)  # not symmetric
+    got = jax.jit(jax.grad(lambda f: jnp.sum(gram_matrix(f) * w)))(f)
+    f64, w64 = np.asarray(f, np.float64).reshape(2, 35, 6), np.asarray(w, np.float64)
+    want = np.einsum("nmj,nji->nmi", f64, w64 + np.swapaxes(w64, 1, 2)).reshape(f.shape)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_synthetic_params_have_the_module_structure(params):
     abstract = jax.eval_shape(lambda key, x: VGG().init(key, x, ["relu1_1"]),
                               jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
@@ -223,27 +234,20 @@ def test_synthetic_params_have_the_module_structure(params):
 
 
 def test_gradients_match_plain_autodiff(params):
-    """The convolutions' custom backward gives autodiff's gradients, for pixels and kernels."""
-    from nstjax import vgg
-
+    """The convolutions' custom backward (model.conv=direct) gives autodiff's gradients
+    (model.conv=xla), for pixels and kernels."""
     rgb = jnp.asarray(np.random.default_rng(5).uniform(0, 1, (1, 20, 24, 3)), jnp.float32)
     small = {k: v for k, v in params.items() if k in ("conv1_1", "conv1_2", "conv2_1")}
     weights = jnp.asarray(np.random.default_rng(6).standard_normal((1, 10, 12, 128)), jnp.float32)
 
-    def loss(x, p):
-        out = VGG(CAFFE, "max").apply({"params": {**params, **p}}, x, ["relu2_1"])
-        return jnp.sum(out["relu2_1"] * weights)
+    def loss(conv):
+        def f(x, p):
+            out = VGG(CAFFE, "max", conv=conv).apply({"params": {**params, **p}}, x, ["relu2_1"])
+            return jnp.sum(out["relu2_1"] * weights)
+        return f
 
-    def plain_conv(x, kernel, bias, precision):
-        return vgg._lax_conv(x, kernel, precision) + bias
-
-    got_x, got_p = jax.grad(loss, argnums=(0, 1))(rgb, small)
-    custom = vgg._conv3x3
-    vgg._conv3x3 = plain_conv
-    try:
-        want_x, want_p = jax.grad(loss, argnums=(0, 1))(rgb, small)
-    finally:
-        vgg._conv3x3 = custom
+    got_x, got_p = jax.grad(loss("direct"), argnums=(0, 1))(rgb, small)
+    want_x, want_p = jax.grad(loss("xla"), argnums=(0, 1))(rgb, small)
     np.testing.assert_allclose(got_x, want_x, rtol=1e-4, atol=1e-6 * float(jnp.abs(want_x).max()))
     for name in small:
         for part in ("kernel", "bias"):
