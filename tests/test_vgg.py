@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import weights_fixtures as wf
-from nstjax.vgg import ARCHITECTURES, CAFFE, LAYER_NAMES, TORCHVISION, VGG, UnknownLayerError
+from nstjax.vgg import ARCHITECTURES, CAFFE, LAYER_NAMES, TORCHVISION, VGG, UnknownLayerError, gram_matrix
 
 
 @pytest.fixture(scope="module")
@@ -212,6 +212,17 @@ def test_features_grams_are_gram_matrices_of_the_activations(params):
         f = np.asarray(acts[name], np.float64).reshape(2, -1, acts[name].shape[-1])
         np.testing.assert_allclose(out.grams[name], np.einsum("nmi,nmj->nij", f, f), rtol=1e-5)
     np.testing.assert_array_equal(out.acts["relu2_1"], acts["relu2_1"])
+
+
+def test_gram_matrix_gradient_is_autodiffs_of_the_einsum():
+    """gram_matrix's own gradient F (dG + dGᵀ) against autodiff of Fᵀ F in float64 numpy terms."""
+    rng = np.random.default_rng(4)
+    f = jnp.asarray(rng.standard_normal((2, 5, 7, 6)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((2, 6, 6)), jnp.float32)  # not symmetric
+    got = jax.jit(jax.grad(lambda f: jnp.sum(gram_matrix(f) * w)))(f)
+    f64, w64 = np.asarray(f, np.float64).reshape(2, 35, 6), np.asarray(w, np.float64)
+    want = np.einsum("nmj,nji->nmi", f64, w64 + np.swapaxes(w64, 1, 2)).reshape(f.shape)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_synthetic_params_have_the_module_structure(params):

@@ -94,3 +94,9 @@ def test_default_conv_is_winograd_on_cpu_in_float32_only():
 def test_winograd_needs_float32(params):
     with pytest.raises(ValueError, match="precision='float32'"):
         VGG(precision="bfloat16", conv="winograd").apply({"params": params}, jnp.zeros((1, 8, 8, 3)), ["relu1_1"])
+
+
+def test_prepared_kernels_are_device_arrays_where_the_kernels_are(params):
+    """(numpy leaves would be copied to the device at every call of a compiled program)"""
+    prepared = prepare_params(params, "winograd", ["relu3_1"])
+    assert all(isinstance(prepared["conv3_1"][k], jax.Array) for k in vgg.WINOGRAD_PARAMS)
