@@ -17,22 +17,15 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 RESULTS = Path(__file__).resolve().parent / "results"
 
-# The VGG19 convolutions: name -> (Cin, Cout, downsampling factor of its input).
-BLOCK_SIZES = (2, 2, 4, 4, 4)
-BLOCK_CHANNELS = (64, 128, 256, 512, 512)
-
-
 def conv_table():
-    rows, c_in = [], 3
-    for b, (n, c_out) in enumerate(zip(BLOCK_SIZES, BLOCK_CHANNELS), 1):
-        for i in range(1, n + 1):
-            rows.append((f"conv{b}_{i}", c_in, c_out, 2 ** (b - 1)))
-            c_in = c_out
-    return rows
+    """The VGG19 convolutions (nstjax.vgg's layer table): (name, Cin, Cout, downsampling factor of its input)."""
+    from nstjax.vgg import architecture
+
+    return [(name, kernel[2], kernel[3], 2 ** (int(name[4]) - 1))
+            for name, (kernel, _) in architecture("vgg19").conv_shapes().items()]
 
 
 CONVS = conv_table()
-CONV_NAMES = [r[0] for r in CONVS]
 
 
 # --------------------------------------------------------------------------- objectives
@@ -70,43 +63,35 @@ SETUPS = {"gatys": gatys_setup, "tutorial": tutorial_setup}
 
 # --------------------------------------------------------------------------- weights and images
 
-def random_params(seed: int = 0) -> dict:
-    """VGG19 params with He-normal kernels (std √(2/(9·Cin)), so activations keep their scale through
-    the ReLUs) and small random biases, float32 numpy, HWIO. The cost of an evaluation does not depend
-    on the values."""
-    rng = np.random.default_rng(seed)
-    params = {}
-    for name, c_in, c_out, _ in CONVS:
-        params[name] = {
-            "kernel": (rng.standard_normal((3, 3, c_in, c_out)) * np.sqrt(2.0 / (9 * c_in))).astype(np.float32),
-            "bias": (rng.standard_normal(c_out) * 0.01).astype(np.float32),
-        }
-    return params
+def random_params(seed: int = 0, arch: str = "vgg19") -> dict:
+    """``arch``'s params with He-normal kernels and small random biases, float32 numpy, HWIO: the tests'
+    synthetic weights (tests/weights_fixtures.py). The cost of an evaluation does not depend on the
+    values."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("weights_fixtures", ROOT / "tests" / "weights_fixtures.py")
+    fixtures = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fixtures)
+    return fixtures.synthetic_params(seed, arch)
 
 
-def synthetic_weights_file(path: Path, seed: int = 0) -> Path:
+def synthetic_weights_file(path: Path, seed: int = 0, arch: str = "vgg19") -> Path:
     """:func:`random_params` as a canonical weights file (Caffe preprocessing) at ``path``."""
     from nstjax.vgg import CAFFE
     from nstjax.weights import VGGWeights, save_canonical
 
-    save_canonical(path, VGGWeights(random_params(seed), CAFFE, "synthetic", ""))
+    save_canonical(path, VGGWeights(random_params(seed, arch), CAFFE, "synthetic", "", arch))
     return path
 
 
 def load_params(weights: str | None, seed: int = 0) -> tuple[dict, str]:
-    """Random params, or a torchvision VGG19 state dict (.pth: features.N.weight/bias) if given."""
+    """Random params, or the VGG19 params of a weights file (any format nstjax reads: a torchvision
+    state dict, Keras .h5, .safetensors, ...) if given."""
     if not weights:
         return random_params(seed), f"random He-normal (seed {seed})"
-    import torch
+    from nstjax.weights import load_weights
 
-    state = torch.load(weights, map_location="cpu", weights_only=True)
-    convs = sorted({int(k.split(".")[1]) for k in state if k.startswith("features.") and k.endswith(".weight")})
-    params = {}
-    for (name, *_), idx in zip(CONVS, convs):
-        w = state[f"features.{idx}.weight"].numpy()
-        params[name] = {"kernel": np.ascontiguousarray(np.transpose(w, (2, 3, 1, 0))).astype(np.float32),
-                        "bias": state[f"features.{idx}.bias"].numpy().astype(np.float32)}
-    return params, f"torchvision state dict {weights}"
+    return load_weights(weights).params, f"weights file {weights}"
 
 
 def load_image(path: Path, longest: int) -> np.ndarray:
@@ -148,7 +133,8 @@ def deepest_conv(layers) -> str:
     deepest = max(layers, key=LAYER_NAMES.index)
     if deepest.startswith("pool"):
         b = int(deepest[4])
-        return f"conv{b}_{BLOCK_SIZES[b - 1]}"
+        from nstjax.vgg import architecture
+        return f"conv{b}_{architecture('vgg19').block_sizes[b - 1]}"
     return "conv" + deepest[4:]
 
 

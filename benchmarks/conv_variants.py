@@ -1,13 +1,12 @@
-"""Other 3×3 convolutions for nstjax.vgg._conv3x3 (benchmarks only; nstjax is not edited).
+"""Other 3×3 convolutions (benchmarks only; nstjax is not edited).
 
-Each ``conv(x, kernel, bias, precision)`` has the signature of ``nstjax.vgg._conv3x3`` (NHWC input,
-HWIO kernel, 'SAME' zero padding); :func:`patched` swaps one in for the duration of a block (on
-the ``model.conv=direct`` path).
+Each ``conv(x, kernel, bias, precision)`` has the signature of :func:`nstjax.vgg.conv3x3` (NHWC
+input, HWIO kernel, 'SAME' zero padding) and is given to the model as its convolution,
+``VGG(conv=VARIANTS[name])``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import jax
@@ -15,14 +14,7 @@ import jax.numpy as jnp
 
 from nstjax import vgg
 
-_PRECISIONS = vgg._PRECISIONS
-
-
-def _lax_conv(x, k, precision, dn=("NHWC", "HWIO", "NHWC")):
-    dtype, lax_precision = _PRECISIONS[precision]
-    return jax.lax.conv_general_dilated(
-        x.astype(dtype), k.astype(dtype), (1, 1), "SAME", dimension_numbers=dn,
-        precision=lax_precision, preferred_element_type=jnp.float32)
+_lax_conv = vgg.lax_conv
 
 
 def lax_nhwc(x, kernel, bias, precision):
@@ -67,17 +59,5 @@ def direct(x, kernel, bias, precision):
     return _DIRECT(x, kernel, bias, precision)
 
 
-_DIRECT = vgg._conv3x3
+_DIRECT = vgg.conv3x3
 VARIANTS = {"direct": direct, "lax_nhwc": lax_nhwc, "explicit_bwd": explicit_bwd}
-
-
-@contextlib.contextmanager
-def patched(name_or_fn):
-    """Use another convolution in nstjax.vgg while tracing inside this block."""
-    fn = VARIANTS[name_or_fn] if isinstance(name_or_fn, str) else name_or_fn
-    saved = vgg._conv3x3
-    vgg._conv3x3 = lambda x, kernel, bias, precision, conv="direct": fn(x, kernel, bias, precision)
-    try:
-        yield
-    finally:
-        vgg._conv3x3 = saved

@@ -1,7 +1,7 @@
 """The engine without waste, measured through the CLI: a chunk costs only its steps, and a run
 starts in seconds. One command, a table and benchmarks/results/engine-cpu.json.
 
-    python -m benchmarks.engine [--sizes 256] [--quick]
+    python -m benchmarks.engine [--quick] [--before CHECKOUT]
 
 (1) seconds per step of a 20-step Adam run at 256 px with ``save_every=1`` (a snapshot of every
     step: a chunk per step) against ``save_every=0`` (chunks of ``chunk_steps``), and a 7-step
@@ -12,7 +12,10 @@ starts in seconds. One command, a table and benchmarks/results/engine-cpu.json.
     or compiling the programs, the steps, writing the outputs, the loss curve) and, apart, the wall
     time without the profiler.
 
-Synthetic weights (benchmarks.common.synthetic_weights_file): the speed does not depend on them.
+With ``--before CHECKOUT`` (another checkout of nstjax, e.g. ``git worktree add /tmp/old REV``)
+both are run the same way in this one command, that checkout's CLI first, side by side in the
+table. Synthetic weights (benchmarks.common.synthetic_weights_file): the speed does not depend on
+them.
 """
 
 from __future__ import annotations
@@ -43,15 +46,15 @@ PHASES = (  # (label, the function whose cumulative time it is: file suffix, fun
 )
 
 
-def cli(args: list[str], cache: Path, profile: Path | None = None) -> tuple[float, dict]:
-    """Wall seconds of ``python -m nstjax.run ARGS`` (under cProfile into ``profile`` if given) and
-    the run's metrics.json."""
+def cli(args: list[str], cache: Path, profile: Path | None = None, root: Path = ROOT) -> tuple[float, dict]:
+    """Wall seconds of ``python -m nstjax.run ARGS`` run in the checkout ``root`` (under cProfile
+    into ``profile`` if given) and the run's metrics.json."""
     run_dir = Path(tempfile.mkdtemp(prefix="engine-")) / "run"
     env = dict(os.environ, NSTJAX_CACHE=str(cache), JAX_PLATFORMS="cpu")
     prefix = [sys.executable] + (["-m", "cProfile", "-o", str(profile)] if profile else [])
     t0 = time.perf_counter()
     proc = subprocess.run([*prefix, "-m", "nstjax.run", *args, f"hydra.run.dir={run_dir}", "progress=false"],
-                          cwd=ROOT, env=env, capture_output=True, text=True)
+                          cwd=root, env=dict(env, PYTHONPATH=str(root)), capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode:
         sys.exit(f"error: {' '.join(args)} failed: {proc.stderr[-2000:]}")
@@ -69,36 +72,28 @@ def phases(profile: Path) -> dict[str, float]:
     return out
 
 
-def main(argv=None) -> int:
-    from benchmarks.common import synthetic_weights_file
-
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="64 px and fewer steps: checks that it works")
-    a = p.parse_args(argv)
-    work = Path(tempfile.mkdtemp(prefix="nstjax-engine-"))
-    weights = synthetic_weights_file(work / "weights.safetensors")
-    base = [f"model.weights={weights}"]
-    size, steps = (64, 6) if a.quick else (256, 20)
-    report: dict = {"machine": os.uname().machine, "cpus": os.cpu_count()}
-
+def measure(root: Path, base: list[str], work: Path, quick: bool) -> dict:
+    """(1) and (2) of the module for the CLI of the checkout ``root``."""
+    size, steps = (64, 6) if quick else (256, 20)
+    work.mkdir(parents=True, exist_ok=True)
     cache = work / "cache"
     chunks = {}
     for every in (0, 1):
-        cli([*base, "optim=adam", f"image.size={size}", "optim.steps=2", f"save_every={every}"], cache)  # compile
-        _, m = cli([*base, "optim=adam", f"image.size={size}", f"optim.steps={steps}", f"save_every={every}"], cache)
+        cli([*base, "optim=adam", f"image.size={size}", "optim.steps=2", f"save_every={every}"], cache, root=root)
+        _, m = cli([*base, "optim=adam", f"image.size={size}", f"optim.steps={steps}", f"save_every={every}"], cache,
+                   root=root)
         chunks[every] = m["run_seconds"] / m["steps"]
     per_eval = {}
-    for n in (7, 70) if not a.quick else (3, 9):
-        _, m = cli([*base, "optim=adam", f"image.size={size}", f"optim.steps={n}"], cache)
+    for n in (7, 70) if not quick else (3, 9):
+        _, m = cli([*base, "optim=adam", f"image.size={size}", f"optim.steps={n}"], cache, root=root)
         per_eval[n] = m["run_seconds"] / m["loss_evaluations"]
-    report["chunks"] = {"size": size, "steps": steps, "s_per_step_save_every_0": chunks[0],
-                        "s_per_step_save_every_1": chunks[1], "ratio": chunks[1] / chunks[0],
-                        "s_per_evaluation": {str(k): v for k, v in per_eval.items()},
-                        "short_over_long": per_eval[min(per_eval)] / per_eval[max(per_eval)]}
-    print(f"(1) {size} px Adam, seconds a step: save_every=0 {chunks[0]:.3f}, save_every=1 {chunks[1]:.3f} "
-          f"({chunks[1] / chunks[0]:.2f}×); seconds an evaluation: " +
+    report = {"chunks": {"size": size, "steps": steps, "s_per_step_save_every_0": chunks[0],
+                         "s_per_step_save_every_1": chunks[1], "ratio": chunks[1] / chunks[0],
+                         "s_per_evaluation": {str(k): v for k, v in per_eval.items()},
+                         "short_over_long": per_eval[min(per_eval)] / per_eval[max(per_eval)]}}
+    print(f"(1) {root}: {size} px Adam, seconds a step: save_every=0 {chunks[0]:.3f}, save_every=1 "
+          f"{chunks[1]:.3f} ({chunks[1] / chunks[0]:.2f}×); seconds an evaluation: " +
           ", ".join(f"{k} steps {v:.3f}" for k, v in per_eval.items()), flush=True)
-
     startup = {}
     args = [*base, "image.size=64", "optim.steps=1"]
     for state in ("cold", "warm"):
@@ -107,15 +102,35 @@ def main(argv=None) -> int:
         for what, profile in (("wall", None), ("profile", work / f"{state}.prof")):
             shutil.rmtree(cache, ignore_errors=True)
             if state == "warm":
-                cli(args, cache)  # an earlier run of the same structure fills the cache
-            runs[what], _ = cli(args, cache, profile)
+                cli(args, cache, root=root)  # an earlier run of the same structure fills the cache
+            runs[what], _ = cli(args, cache, profile, root=root)
         startup[state] = {"wall_s": runs["wall"], "phases": phases(work / f"{state}.prof")}
-        print(f"(2) 1-step 64 px run, {state} caches: {runs['wall']:.1f} s wall", flush=True)
+        print(f"(2) {root}: 1-step 64 px run, {state} caches: {runs['wall']:.1f} s wall", flush=True)
     report["startup"] = startup
-    print(f"\n{'where the seconds go (cProfile, cumulative)':48s} {'cold':>7s} {'warm':>7s}")
+    return report
+
+
+def main(argv=None) -> int:
+    from benchmarks.common import synthetic_weights_file
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="64 px and fewer steps: checks that it works")
+    p.add_argument("--before", type=Path, help="another checkout of nstjax, measured the same way first")
+    a = p.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="nstjax-engine-"))
+    weights = synthetic_weights_file(work / "weights.safetensors")
+    base = [f"model.weights={weights}"]
+    roots = {"before": a.before.resolve()} if a.before else {}
+    roots["now"] = ROOT
+    report: dict = {"machine": os.uname().machine, "cpus": os.cpu_count(),
+                    **{name: measure(root, base, work / name, a.quick) for name, root in roots.items()}}
+    columns = [f"{name} {state}" for name in roots for state in ("cold", "warm")]
+    print(f"\n{'where the seconds go (cProfile, cumulative)':48s} " + " ".join(f"{c:>11s}" for c in columns))
     for label, *_ in PHASES:
-        print(f"{label:48s} {startup['cold']['phases'][label]:7.2f} {startup['warm']['phases'][label]:7.2f}")
-    print(f"{'wall time without the profiler':48s} {startup['cold']['wall_s']:7.2f} {startup['warm']['wall_s']:7.2f}")
+        print(f"{label:48s} " + " ".join(f"{report[n]['startup'][s]['phases'][label]:11.2f}"
+                                          for n in roots for s in ("cold", "warm")))
+    print(f"{'wall time without the profiler':48s} " + " ".join(f"{report[n]['startup'][s]['wall_s']:11.2f}"
+                                                             for n in roots for s in ("cold", "warm")))
     write_json(RESULTS / ("engine-quick.json" if a.quick else "engine-cpu.json"), report)
     shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -75,7 +75,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import EXAMPLES, ROOT, cpu_info
+from benchmarks.common import EXAMPLES, ROOT, cpu_info, synthetic_weights_file
 from benchmarks.report import fmt, gib, log, table, tee_to, write_json_atomic
 
 T0 = time.monotonic()
@@ -338,7 +338,7 @@ class Check:
         if self._inputs is None:
             from PIL import Image
 
-            weights = synthetic_weights(self.work / f"synthetic-{self.plan.arch}.safetensors", self.plan.arch)
+            weights = synthetic_weights_file(self.work / f"synthetic-{self.plan.arch}.safetensors", arch=self.plan.arch)
             side = max(self.plan.size, self.plan.large_size)
             paths = []
             for name in ("tubingen", "starry_night"):
@@ -540,20 +540,6 @@ class Evaluator:
 
     def gradient(self) -> np.ndarray:
         return np.asarray(self.compiled(*self.args)[1])
-
-
-def synthetic_weights(path: Path, arch: str) -> Path:
-    """A canonical weights file of ``arch`` with He-normal random kernels (std √(2/(9·Cin))) and small
-    random biases, Caffe's preprocessing: the cost of an evaluation does not depend on the values."""
-    from nstjax.vgg import CAFFE, architecture
-    from nstjax.weights import VGGWeights, save_canonical
-
-    rng = np.random.default_rng(0)
-    params = {name: {"kernel": (rng.standard_normal(k) * np.sqrt(2.0 / (9 * k[2]))).astype(np.float32),
-                     "bias": (rng.standard_normal(b) * 0.01).astype(np.float32)}
-              for name, (k, b) in architecture(arch).conv_shapes().items()}
-    save_canonical(path, VGGWeights(params, CAFFE, "synthetic", "", arch))
-    return path
 
 
 def executed_flops(model, layers, size: int) -> int:

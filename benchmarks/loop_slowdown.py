@@ -30,7 +30,7 @@ def main(argv=None):
     import jax.numpy as jnp
 
     from benchmarks.common import EXAMPLES, SETUPS, load_image, random_params
-    from benchmarks.conv_variants import patched
+    from benchmarks.conv_variants import VARIANTS
     from nstjax.losses import compute_targets, make_objective
     from nstjax.vgg import VGG
 
@@ -38,28 +38,31 @@ def main(argv=None):
     params = jax.tree.map(jnp.asarray, random_params(0))
     content = jnp.asarray(load_image(EXAMPLES / "tubingen.jpg", a.size))
     style = jnp.asarray(load_image(EXAMPLES / "starry_night.jpg", a.size))
-    model = VGG(setup["prep"], "max")
-    targets = compute_targets(model, params, content, style, setup["spec"])
     hp = setup["make_hp"]()
-    obj = make_objective(model, setup["spec"])
     n = a.steps
 
-    def step(x, p, t, h):
-        g = jax.grad(lambda x: obj(x, p, t, h).total)(x)
-        return jnp.clip(x - 0.01 * jnp.sign(g), 0, 1)
+    def stepper(model):
+        obj = make_objective(model, setup["spec"])
+
+        def step(x, p, t, h):
+            g = jax.grad(lambda x: obj(x, p, t, h).total)(x)
+            return jnp.clip(x - 0.01 * jnp.sign(g), 0, 1)
+        return step
 
     def cpu():
         r = resource.getrusage(resource.RUSAGE_SELF)
         return r.ru_utime + r.ru_stime
 
     for variant in ("lax_nhwc", "explicit_bwd"):
-        with patched(variant):
-            one = jax.jit(step).lower(content, params, targets, hp).compile()
-            scan = jax.jit(lambda x, p, t, h: jax.lax.scan(lambda x, _: (step(x, p, t, h), None), x, None,
-                                                           length=n)[0]).lower(content, params, targets, hp).compile()
-            unrolled = jax.jit(lambda x, p, t, h: jax.lax.scan(lambda x, _: (step(x, p, t, h), None), x, None,
-                                                               length=n, unroll=True)[0]
-                               ).lower(content, params, targets, hp).compile()
+        model = VGG(setup["prep"], "max", conv=VARIANTS[variant])
+        targets = compute_targets(model, params, content, style, setup["spec"])
+        step = stepper(model)
+        one = jax.jit(step).lower(content, params, targets, hp).compile()
+        scan = jax.jit(lambda x, p, t, h: jax.lax.scan(lambda x, _: (step(x, p, t, h), None), x, None,
+                                                       length=n)[0]).lower(content, params, targets, hp).compile()
+        unrolled = jax.jit(lambda x, p, t, h: jax.lax.scan(lambda x, _: (step(x, p, t, h), None), x, None,
+                                                           length=n, unroll=True)[0]
+                           ).lower(content, params, targets, hp).compile()
         oi = scan.as_text().count("_01oi->")
         res = {}
         for name, f, calls in (("python loop of jitted steps", one, n), ("lax.scan", scan, 1),

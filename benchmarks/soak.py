@@ -27,8 +27,7 @@ from pathlib import Path
 
 import psutil
 
-from benchmarks.common import EXAMPLES, RESULTS, ROOT, write_json
-from benchmarks.sweep import synthetic_weights
+from benchmarks.common import EXAMPLES, RESULTS, ROOT, synthetic_weights_file, write_json
 
 LIMIT = 0.10
 """The largest growth of RSS after the baseline that counts as flat."""
@@ -95,7 +94,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        weights = synthetic_weights(tmp / "synthetic-vgg19.safetensors")
+        weights = synthetic_weights_file(tmp / "synthetic-vgg19.safetensors")
         common = [f"model.weights={weights}", f"content={EXAMPLES / 'tubingen.jpg'}",
                   f"style={EXAMPLES / 'starry_night.jpg'}", f"image.size={args.size}", "optim.linesearch=none",
                   "optim.lr=0.5", "optim.memory_size=30", "progress=false", "checkpoint_every=50"]

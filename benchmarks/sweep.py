@@ -25,18 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import RESULTS, ROOT, random_params, run_killable, write_json
+from benchmarks.common import RESULTS, ROOT, run_killable, synthetic_weights_file, write_json
 
 EXAMPLES = ROOT / "examples"
-
-
-def synthetic_weights(path: Path) -> Path:
-    """A canonical weights file of random He-scaled values in the real VGG19 shapes."""
-    from nstjax.vgg import CAFFE
-    from nstjax.weights import VGGWeights, save_canonical
-
-    save_canonical(path, VGGWeights(random_params(0), CAFFE, "synthetic", ""))
-    return path
 
 
 class SweepFailed(SystemExit):
@@ -90,7 +81,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        weights = synthetic_weights(Path(tmp) / "synthetic-vgg19.safetensors")
+        weights = synthetic_weights_file(Path(tmp) / "synthetic-vgg19.safetensors")
         for size in map(int, args.sizes.split(",")):
             for k in map(int, args.points.split(",")):
                 row = {"size": size, "points": k, "steps": args.steps}

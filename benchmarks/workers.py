@@ -55,39 +55,31 @@ def _rel(a, b):
 
 def _jax_problem(setup, params_np, content, style, precision="float32", remat=False, variant="nstjax"):
     """(model, objective, params, targets, hp) for nstjax as its CLI sets it up (model.conv=auto:
-    Winograd on CPUs), or with ``variant`` 'direct' (model.conv=direct) or a conv variant patched in
-    while tracing."""
+    Winograd on CPUs), or with ``variant`` 'direct' (model.conv=direct) or a convolution of
+    benchmarks.conv_variants given to the model as its convolution; '+memsched' (XLA's
+    memory-optimised CPU scheduler) is applied by :func:`main` through XLA_FLAGS before jax starts."""
     import jax
     import jax.numpy as jnp
 
     from nstjax.losses import compute_targets, make_objective
     from nstjax.vgg import VGG, default_conv, prepare_params
 
-    conv = default_conv(precision) if (variant or "nstjax").split("+")[0] == "nstjax" else "direct"
+    name = (variant or "nstjax").split("+")[0]
+    if name in ("nstjax", ""):
+        conv = default_conv(precision)
+    elif name == "direct":
+        conv = "direct"
+    else:
+        from benchmarks.conv_variants import VARIANTS
+        conv = VARIANTS[name]
     model = VGG(setup["prep"], setup["pooling"], precision=precision, remat=remat, conv=conv)
     params = prepare_params(jax.tree.map(jnp.asarray, params_np), conv, setup["spec"].layers)
-    with _variant(variant):
-        targets = compute_targets(model, params, jnp.asarray(content), jnp.asarray(style), setup["spec"])
-        targets = jax.block_until_ready(targets)
+    targets = compute_targets(model, params, jnp.asarray(content), jnp.asarray(style), setup["spec"])
+    targets = jax.block_until_ready(targets)
     return model, make_objective(model, setup["spec"]), params, targets, setup["make_hp"]()
 
 
 MEMSCHED = "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"
-
-
-def _variant(variant):
-    """What to patch into nstjax while tracing, from a variant name: 'nstjax' (as is), 'direct' (nothing:
-    model.conv=direct) or a convolution of benchmarks.conv_variants (patched into the direct path);
-    '+memsched' (XLA's memory-optimised CPU scheduler) is applied by :func:`main` through XLA_FLAGS
-    before jax starts."""
-    import contextlib
-
-    parts = (variant or "nstjax").split("+")
-    stack = contextlib.ExitStack()
-    if parts[0] not in ("nstjax", "direct", ""):
-        from benchmarks.conv_variants import patched
-        stack.enter_context(patched(parts[0]))
-    return stack
 
 
 def _device_info():
@@ -119,11 +111,10 @@ def agree(args):
                              content, style, h["alpha"], h["beta"], h["content_layer_weights"],
                              h["style_layer_weights"])
     out = {"size": args["size"], "objective": args["objective"], "variant": variant, "device": device}
-    with _variant(variant):
-        if args.get("grad"):
-            lj, gj = jax.jit(jax.value_and_grad(lambda x: obj(x, jp, targets, hp).total))(jnp.asarray(x))
-        else:
-            lj = jax.jit(lambda x: obj(x, jp, targets, hp).total)(jnp.asarray(x))
+    if args.get("grad"):
+        lj, gj = jax.jit(jax.value_and_grad(lambda x: obj(x, jp, targets, hp).total))(jnp.asarray(x))
+    else:
+        lj = jax.jit(lambda x: obj(x, jp, targets, hp).total)(jnp.asarray(x))
     if args.get("grad"):
         lt, gt = tg.loss_and_grad(tobj, x)
         gj = np.asarray(gj)
@@ -167,8 +158,7 @@ def eval_jax(args):
            "remat": args.get("remat", False), **_device_info()}
     vg = jax.jit(jax.value_and_grad(lambda x, p, t, h: obj(x, p, t, h).total))
     t0 = time.perf_counter()
-    with _variant(variant):
-        compiled = vg.lower(xs, jp, targets, hp).compile()
+    compiled = vg.lower(xs, jp, targets, hp).compile()
     out["compile_s"] = time.perf_counter() - t0
     try:
         ma = compiled.memory_analysis()
@@ -206,8 +196,7 @@ def eval_jax(args):
         big = jnp.int32(10**9)
         problems = _problems(xs, targets, hp, 1e-3)
         t0 = time.perf_counter()
-        with _variant(variant):
-            program = loop.compile(problems, jp)
+        program = loop.compile(problems, jp)
         out["loop_compile_s"] = time.perf_counter() - t0
         state = jax.block_until_ready(program.init(problems, jp))
         t0, c0 = time.perf_counter(), _cpu()
@@ -319,8 +308,7 @@ def ttq_jax(args):
         _, obj, jp, targets, hp = _jax_problem(setup, params, content, style, variant=variant)
         loop = Loop(obj, st["optim"], chunk_steps=chunk_steps)
         t0 = time.perf_counter()
-        with _variant(variant):
-            st["program"] = loop.compile(_problems(jnp.asarray(content), targets, hp, st["lr"]), jp)
+        st["program"] = loop.compile(_problems(jnp.asarray(content), targets, hp, st["lr"]), jp)
         compile_s += time.perf_counter() - t0
         st.update(content=jnp.asarray(content), params=jp, targets=targets, hp=hp)
 

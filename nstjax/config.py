@@ -17,41 +17,12 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from nstjax.colors import COLOR_CONTROLS
 from nstjax.regions import PROPAGATIONS
-from nstjax.images import DEFAULT_MAX_PIXELS
-from nstjax.losses import TV_NORMS, LossSpec
-from nstjax.optimize import MEMBER_BATCHING, OptimSpec
-from nstjax.vgg import ARCHITECTURES, DEFAULT_ARCH
+from nstjax.losses import ALPHA, BETA, TV_NORMS, LossSpec
+from nstjax.optimize import LINESEARCHES, MEMBER_BATCHING, OptimSpec
+from nstjax.spec import REMATS, ImageSpec, ModelSpec, PyramidSpec, RegionSpec, RunSpec
+from nstjax.vgg import ARCHITECTURES, CHANNEL_ORDERS, CONV_ALGORITHMS, POOLINGS, PRECISIONS
 from nstjax.style_losses import (CONTENT_LOSSES, CONTENT_REDUCTIONS, GRAM_NORMS, MMD_KERNELS,
                                  STYLE_LOSSES, STYLE_REDUCTIONS, StyleHParams)
-
-
-class Pooling(enum.Enum):
-    max = "max"
-    avg = "avg"
-
-
-class Precision(enum.Enum):
-    float32 = "float32"
-    tf32 = "tf32"
-    bfloat16 = "bfloat16"
-
-
-class Remat(enum.Enum):
-    """Recompute activations in the backward pass: never, always, or from ``model.remat_pixels`` up."""
-
-    off = "off"
-    on = "on"
-    auto = "auto"
-
-
-class ConvAlgorithm(enum.Enum):
-    """How 3×3 convolutions are computed (nstjax.vgg.default_conv for auto): Winograd F(4×4, 3×3) on
-    CPUs in float32, XLA's convolution on GPUs and TPUs; or as chosen."""
-
-    auto = "auto"
-    direct = "direct"
-    xla = "xla"
-    winograd = "winograd"
 
 
 def _choices(name: str, choices, doc: str) -> type[enum.Enum]:
@@ -72,22 +43,22 @@ ColorControl = _choices("ColorControl", COLOR_CONTROLS,
 ContentLoss = _choices("ContentLoss", CONTENT_LOSSES,
                        "The per-layer content loss (nstjax.style_losses.CONTENT_LOSSES).")
 
+Pooling = _choices("Pooling", POOLINGS, "VGG's pooling (nstjax.vgg.POOLINGS): max or avg.")
+Precision = _choices("Precision", PRECISIONS, "The convolutions' precision (nstjax.vgg.PRECISIONS).")
+Remat = _choices("Remat", REMATS, "Recompute activations in the backward pass: never, always, or from "
+                 "model.remat_pixels up (nstjax.spec.REMATS).")
+ConvAlgorithm = _choices("ConvAlgorithm", ("auto",) + CONV_ALGORITHMS,
+                         "How 3×3 convolutions are computed (nstjax.vgg.CONV_ALGORITHMS; auto: "
+                         "nstjax.vgg.default_conv, Winograd F(4×4, 3×3) on CPUs in float32, XLA's "
+                         "convolution on GPUs and TPUs).")
+Linesearch = _choices("Linesearch", LINESEARCHES, "L-BFGS's line search (nstjax.optimize.LINESEARCHES).")
+ChannelOrder = _choices("ChannelOrder", CHANNEL_ORDERS, "The channel order a weights file expects.")
 Arch = _choices("Arch", ARCHITECTURES, "The VGG network (nstjax.vgg.ARCHITECTURES): vgg19, vgg16, vgg13 or vgg11.")
 MaskPropagation = _choices("MaskPropagation", PROPAGATIONS,
                            "How region masks reach deeper layers (nstjax.regions): simple or inside.")
 MemberBatching = _choices("MemberBatching", MEMBER_BATCHING,
                           "How the members of a group share one program: batched (vmap) or one after another "
                           "inside it (map); see nstjax.optimize.Loop.")
-
-
-class Linesearch(enum.Enum):
-    zoom = "zoom"
-    none = "none"
-
-
-class ChannelOrder(enum.Enum):
-    RGB = "RGB"
-    BGR = "BGR"
 
 
 @dataclass
@@ -105,25 +76,27 @@ class PreprocessingConfig:
 
 @dataclass
 class ImageConfig:
-    size: int = 512  # longest side of the content image and the result, in pixels
-    style_scale: float = 1.0  # the style image's longest side is size × style_scale
-    max_pixels: Optional[int] = DEFAULT_MAX_PIXELS  # decompression-bomb guard for input files
+    size: int = ImageSpec.size  # longest side of the content image and the result, in pixels
+    style_scale: float = ImageSpec.style_scale  # the style image's longest side is size × style_scale
+    max_pixels: Optional[int] = ImageSpec.max_pixels  # decompression-bomb guard for input files
 
 
 @dataclass
 class ModelConfig:
-    weights: str = "vgg19"  # a registry name (python -m nstjax.weights list) or a file path
-    arch: Arch = Arch[DEFAULT_ARCH]  # the network the weights are of: vgg19 | vgg16 | vgg13 | vgg11
-    pooling: Pooling = Pooling.avg
-    ceil_mode: bool = False  # pool in Caffe's ceil mode: odd sizes keep their last row and column (neural-style)
-    precision: Precision = Precision.float32
-    conv: ConvAlgorithm = ConvAlgorithm.auto
-    remat: Remat = Remat.auto
-    remat_pixels: int = 2048 * 2048  # with remat=auto: recompute from this many pixels up
+    """Defaults: :class:`nstjax.spec.ModelSpec`'s."""
+
+    weights: str = ModelSpec.weights  # a registry name (python -m nstjax.weights list) or a file path
+    arch: Arch = Arch[ModelSpec.arch]  # the network the weights are of: vgg19 | vgg16 | vgg13 | vgg11
+    pooling: Pooling = Pooling[ModelSpec.pooling]
+    ceil_mode: bool = ModelSpec.ceil_mode  # pool in Caffe's ceil mode: odd sizes keep their last row and column (neural-style)
+    precision: Precision = Precision[ModelSpec.precision]
+    conv: ConvAlgorithm = ConvAlgorithm[ModelSpec.configured_conv]
+    remat: Remat = Remat[ModelSpec.remat]
+    remat_pixels: int = ModelSpec.remat_pixels  # with remat=auto: recompute from this many pixels up
     preprocessing: Optional[PreprocessingConfig] = field(default_factory=PreprocessingConfig)  # override
-    normalize: bool = False  # Gatys et al.'s normalised VGG: each filter's mean activation 1 (nstjax.normalize)
-    normalize_images: Optional[str] = None  # normalize: the folder of images the means are taken over; None: examples/
-    normalize_size: int = 512  # normalize: the images' longest side
+    normalize: bool = ModelSpec.normalize  # Gatys et al.'s normalised VGG: each filter's mean activation 1 (nstjax.normalize)
+    normalize_images: Optional[str] = ModelSpec.normalize_images  # normalize: the folder of images the means are taken over; None: examples/
+    normalize_size: int = ModelSpec.normalize_size  # normalize: the images' longest side
 
 
 _HP = StyleHParams._field_defaults
@@ -138,8 +111,8 @@ class LossConfig:
     style_layers: List[str] = field(default_factory=lambda: list(LossSpec.style_layers))
     content_layer_weights: Optional[List[float]] = None  # None: 1/L each
     style_layer_weights: Optional[List[float]] = None  # None: 1/L each (Gatys et al.)
-    alpha: float = 1.0
-    beta: float = 1e4
+    alpha: float = ALPHA
+    beta: float = BETA
     tv_weight: float = 0.0
     tv_norm: TVNorm = TVNorm[LossSpec.tv_norm]
     gram_norm: GramNorm = GramNorm[LossSpec.gram_norm]
@@ -175,10 +148,10 @@ class AdamConfig(OptimConfig):
     name: str = "adam"
     steps: int = 1000
     lr: float = 0.02
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    epsilon_hat: bool = False  # ε beside √v rather than √v̂ (Keras/TF Adam)
+    b1: float = OptimSpec.b1
+    b2: float = OptimSpec.b2
+    eps: float = OptimSpec.eps
+    epsilon_hat: bool = OptimSpec.epsilon_hat  # ε beside √v rather than √v̂ (Keras/TF Adam)
 
 
 @dataclass
@@ -186,9 +159,9 @@ class LBFGSConfig(OptimConfig):
     name: str = "lbfgs"
     steps: int = 500
     lr: float = 1.0  # step scale with linesearch=none; the zoom line search picks its own
-    memory_size: int = 100
-    linesearch: Linesearch = Linesearch.zoom
-    max_linesearch_steps: int = 20
+    memory_size: int = OptimSpec.memory_size
+    linesearch: Linesearch = Linesearch[OptimSpec.linesearch]
+    max_linesearch_steps: int = OptimSpec.max_linesearch_steps
     # linesearch=none: a step whose loss exceeds max_increase × the last is taken back and tried
     # shorter (10×, and no pixel moving more than 0.05; the length grows back 10× a step taken);
     # null: torch.optim.LBFGS's steps exactly (nstjax.optimize.backtrack)
@@ -199,19 +172,19 @@ class LBFGSConfig(OptimConfig):
 class PyramidConfig:
     """Coarse to fine (nstjax.pyramid)."""
 
-    min_size: Optional[int] = None  # longest side of the smallest level; None: off (one level)
-    factor: float = 2.0  # each level is factor × the one below (crowsonkb: √2)
-    steps: int = 100  # steps at each level below the last (the last runs optim.steps)
+    min_size: Optional[int] = PyramidSpec.min_size  # longest side of the smallest level; None: off (one level)
+    factor: float = PyramidSpec.factor  # each level is factor × the one below (crowsonkb: √2)
+    steps: int = PyramidSpec.steps  # steps at each level below the last (the last runs optim.steps)
 
 
 @dataclass
 class RegionConfig:
     """One region of spatial control (nstjax.regions)."""
 
-    mask: Optional[str] = None  # the region of the content: an image, white = inside (resized to the content)
-    style: Optional[str] = None  # the region's style image; None: the run's style (the first)
-    style_mask: Optional[str] = None  # the part of the style image to take, white = taken; None: all of it
-    weight: float = 1.0  # λ_r, the region's weight in the style loss
+    mask: Optional[str] = RegionSpec.mask  # the region of the content: an image, white = inside (resized to the content)
+    style: Optional[str] = RegionSpec.style  # the region's style image; None: the run's style (the first)
+    style_mask: Optional[str] = RegionSpec.style_mask  # the part of the style image to take, white = taken; None: all of it
+    weight: float = RegionSpec.weight  # λ_r, the region's weight in the style loss
 
 
 @dataclass
@@ -225,14 +198,14 @@ class Config:
     init: str = "content"  # content | noise | style | gray | uniform | style_stats (nstjax.inits) | an image file
     init_noise_std: float = 0.25  # init=noise: clip(mean pixel + std·N(0, 1), 0, 1)
     seed: int = 0
-    save_every: int = 0  # snapshot image every N steps (0: none)
-    checkpoint_every: int = 100  # checkpoint every N steps (0: only on interrupt)
-    chunk_steps: int = 10  # steps per compiled chunk; Python runs between chunks
+    save_every: int = RunSpec.save_every  # snapshot image every N steps (0: none)
+    checkpoint_every: int = RunSpec.checkpoint_every  # checkpoint every N steps (0: only on interrupt)
+    chunk_steps: int = RunSpec.chunk_steps  # steps per compiled chunk; Python runs between chunks
     resume: Optional[str] = None  # a run directory to continue
-    progress: bool = True  # progress bar on the terminal
-    memory_check: bool = True  # refuse a run whose compiled programs need more memory than is free
-    max_members: Optional[int] = None  # sweep members per compiled program (null: as many as fit)
-    member_batching: MemberBatching = MemberBatching.vmap  # vmap | map: how a group's members share a program
+    progress: bool = RunSpec.progress  # progress bar on the terminal
+    memory_check: bool = RunSpec.memory_check  # refuse a run whose compiled programs need more memory than is free
+    max_members: Optional[int] = RunSpec.max_members  # sweep members per compiled program (null: as many as fit)
+    member_batching: MemberBatching = MemberBatching[RunSpec.member_batching]  # vmap | map: how a group's members share a program
     sweep_group: Optional[int] = None  # set by the nstjax sweeper: the group a sweep job runs
     image: ImageConfig = field(default_factory=ImageConfig)
     pyramid: PyramidConfig = field(default_factory=PyramidConfig)
@@ -262,9 +235,18 @@ def compose(overrides: Sequence[str] = ()) -> DictConfig:
 
 
 def register() -> None:
-    """Register the schemas, and nstjax's sweeper (hydra/sweeper=nstjax), in Hydra's ConfigStore."""
-    import hydra_plugins.nstjax_sweeper.batched_sweeper  # noqa: F401 (stores hydra/sweeper=nstjax)
+    """Register the schemas in Hydra's ConfigStore, and let Hydra's plugin scan find nstjax's
+    sweeper (hydra_plugins/nstjax_sweeper, which stores hydra/sweeper=nstjax itself when Hydra
+    imports it): the scan lists ``hydra_plugins.__path__`` with pkgutil, which cannot list an
+    editable install's import hook, so the plugin's folder is added there."""
+    import importlib.util
+    from pathlib import Path
 
+    import hydra_plugins
+
+    folder = str(Path(importlib.util.find_spec("hydra_plugins.nstjax_sweeper").origin).parent.parent)
+    if folder not in list(hydra_plugins.__path__):
+        hydra_plugins.__path__.append(folder)
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
     cs.store(group="optim", name="adam_schema", node=AdamConfig)

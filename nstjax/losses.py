@@ -103,6 +103,10 @@ class LossSpec(LayerLossOptions):
                         "loss.style_layers")
 
 
+ALPHA, BETA = 1.0, 1e4
+"""Gatys et al.'s α and β: the content and style terms' weights by default."""
+
+
 class HParams(NamedTuple):
     """The numeric hyperparameters: arrays, so they can be traced and vmapped."""
 
@@ -115,7 +119,7 @@ class HParams(NamedTuple):
     region_weights: jax.Array  # (spec.regions,): λ_r of each region (nstjax.regions)
 
     @classmethod
-    def create(cls, spec: LossSpec, alpha=1.0, beta=1e4, content_layer_weights=None,
+    def create(cls, spec: LossSpec, alpha=ALPHA, beta=BETA, content_layer_weights=None,
                style_layer_weights=None, tv_weight=0.0, region_weights=None, **style) -> "HParams":
         """Defaults: equal layer weights summing to 1 (w_l = 1/L, as Gatys et al.), region weights
         1; ``style``: the fields of :class:`StyleHParams` (their defaults where not given)."""

@@ -21,7 +21,6 @@ made for it is removed again (:mod:`nstjax.rundir`).
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import logging
 import os
@@ -41,20 +40,6 @@ from nstjax.errors import UserError, WriteError
 from nstjax.status import RunStatus
 
 log = logging.getLogger("nstjax")
-config.register()
-
-
-def _expose_sweeper() -> None:
-    """Let Hydra's plugin scan (pkgutil over ``hydra_plugins.__path__``) find nstjax's sweeper
-    also from an editable install, whose import hook pkgutil cannot list."""
-    import hydra_plugins
-
-    folder = str(Path(importlib.util.find_spec("hydra_plugins.nstjax_sweeper").origin).parent.parent)
-    if folder not in list(hydra_plugins.__path__):
-        hydra_plugins.__path__.append(folder)
-
-
-_expose_sweeper()
 
 
 _NOISE = ("Config search path", "provider=", "reference_type=", "object_type=", "See https://")
@@ -242,6 +227,7 @@ def cli() -> None:
     from nstjax.status import SIGNALS
 
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    config.register()
     try:
         with SIGNALS.installed():
             main()

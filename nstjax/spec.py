@@ -25,12 +25,15 @@ from typing import Optional
 
 from nstjax import blend, inits, pyramid
 from nstjax.errors import UserError
+from nstjax.images import DEFAULT_MAX_PIXELS
 from nstjax.losses import HParams, LossSpec
 from nstjax.optimize import OptimSpec
 from nstjax.style_losses import StyleHParams
 from nstjax.vgg import DEFAULT_ARCH, Preprocessing, UnknownLayerError, architecture, default_conv
 
 INT32_MAX = 2**31 - 1
+REMATS = ("off", "on", "auto")
+"""model.remat: never, always, or from model.remat_pixels up."""
 
 
 def _plain(value):
@@ -84,7 +87,7 @@ class ImageSpec:
 
     size: int = 512
     style_scale: float = 1.0
-    max_pixels: Optional[int] = None
+    max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
 
     @property
     def style_size(self) -> int:

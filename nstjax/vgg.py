@@ -137,7 +137,7 @@ class Preprocessing:
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
     def __post_init__(self):
-        if self.channel_order not in ("RGB", "BGR"):
+        if self.channel_order not in CHANNEL_ORDERS:
             raise ValueError(f"channel_order must be 'RGB' or 'BGR', not {self.channel_order!r}")
         object.__setattr__(self, "scale", float(self.scale))
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
@@ -160,6 +160,8 @@ class Preprocessing:
         return dataclasses.asdict(self)
 
 
+POOLINGS = ("max", "avg")
+CHANNEL_ORDERS = ("RGB", "BGR")
 CAFFE = Preprocessing("BGR", 255.0, (103.939, 116.779, 123.68), (1.0, 1.0, 1.0))
 TORCHVISION = Preprocessing("RGB", 1.0, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
@@ -171,7 +173,7 @@ _PRECISIONS = {
 PRECISIONS = tuple(_PRECISIONS)
 
 
-def _pool(x: jax.Array, kind: str, ceil: bool = False) -> jax.Array:
+def pool(x: jax.Array, kind: str, ceil: bool = False) -> jax.Array:
     """2×2 stride-2 pooling: floor mode (torch's MaxPool2d/AvgPool2d), or with ``ceil`` Caffe's
     ceil mode (torch's ``ceil_mode=True``): an odd last row or column is a window of its own, its
     max or mean over the values it holds (the edge repeated into the missing half).
@@ -235,7 +237,8 @@ def _max_pool_bwd(residuals, dy):
 _max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
-def _lax_conv(x, kernel, precision: str):
+def lax_conv(x, kernel, precision: str):
+    """XLA's 3×3 convolution ('SAME', NHWC input, HWIO kernel) in ``precision`` (float32 accumulation)."""
     dtype, lax_precision = _PRECISIONS[precision]
     return jax.lax.conv_general_dilated(
         x.astype(dtype), kernel.astype(dtype), (1, 1), "SAME",
@@ -246,11 +249,11 @@ def _lax_conv(x, kernel, precision: str):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _conv(x, kernel, precision: str):
-    return _lax_conv(x, kernel, precision)
+    return lax_conv(x, kernel, precision)
 
 
 def _conv_fwd(x, kernel, precision):
-    return _lax_conv(x, kernel, precision), (x, kernel)
+    return lax_conv(x, kernel, precision), (x, kernel)
 
 
 def _conv_bwd(precision, residuals, dy):
@@ -264,19 +267,19 @@ def _conv_bwd(precision, residuals, dy):
     """
     x, kernel = residuals
     flipped = jax.lax.optimization_barrier(jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2))
-    dx = _lax_conv(dy, flipped, precision).astype(x.dtype)
-    _, kernel_vjp = jax.vjp(lambda k: _lax_conv(x, k, precision), kernel)
+    dx = lax_conv(dy, flipped, precision).astype(x.dtype)
+    _, kernel_vjp = jax.vjp(lambda k: lax_conv(x, k, precision), kernel)
     return dx, kernel_vjp(dy)[0]
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
-def _conv3x3(x, kernel, bias, precision: str, conv: str = "direct"):
+def conv3x3(x, kernel, bias, precision: str, conv: str = "direct"):
     """3×3 convolution, zero 'SAME' padding (= torch ``padding=1``), HWIO kernel: XLA's with its
     autodiff (``conv='xla'``), else with its own input gradient (``'direct'``, and Winograd's
     layers with few channels: the CPU's fast path)."""
-    return (_lax_conv(x, kernel, precision) if conv == "xla" else _conv(x, kernel, precision)) + bias
+    return (lax_conv(x, kernel, precision) if conv == "xla" else _conv(x, kernel, precision)) + bias
 
 
 CONV_ALGORITHMS = ("direct", "xla", "winograd")
@@ -376,10 +379,12 @@ def _run_convs(x, convs, block: int, stop: str, precision: str, conv: str, keep=
     """
     acts = {}
     for i, (kernel, bias, transformed) in enumerate(convs, 1):
-        if uses_winograd(conv, kernel.shape):
+        if callable(conv):  # a convolution of the caller's: conv(x, kernel, bias, precision)
+            x = conv(x, kernel, bias, precision)
+        elif uses_winograd(conv, kernel.shape):
             x = winograd.conv3x3(x, kernel, transformed) + bias
         else:
-            x = _conv3x3(x, kernel, bias, precision, conv)
+            x = conv3x3(x, kernel, bias, precision, conv)
         acts[f"conv{block}_{i}"] = x
         x = jax.nn.relu(x)
         if keep is not None:
@@ -396,7 +401,7 @@ def _run_block(x, convs, block: int, names: tuple[str, ...], grams: tuple[str, .
     by ``guides[name]`` where given) and sums)."""
     x, acts, stopped = _run_convs(x, convs, block, stop, precision, conv)
     if not stopped:
-        x = _pool(x, pooling, ceil)
+        x = pool(x, pooling, ceil)
         acts[f"pool{block}"] = x
     return x, Features({n: acts[n] for n in names}, {n: gram_matrix(acts[n], guides.get(n)) for n in grams},
                        {n: channel_sums(acts[n]) for n in sums})
@@ -461,7 +466,7 @@ def _run_block_banded(x, convs, block: int, names: tuple[str, ...], grams: tuple
         y = y[:, k: k + rows]
         inside_pooled = None
         if not stopped:
-            y = _pool(y, pooling, ceil)
+            y = pool(y, pooling, ceil)
             pooled_row = index * (rows // 2) + jnp.arange(rows // 2)
             if ceil and pooling == "avg" and height % 2:
                 y = y * jnp.where(pooled_row == height // 2, 2.0, 1.0).astype(y.dtype)[None, :, None, None]
@@ -522,9 +527,11 @@ class VGG(nn.Module):
       remat: recompute each block's activations in the backward pass
         (``jax.checkpoint`` per block, in horizontal bands of about
         ``band_elements`` values per activation) to fit large images.
-      conv: 'direct' (XLA's convolution) or 'winograd' (F(4×4, 3×3) in float32
-        for the convolutions with ≥ 128 input channels, see :mod:`nstjax.winograd`;
-        needs precision 'float32').
+      conv: 'direct' (XLA's convolution with its own input gradient), 'xla' (XLA's
+        convolution and autodiff) or 'winograd' (F(4×4, 3×3) in float32 for the
+        convolutions with ≥ 128 input channels, see :mod:`nstjax.winograd`; needs
+        precision 'float32'), or a convolution of the caller's,
+        ``conv(x, kernel, bias, precision)`` with :func:`conv3x3`'s signature.
       ceil_mode: pool in Caffe's ceil mode (odd sizes keep their last row and
         column, as the Caffe VGG19 that neural-style runs); False: floor mode,
         as torchvision.
@@ -567,11 +574,11 @@ class VGG(nn.Module):
         layers, grams, sums = arch.check_layers(layers), arch.check_layers(grams), arch.check_layers(sums)
         if not layers + grams + sums:
             raise ValueError("no layers asked for")
-        if self.pooling not in ("max", "avg"):
+        if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be 'max' or 'avg', not {self.pooling!r}")
         if self.precision not in _PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, not {self.precision!r}")
-        if self.conv not in CONV_ALGORITHMS:
+        if not callable(self.conv) and self.conv not in CONV_ALGORITHMS:
             raise ValueError(f"conv must be one of {CONV_ALGORITHMS}, not {self.conv!r}")
         if self.conv == "winograd" and self.precision != "float32":
             raise ValueError("conv='winograd' computes in float32: use precision='float32' or conv='direct'")

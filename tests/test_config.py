@@ -154,3 +154,86 @@ def test_unknown_arch_lists_the_choices():
     message = str(info.value.__cause__)
     assert isinstance(info.value.__cause__, ValidationError) and "model.arch" in message
     assert all(a in message for a in ("vgg11", "vgg13", "vgg16", "vgg19"))
+
+
+def _readme_config_table() -> dict[str, str]:
+    """README's config reference: each key with the default written beside it."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("## Config reference"):text.index("## Style losses")]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 3 or not cells[0].startswith("`"):
+            continue
+        keys = [k.strip("` ") for k in cells[0].split(",")]
+        defaults = [cells[1]] if len(keys) == 1 else [d.strip() for d in cells[1].split(", ")]
+        defaults = defaults * len(keys) if len(defaults) == 1 else defaults  # one default for all of them
+        assert len(defaults) == len(keys), line
+        rows.update(zip(keys, defaults))
+    return rows
+
+
+def _readme_value(text: str):
+    """A default as the README writes it: `x`, 10⁴, null (meaning), true, [a, …, b]."""
+    text = text.replace("`", "").split(" (")[0].strip()
+    if text in ("null", "unset", "bundled examples"):
+        return None
+    if text in ("true", "false"):
+        return text == "true"
+    if text.startswith("["):
+        return [v.strip() for v in text.strip("[]").split(",")]
+    try:
+        return float(text.replace("10⁴", "1e4"))
+    except ValueError:
+        return text
+
+
+def _same(readme, schema) -> bool:
+    schema = getattr(schema, "value", schema)
+    if isinstance(readme, list):  # [first, …, last] or the whole list
+        schema = list(schema)
+        return readme == schema or (readme[1] == "…" and [readme[0], readme[-1]] == [schema[0], schema[-1]])
+    if isinstance(readme, float) and not isinstance(schema, bool) and isinstance(schema, (int, float)):
+        return readme == schema
+    return readme == schema
+
+
+def test_readme_config_table_is_the_schema():
+    """Every key of the README's config reference exists with the default it shows (``A / B``:
+    L-BFGS's / Adam's), and every key of the schema is in the table."""
+    import dataclasses
+
+    rows = _readme_config_table()
+    schemas = {"lbfgs": config.Config(optim=config.LBFGSConfig()), "adam": config.Config(optim=config.AdamConfig())}
+
+    def default(schema, key):
+        node = schema
+        for part in ("optim.name" if key == "optim" else key).split("."):
+            node = getattr(node, part)
+        return node
+
+    for key, written in rows.items():
+        parts = written.split(" / ")
+        if len(parts) == 1:  # the default config's (optim=lbfgs), or Adam's for its own keys
+            has = hasattr(schemas["lbfgs"].optim, key.split(".")[-1]) or not key.startswith("optim.")
+            pairs = [("lbfgs" if has else "adam", written)]
+        else:
+            pairs = list(zip(("lbfgs", "adam"), parts))
+        for name, part in pairs:
+            if key == "model.preprocessing":
+                assert _readme_value(part) is None and not any(dataclasses.asdict(default(schemas[name], key)).values())
+                continue
+            assert _same(_readme_value(part), default(schemas[name], key)), (key, written)
+
+    def leaves(node, prefix=""):
+        for f in dataclasses.fields(node):
+            value = getattr(node, f.name)
+            if dataclasses.is_dataclass(value) and f.name != "preprocessing":
+                yield from leaves(value, f"{prefix}{f.name}.")
+            else:
+                yield f"{prefix}{f.name}"
+
+    keys = {"optim" if k == "optim.name" else k for name in schemas for k in leaves(schemas[name])}
+    assert keys - set(rows) == set()

@@ -258,6 +258,7 @@ def test_unknown_colour_control_names_the_key_and_the_choices():
     assert "color_control" in message and all(c in message for c in COLOR_CONTROLS)
 
 
+@pytest.mark.slow
 def test_a_sweep_over_colour_controls_and_blend_weights(tmp_path, synthetic_weights_file, nstjax_cache):
     """One process: three colour controls (three groups), each with two blend weights (members
     of one group, one program), on the normalised network; the outputs keep the content's

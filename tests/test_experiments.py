@@ -9,6 +9,8 @@ from PIL import Image
 
 from cli import EXAMPLES, ROOT, env
 
+pytestmark = pytest.mark.slow  # the studies end to end
+
 STUDIES = {
     "beta_sweep": (["--betas", "1e2,1e6"], [("β", ["100.0", "1000000.0"])]),  # as Hydra writes them
     "alpha_beta": (["--betas", "1e2,1e4", "--depths", "2"],

@@ -69,6 +69,7 @@ def test_an_unwritable_out_fails_at_once_with_one_line(tmp_path):
     assert time.monotonic() - t0 < 20  # before jax, torch or any measurement
 
 
+@pytest.mark.slow
 @pytest.mark.torch
 def test_dry_run_reports_every_part_with_numbers_and_rewrites_the_json_after_each(tmp_path):
     out = tmp_path / "check"
@@ -192,6 +193,7 @@ def test_a_measurement_that_runs_out_of_memory_is_recorded_and_the_part_goes_on(
     assert [m["status"] for m in saved.values()] == ["failed", "done", "not run (no time)"]
 
 
+@pytest.mark.slow
 @pytest.mark.torch
 def test_a_check_stopped_by_sigterm_after_the_gate_records_the_part_cut_short(tmp_path):
     path = tmp_path / "gpu.json"

@@ -12,6 +12,7 @@ import json
 import re
 import subprocess
 
+import pytest
 import numpy as np
 from omegaconf import OmegaConf
 from PIL import Image
@@ -27,6 +28,7 @@ nstjax.driver.free_memory_bytes = lambda: 0  # with memory_check=true every run 
 """
 
 
+@pytest.mark.slow
 def test_run_keys_metrics_and_progress_bar(tmp_path, synthetic_weights_file, nstjax_cache):
     run_dir = tmp_path / "run"
     args = [a for a in small_run_args(synthetic_weights_file, run_dir) if a != "progress=false"]
@@ -53,6 +55,7 @@ def _rgb(path, size=None):
     return np.asarray(img.resize(size, Image.Resampling.LANCZOS) if size else img, np.float32) / 255
 
 
+@pytest.mark.slow
 def test_init_style_path_noise_and_seeds(tmp_path, synthetic_weights_file, nstjax_cache):
     """optim.steps=0: each point's result is its initial image."""
     flipped = tmp_path / "flipped.png"
@@ -92,6 +95,7 @@ def _preprocessing(p):
             f"mean:[{','.join(map(str, p.mean))}],std:[{','.join(map(str, p.std))}]}}")
 
 
+@pytest.mark.slow
 def test_precision_preprocessing_and_an_infinite_loss(synthetic_weights_file):
     variants = {
         "float32": [],

@@ -53,6 +53,7 @@ def test_bad_pyramids_are_refused(synthetic_weights_file, tmp_path, override, me
                                        override])))
 
 
+@pytest.mark.slow
 def test_each_level_starts_from_the_level_below_upsampled_and_members_equal_solo_runs(
         synthetic_weights_file, tmp_path):
     """Level 1's step-0 loss is the objective at level 0's result upsampled; two members of a
@@ -99,6 +100,7 @@ images.save_image = save_image
 """
 
 
+@pytest.mark.slow
 def test_three_levels_interrupted_at_the_middle_level_resume_to_the_uninterrupted_result(
         tmp_path, synthetic_weights_file, nstjax_cache):
     args = [*small_run_args(synthetic_weights_file, tmp_path)[:-1], "image.size=64", *SHALLOW, "optim.steps=4",

@@ -12,6 +12,8 @@ from nstjax import build, config
 from nstjax.spec import parse
 from nstjax.weights import load_weights
 
+pytestmark = pytest.mark.slow  # real features: every preset's run at 64–256 px
+
 GATYS_STYLE = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
 
 

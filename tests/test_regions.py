@@ -190,6 +190,7 @@ def test_bad_masks_and_weights_are_refused_naming_the_key(synthetic_weights_file
     assert "loss.style_loss=gram" in refused("loss.style_loss=mean_std", _regions({"mask": masks["white"]}))
 
 
+@pytest.mark.slow
 def test_two_regions_through_the_cli_and_a_sweep_over_their_weights(tmp_path, synthetic_weights_file,
                                                                       nstjax_cache, masks):
     """Two regions, each its own style: one run, then a sweep over the second region's weight

@@ -109,6 +109,7 @@ def _case_names():
         return [c[0] for c in bad_inputs(Path(d))]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", _case_names())
 def test_bad_input_is_one_line_exit_2_and_leaves_nothing(case, tmp_path, synthetic_weights_file,
                                                         nstjax_cache):
@@ -127,6 +128,7 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(case, tmp_path, synthet
     assert not (tmp_path / "new").exists()  # no directory, no .hydra/, no run.log
 
 
+@pytest.mark.slow
 def test_divergence_keeps_the_last_finite_image(tmp_path, synthetic_weights_file, nstjax_cache):
     """A learning rate that overflows float32 makes the first step NaN: stop, keep step 0's image."""
     run_dir = tmp_path / "run"
@@ -144,6 +146,7 @@ def test_divergence_keeps_the_last_finite_image(tmp_path, synthetic_weights_file
     assert len(rows) == 2  # header and step 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_then_resume_reaches_the_uninterrupted_result(
         signum, tmp_path, synthetic_weights_file, nstjax_cache):
@@ -178,6 +181,7 @@ def test_interrupt_then_resume_reaches_the_uninterrupted_result(
                                   np.asarray(Image.open(reference / "result.png")))
 
 
+@pytest.mark.slow
 def test_same_config_and_seed_give_an_identical_result(tmp_path, synthetic_weights_file,
                                                        nstjax_cache):
     runs = []
@@ -195,6 +199,7 @@ def test_same_config_and_seed_give_an_identical_result(tmp_path, synthetic_weigh
         assert metrics["versions"][lib]
 
 
+@pytest.mark.slow
 def test_a_run_leaves_no_temporary_files_and_a_run_into_it_changes_nothing(
         tmp_path, synthetic_weights_file, nstjax_cache):
     run_dir = tmp_path / "run"

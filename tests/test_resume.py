@@ -132,6 +132,7 @@ def test_a_failed_write_keeps_what_was_written_and_exits_74(fault, name, nth, ke
     assert not (run_dir / "result.png").exists()
 
 
+@pytest.mark.slow
 def test_sigkill_inside_a_checkpoint_write_then_resume_reaches_the_uninterrupted_result(
         lbfgs_run, tmp_path, synthetic_weights_file, nstjax_cache):
     run_dir, marker = tmp_path / "run", tmp_path / "inside"
@@ -173,6 +174,7 @@ def _checkpoint_step(run_dir):
         return 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optim", ["adam", "lbfgs-zoom"])
 def test_sigkill_then_sigint_then_resume_reaches_the_uninterrupted_result(
         optim, tmp_path, synthetic_weights_file, nstjax_cache):
@@ -253,6 +255,7 @@ RESUME_CASES = [
 ]
 
 
+@pytest.mark.slow
 def test_resume_refuses_what_it_cannot_continue_and_changes_nothing(lbfgs_run, tmp_path, nstjax_cache):
     for i, (name, damage, extra, code, words) in enumerate(RESUME_CASES):
         run_dir = tmp_path / f"case{i}"

@@ -91,6 +91,7 @@ def test_history_step0_is_the_objective_at_the_initial_image(finished_runs):
         assert float(row0[name]) == pytest.approx(float(getattr(terms, name)), rel=1e-4, abs=1e-3)
 
 
+@pytest.mark.slow
 def test_basic_sweeper_runs_one_job_per_point(tmp_path, synthetic_weights_file, nstjax_cache):
     sweep = tmp_path / "sweep"
     args = [a for a in small_run_args(synthetic_weights_file, tmp_path / "unused")
@@ -108,6 +109,7 @@ def test_basic_sweeper_runs_one_job_per_point(tmp_path, synthetic_weights_file, 
     assert not (sweep / "sweep.csv").exists()
 
 
+@pytest.mark.slow
 def test_no_argument_run_uses_the_bundled_images(tmp_path, synthetic_weights_file):
     """With no content/style the run takes examples/ and the default weights from the cache."""
     from nstjax.weights import SOURCES

@@ -6,6 +6,7 @@ import json
 import math
 import signal
 
+import pytest
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,6 +36,7 @@ def common(weights, *extra):
             "progress=false", *extra]
 
 
+@pytest.mark.slow
 def test_every_style_loss_runs_through_the_cli_and_a_sampled_one_resumes_bitwise(
         tmp_path, synthetic_weights_file, nstjax_cache):
     """One batched sweep over every style loss (8 groups: the loss is structure; one process), then

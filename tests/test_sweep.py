@@ -106,6 +106,7 @@ def test_sweep_csv_sheet_and_tradeoff(swept):
     assert Image.open(sweep_dir / "tradeoff.png").size[0] > 100
 
 
+@pytest.mark.slow
 def test_a_sweep_into_an_earlier_sweep_changes_nothing(swept, synthetic_weights_file, nstjax_cache):
     sweep_dir, _ = swept
     digest = tree_digest(sweep_dir)
@@ -118,6 +119,7 @@ def test_a_sweep_into_an_earlier_sweep_changes_nothing(swept, synthetic_weights_
     assert tree_digest(sweep_dir) == digest
 
 
+@pytest.mark.slow
 def test_a_bad_point_is_refused_before_anything_runs(tmp_path, synthetic_weights_file, nstjax_cache):
     sweep_dir = tmp_path / "multirun"
     proc = run_cli(["-m", *small(synthetic_weights_file), "loss.beta=1e3,-1", f"hydra.sweep.dir={sweep_dir}"],
@@ -129,6 +131,7 @@ def test_a_bad_point_is_refused_before_anything_runs(tmp_path, synthetic_weights
     assert not sweep_dir.exists()
 
 
+@pytest.mark.slow
 def test_a_group_refused_by_the_memory_check_leaves_no_sweep(tmp_path, synthetic_weights_file, nstjax_cache):
     sweep_dir = tmp_path / "new" / "multirun"
     proc = run_cli(["-m", *small(synthetic_weights_file), "optim.memory_size=100000000",
@@ -158,6 +161,7 @@ def test_points_are_grouped_by_structure(synthetic_weights_file):
     assert [[p.n for p in g] for g in groups] == [[0, 1], [2, 3, 8], [4, 5], [6, 7], [9]]
 
 
+@pytest.mark.slow
 def test_a_diverging_member_stops_alone(tmp_path, synthetic_weights_file, nstjax_cache):
     sweep_dir = tmp_path / "multirun"
     args = [a for a in small(synthetic_weights_file) if "linesearch" not in a]
@@ -172,6 +176,7 @@ def test_a_diverging_member_stops_alone(tmp_path, synthetic_weights_file, nstjax
     assert [r["status"] for r in read_csv(sweep_dir / "sweep.csv")] == ["finished", "diverged"]
 
 
+@pytest.mark.slow
 def test_interrupted_sweep_resumes_to_the_uninterrupted_result(tmp_path, synthetic_weights_file,
                                                                nstjax_cache):
     """Two groups (two image sizes) of two β each; SIGINT during the first group."""
@@ -208,6 +213,7 @@ def test_interrupted_sweep_resumes_to_the_uninterrupted_result(tmp_path, synthet
     assert before == {n: (sweep_dir / str(n) / "result.png").stat().st_mtime_ns for n in range(4)}
 
 
+@pytest.mark.slow
 def test_waves_equal_one_program(synthetic_weights_file):
     cfgs = [config.compose(small(synthetic_weights_file, f"loss.beta={b}", "max_members=2"))
             for b in (1e2, 1e3, 1e4)]
@@ -248,6 +254,7 @@ SHARDED = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_members_sharded_over_four_devices_equal_unsharded(synthetic_weights_file, nstjax_cache):
     overrides = small(synthetic_weights_file)
     e = env(nstjax_cache)
@@ -262,6 +269,7 @@ def test_members_sharded_over_four_devices_equal_unsharded(synthetic_weights_fil
             assert_history_close([HistoryRow(*r) for r in got], want.history)
 
 
+@pytest.mark.slow
 def test_submitit_local_launcher_runs_each_group_as_a_job(tmp_path, synthetic_weights_file, nstjax_cache):
     sweep_dir = tmp_path / "multirun"
     proc = run_cli(["-m", *small(synthetic_weights_file), "image.size=32,40", "loss.beta=1e3,1e5",

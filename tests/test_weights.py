@@ -627,6 +627,7 @@ print(fetch("vgg19"))
 """
 
 
+@pytest.mark.slow
 def test_processes_started_at_once_share_one_download(server, keras_file, params, cache, tmp_path):
     root, base, seen = server
     (root / KERAS_NAME).write_bytes(keras_file.read_bytes())
