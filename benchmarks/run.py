@@ -3,9 +3,10 @@
     python -m benchmarks.run            # full run (~20 min on 2 cores), writes benchmarks/results/cpu.json
     python -m benchmarks.run --quick    # small sizes, a few evaluations (< 2 min): checks that it works
 
-(a) per evaluation (loss + gradient), (b) time to quality against the PyTorch tutorial's loop,
-(c) peak RSS of each side, (d) compile time apart from run time, the FLOP rate as a fraction of the
-CPU's peak. Every measurement runs in its own process. On a GPU, python -m benchmarks.gpu is the
+(a) per evaluation (loss + gradient), (c) peak RSS of each side, (d) compile time apart from run
+time, the FLOP rate as a fraction of the CPU's peak. (b), time to quality against the PyTorch
+tutorial's loop, is python -m benchmarks.quality (the product's objective and loop, on real
+features). Every measurement runs in its own process. On a GPU, python -m benchmarks.gpu is the
 check to run (float32, tf32 and bfloat16, PyTorch CUDA beside them, the batched loop, the largest
 image that fits). See benchmarks/README.md.
 """
@@ -23,21 +24,6 @@ from pathlib import Path
 
 from benchmarks.common import RESULTS, ROOT, SETUPS, deepest_conv, flop_counts, run_killable, write_json
 from benchmarks.report import fmt, gib, log, table
-
-# nstjax optimiser settings for time to quality: (name, args for workers.ttq_jax).
-TTQ_SETTINGS = [
-    ("lbfgs-none-m100-lr1 (tutorial's)", {"optim": {"name": "lbfgs", "linesearch": "none", "memory_size": 100},
-                                           "lr": 1.0}),
-    ("lbfgs-none-m100-lr0.5", {"optim": {"name": "lbfgs", "linesearch": "none", "memory_size": 100}, "lr": 0.5}),
-    ("lbfgs-none-m30-lr0.5", {"optim": {"name": "lbfgs", "linesearch": "none", "memory_size": 30}, "lr": 0.5}),
-    ("lbfgs-zoom-m10", {"optim": {"name": "lbfgs", "linesearch": "zoom", "memory_size": 10}}),
-    ("lbfgs-zoom-m100", {"optim": {"name": "lbfgs", "linesearch": "zoom", "memory_size": 100}}),
-    ("adam-lr0.05", {"optim": {"name": "adam"}, "lr": 0.05}),
-    ("adam-lr0.1", {"optim": {"name": "adam"}, "lr": 0.1}),
-    ("pyramid 128→256 lbfgs-none-m30-lr0.5", {"optim": {"name": "lbfgs", "linesearch": "none", "memory_size": 30},
-                                              "lr": 0.5, "pyramid": {"min_size": 128, "factor": 2, "steps": 29}}),
-]
-
 
 def worker(task: str, args: dict, timeout: float = 1800, env_extra: dict | None = None) -> dict:
     """Run one measurement in a fresh process, killed after ``timeout`` seconds; return its JSON (with
@@ -69,18 +55,13 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default="",
                    help="prototype fixes to measure beside nstjax as is (comma-separated; '' for none): a "
                         "benchmarks.conv_variants convolution, '+memsched' (XLA's memory-optimised CPU "
-                        "scheduler); the first is also used "
-                        "for the time-to-quality grid, the last for the large-size memory runs")
-    p.add_argument("--ttq-size", type=int, help="time-to-quality image size (default 256; quick: 64)")
-    p.add_argument("--ttq-evaluations", type=int, help="the tutorial loop's evaluations (default 300; quick: 40)")
-    p.add_argument("--ttq-settings", help="comma-separated subset of the nstjax setting names (default: all)")
-    p.add_argument("--ttq-cap", type=float, default=1.0,
-                   help="stop an nstjax setting after this fraction of the tutorial loop's time (default 1.0)")
+                        "scheduler); the last is also used "
+                        "for the large-size memory runs")
     p.add_argument("--memory", help="size[:remat] list for the one-evaluation memory runs "
                                     "(default 2048,2048:remat,4096:remat; quick: 256,512:remat)")
     p.add_argument("--profile-size", type=int, help="per-layer profile size (default 512; quick: 64)")
     p.add_argument("--profile-variants", help="convolutions to profile (default direct,winograd)")
-    p.add_argument("--skip", default="", help="comma-separated parts to skip: eval,ttq,memory,profile,gpu")
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: eval,memory,profile")
     p.add_argument("--weights", help="a torchvision VGG19 state dict (.pth) instead of random weights")
     p.add_argument("--out", help="JSON path (default benchmarks/results/cpu.json, quick: quick.json, "
                                  "run-gpu.json on a GPU)")
@@ -91,8 +72,6 @@ def main(argv=None) -> int:
     reps = a.reps if a.reps is not None else (1 if quick else 3)
     loop_sizes = [int(s) for s in (a.loop_sizes or ("64" if quick else "256,512")).split(",") if s]
     variants = [v for v in a.variants.split(",") if v]
-    ttq_size = a.ttq_size or (64 if quick else 256)
-    ttq_evals = a.ttq_evaluations or (20 if quick else 300)
     memory = [m for m in (a.memory or ("256:remat" if quick else "2048,2048:remat,4096:remat")).split(",") if m]
     skip = set(a.skip.split(",")) - {""}
     common = {"weights": a.weights} if a.weights else {}
@@ -164,41 +143,6 @@ def main(argv=None) -> int:
                 f"(ratio {fmt(row.get('ratio_jax_over_torch'), '.2f')}), compile {fmt(j.get('compile_s'), '.1f')} s"
                 + (f", in Loop {fmt(j.get('loop_eval_s'))} s" if "loop_eval_s" in j else ""))
         report["per_evaluation"] = evals
-
-    # ---------------------------------------------------------------- (b) time to quality
-    if "ttq" not in skip:
-        log(f"\n== (b) time to quality at {ttq_size}px (the PyTorch tutorial's objective; tubingen / starry_night)")
-        tut = worker("ttq_torch", {"size": ttq_size, "evaluations": ttq_evals, **common}, timeout=3600)
-        report["ttq_torch"] = tut
-        if "error" in tut:
-            log("tutorial loop failed:", tut["error"])
-            return 1
-        target = tut["best_loss"]
-        log(_tutorial_line(tut))
-        names = set(a.ttq_settings.split(",")) if a.ttq_settings else None
-        settings = [(n, s) for n, s in TTQ_SETTINGS if names is None or n in names]
-        if quick and not names:
-            settings = [(n, s) for n, s in settings if n in ("lbfgs-none-m30-lr0.5",
-                                                              "pyramid 128→256 lbfgs-none-m30-lr0.5")]
-        runs = []
-        cap = a.ttq_cap * tut["run_s"]
-        for v in variants[:1] or ["nstjax"]:
-            for name, s in settings:
-                r = worker("ttq_jax", ttq_args(name, s, ttq_size, target, cap, 2 * ttq_evals, v, common),
-                           timeout=cap * 3 + 600)
-                runs.append(r)
-                log(_ttq_line(r, tut))
-        # nstjax as is, for the settings that reached the target fastest with the first variant
-        if variants:
-            done = sorted([r for r in runs if r.get("reached")],
-                          key=lambda r: r["reached"]["time_s"])[:1 if quick else 2]
-            for r0 in done:
-                s = dict(next(s for n, s in settings if n == r0["name"]))
-                r = worker("ttq_jax", ttq_args(r0["name"], s, ttq_size, target, 1.5 * tut["run_s"], 2 * ttq_evals,
-                                               "nstjax", common), timeout=tut["run_s"] * 5 + 600)
-                runs.append(r)
-                log(_ttq_line(r, tut))
-        report["ttq_jax"] = ttq_ratios(runs, tut)
 
     # ---------------------------------------------------------------- (c) memory at large sizes
     if "memory" not in skip:
@@ -273,43 +217,6 @@ def check_agreement(sizes, common, variant="nstjax", run=worker) -> tuple[list, 
     return checks, None
 
 
-def ttq_args(name, setting, size, target, cap_s, max_evaluations, variant, common) -> dict:
-    """workers.ttq_jax's arguments for one of TTQ_SETTINGS (a pyramid whose smallest level is at or
-    above ``size`` gets one level below at half the size and a third of the steps)."""
-    args = {"name": name, "size": size, "target": target, "variant": variant, "time_cap_s": cap_s,
-            "max_evaluations": max_evaluations, "chunk_steps": 5, **setting, **common}
-    if "pyramid" in args and args["pyramid"]["min_size"] >= size:
-        args["pyramid"] = {**args["pyramid"], "min_size": size // 2, "steps": args["pyramid"]["steps"] // 3}
-    return args
-
-
-def ttq_ratios(runs, tut) -> list:
-    """Add each nstjax run's time to the target over the tutorial loop's times."""
-    for r in runs:
-        if r.get("reached"):
-            r["ratio_vs_tutorial_run"] = r["reached"]["time_s"] / tut["run_s"]
-            r["ratio_vs_tutorial_best"] = r["reached"]["time_s"] / tut["best_time_s"]
-            r["cpu_ratio_vs_tutorial_run"] = r["reached"]["cpu_s"] / tut["run_cpu_s"]
-    return runs
-
-
-def _tutorial_line(tut):
-    return (f"tutorial loop (torch.optim.LBFGS defaults, {tut['evaluations']} evaluations, image {tut['shape']}, "
-            f"{tut['device']}): {tut['run_s']:.1f} s; loss {tut['losses'][0]:.4g} → final {tut['final_loss']:.4g}, "
-            f"best {tut['best_loss']:.4g} at evaluation {tut['best_evaluation']} ({tut['best_time_s']:.1f} s); "
-            f"target = best = {tut['best_loss']:.6g}")
-
-
-def _ttq_line(r, tut):
-    if "error" in r:
-        return f"{r.get('name', '?')}: failed: {r['error']}"
-    reached = r["reached"]
-    where = (f"reached at evaluation {reached['evaluations']} after {reached['time_s']:.1f} s "
-             f"({reached['time_s'] / tut['run_s']:.2f}× the tutorial loop)") if reached else \
-        f"not reached (best {r['best_loss']:.4g} after {r['evaluations']} evaluations, {r['run_s']:.1f} s)"
-    return f"{r['name']:32s} [{r['variant']}] compile {r['compile_s']:.1f} s; {where}"
-
-
 def summary(rep) -> str:
     parts = []
     m = rep["machine"]
@@ -335,27 +242,6 @@ def summary(rep) -> str:
         parts.append("(a) one loss + gradient, Gatys objective (min of reps; 'in Loop' = per evaluation inside "
                      "nstjax's Loop.chunk; GF/s = executed conv FLOPs fwd + input-grad / time; peak "
                      f"{fmt(peak, '.0f')} GFLOP/s)\n" + table(heads, rows))
-    if "ttq_torch" in rep:
-        tut = rep["ttq_torch"]
-        rows = [["PyTorch tutorial loop", "torch", tut["evaluations"], f"{tut['run_s']:.1f}", "-",
-                 f"best {tut['best_loss']:.4g} @ {tut['best_evaluation']} ({tut['best_time_s']:.1f} s)", "1.00",
-                 "1.00", gib(tut["peak_rss_bytes"])]]
-        for r in rep["ttq_jax"]:
-            if "error" in r:
-                rows.append([r.get("name", "?"), r.get("variant", "?"), "-", "-", "-", "failed", "-", "-", "-"])
-                continue
-            re_ = r["reached"]
-            rows.append([r["name"], r["variant"], re_["evaluations"] if re_ else r["evaluations"],
-                         f"{re_['time_s']:.1f}" if re_ else f"({r['run_s']:.1f})", f"{r['compile_s']:.1f}",
-                         "reached" if re_ else f"no (best {r['best_loss']:.4g})",
-                         fmt(r.get("ratio_vs_tutorial_run"), ".2f"), fmt(r.get("cpu_ratio_vs_tutorial_run"), ".2f"),
-                         gib(r["peak_rss_bytes"])])
-        h, w = rep["ttq_torch"]["shape"][:2]
-        parts.append(f"(b) time to quality at {h}×{w} px: target = the tutorial loop's best loss "
-                     f"{tut['best_loss']:.6g}; ratio = time to target / the tutorial loop's {tut['run_s']:.1f} s "
-                     "(compile excluded, shown apart)\n"
-                     + table(["setting", "side", "evals", "time s", "compile s", "target", "ratio", "CPU-time ratio",
-                              "RSS GiB"], rows))
     if "memory" in rep:
         rows = [[r["size"], r["remat"], r.get("variant", "nstjax"), fmt(r.get("compile_s"), ".1f"),
                  fmt(None if "skipped" in r else r.get("first_call_s"), ".1f"), gib(r.get("xla_temp_bytes")),

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import (EXAMPLES, SETUPS, bench_images, cpu_info, load_image, load_params, max_rss_bytes,
+from benchmarks.common import (SETUPS, bench_images, cpu_info, load_params, max_rss_bytes,
                                write_json)
 
 AGREEMENT_RTOL = 1e-4
@@ -241,122 +241,6 @@ def eval_torch(args):
     return out
 
 
-def _ttq_images(size):
-    return load_image(EXAMPLES / "tubingen.jpg", size), load_image(EXAMPLES / "starry_night.jpg", size)
-
-
-def ttq_torch(args):
-    """The PyTorch tutorial's loop on the bundled pair: loss and wall time after each closure call."""
-    import torch
-
-    from benchmarks import torch_gatys as tg
-
-    setup = SETUPS["tutorial"]()
-    params, _ = load_params(args.get("weights"))
-    content, style = _ttq_images(args["size"])
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    tg.set_precision("float32")
-    h = setup["hp"]
-    obj = tg.GatysObjective(tg.params_to_torch(params, device), setup["spec"], setup["prep"], setup["pooling"],
-                            content, style, h["alpha"], h["beta"], h["content_layer_weights"],
-                            h["style_layer_weights"])
-    times, cpus = [], []
-    t0, c0 = time.perf_counter(), _cpu()
-    _, losses = tg.tutorial_loop(obj, content, args["evaluations"],
-                                 on_eval=lambda i, loss: (times.append(time.perf_counter() - t0),
-                                                          cpus.append(_cpu() - c0)))
-    total, total_cpu = time.perf_counter() - t0, _cpu() - c0
-    best = int(np.argmin(losses))
-    return {"size": args["size"], "shape": list(content.shape), "evaluations": len(losses), "losses": losses,
-            "times_s": times, "cpu_times_s": cpus, "run_s": total, "run_cpu_s": total_cpu,
-            "final_loss": losses[-1], "best_loss": losses[best],
-            "best_evaluation": best + 1, "best_time_s": times[best], "device": device,
-            "threads": torch.get_num_threads(), "peak_rss_bytes": max_rss_bytes()}
-
-
-def ttq_jax(args):
-    """nstjax's Loop with one optimiser setting from the content image until the loss reaches
-    ``target`` (or ``max_evaluations`` / ``time_cap_s``); optionally coarse to fine as the product's
-    ``pyramid.*`` (nstjax.pyramid): ``pyramid`` = {min_size, factor, steps}, each level below the
-    full size run for ``steps`` steps, then upsampled as nstjax does. Compile time (all levels) is
-    measured apart and excluded from the run time."""
-    import jax
-    import jax.numpy as jnp
-
-    from nstjax.optimize import Loop, OptimSpec, Status
-
-    setup = SETUPS["tutorial"]()
-    params, _ = load_params(args.get("weights"))
-    variant = args.get("variant", "nstjax")
-    opt = OptimSpec(**args["optim"])
-    lr = args.get("lr", 1.0)
-    chunk_steps = args.get("chunk_steps", 5)
-    target, cap = args["target"], args.get("time_cap_s", float("inf"))
-    max_evals = args.get("max_evaluations", 300)
-
-    from nstjax import pyramid
-    from nstjax.spec import PyramidSpec
-
-    levels = pyramid.sizes(PyramidSpec(**args.get("pyramid", {})), args["size"])
-    stages = [dict(size=size, evaluations=args["pyramid"]["steps"] + 1, final=False, optim=opt, lr=lr)
-              for size in levels[:-1]]
-    stages.append(dict(size=args["size"], evaluations=max_evals, final=True, optim=opt, lr=lr))
-
-    compile_s = 0.0
-    for st in stages:  # build and compile every stage before the clock starts
-        content, style = _ttq_images(st["size"])
-        _, obj, jp, targets, hp = _jax_problem(setup, params, content, style, variant=variant)
-        loop = Loop(obj, st["optim"], chunk_steps=chunk_steps)
-        t0 = time.perf_counter()
-        st["program"] = loop.compile(_problems(jnp.asarray(content), targets, hp, st["lr"]), jp)
-        compile_s += time.perf_counter() - t0
-        st.update(content=jnp.asarray(content), params=jp, targets=targets, hp=hp)
-
-    trajectory, reached, x = [], None, None
-    t_start, c_start = time.perf_counter(), _cpu()
-    evals_before, coarse_evals = 0, 0  # evaluations of the levels below the full size
-    for st in stages:
-        x0 = st["content"] if x is None else jnp.asarray(
-            pyramid.upsample(np.asarray(x)[None], st["content"].shape[:2])[0])
-        problems = _problems(x0, st["targets"], st["hp"], st["lr"])
-        state = st["program"].init(problems, st["params"])
-        if st["final"]:
-            now = time.perf_counter() - t_start
-            trajectory.append((evals_before + 1, float(state.terms.total[0]), now))
-            if float(state.terms.total[0]) <= target:
-                reached = {"evaluations": evals_before + 1, "time_s": now, "cpu_s": _cpu() - c_start,
-                           "loss": float(state.terms.total[0])}
-                break
-        while int(state.evaluations[0]) < st["evaluations"] and int(state.status[0]) == Status.RUNNING:
-            state, rows, valid = st["program"].chunk(state, problems, st["params"], jnp.int32(chunk_steps),
-                                                     jnp.int32(st["evaluations"]))
-            rows, valid = jax.device_get(rows), np.asarray(valid[0])  # waits for the chunk
-            now = time.perf_counter() - t_start
-            if st["final"]:
-                for j in np.flatnonzero(valid):
-                    evals, loss = int(rows.evaluations[0, j]), float(rows.terms.total[0, j])
-                    trajectory.append((evals_before + evals, loss, now))
-                    if reached is None and loss <= target:
-                        reached = {"evaluations": evals_before + evals, "time_s": now,
-                                   "cpu_s": _cpu() - c_start, "loss": loss}
-            if reached is not None or now > cap:
-                break
-        x = state.pixels[0]
-        if not st["final"]:
-            coarse_evals += int(state.evaluations[0])
-            evals_before += int(state.evaluations[0])
-        if reached is not None or time.perf_counter() - t_start > cap:
-            break
-    run_s, run_cpu_s = time.perf_counter() - t_start, _cpu() - c_start
-    losses = [t[1] for t in trajectory]
-    return {"name": args["name"], "variant": variant, "optim": args["optim"], "lr": float(lr),
-            "pyramid": args.get("pyramid"), "target": target, "reached": reached, "compile_s": compile_s,
-            "run_s": run_s, "run_cpu_s": run_cpu_s,
-            "evaluations": trajectory[-1][0] if trajectory else evals_before, "coarse_evaluations": coarse_evals,
-            "best_loss": min(losses) if losses else None, "trajectory": trajectory,
-            "peak_rss_bytes": max_rss_bytes(), **_device_info()}
-
-
 def memory_jax(args):
     """Compile and one evaluation at a large size (optionally rematerialised): time and peak RSS.
     Refuses to run (reporting XLA's predicted need) when the compiled program's temporaries would not
@@ -411,7 +295,7 @@ def profile(args):
             "loadavg": os.getloadavg()}
 
 
-TASKS = {f.__name__: f for f in (agree, eval_jax, eval_torch, ttq_torch, ttq_jax, memory_jax, machine, profile)}
+TASKS = {f.__name__: f for f in (agree, eval_jax, eval_torch, memory_jax, machine, profile)}
 
 
 def main(argv=None):

@@ -260,8 +260,9 @@ def build_group(points: Sequence[Point], inputs: Sequence[Inputs] | None = None,
     s = structure or points[0].structure
     spec = s.loss
     weights = weights or read_weights(s)
-    model = VGG(weights.preprocessing, s.model.pooling, s.model.precision, s.model.uses_remat(inputs[0].content.shape),
-                conv=s.model.conv, ceil_mode=s.model.ceil_mode, arch=weights.arch)
+    shape = inputs[0].content.shape
+    model = VGG(weights.preprocessing, s.model.pooling, s.model.precision, s.model.uses_remat(shape),
+                conv=s.model.conv_for(shape), ceil_mode=s.model.ceil_mode, arch=weights.arch)
     params = prepare_params(jax.tree.map(jnp.asarray, weights.params), model.conv, spec.layers + YARDSTICK_LAYERS)
     targets_fn = programs.cached_jit("targets", functools.partial(compute_targets, model, spec=spec), (model, spec))
     guided_fn = programs.cached_jit("guided_grams", functools.partial(guided_grams, model, layers=spec.style_layers),

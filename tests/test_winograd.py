@@ -89,6 +89,10 @@ def test_default_conv_is_winograd_on_cpu_in_float32_only():
     assert vgg.default_conv("float32", "cpu") == "winograd"
     assert vgg.default_conv("bfloat16", "cpu") == "direct"
     assert vgg.default_conv("float32", "gpu") == "xla"  # cuDNN chooses its algorithms
+    # small images: Winograd's compile time would outweigh what it saves
+    assert vgg.default_conv("float32", "cpu", vgg.WINOGRAD_MIN_PIXELS - 1) == "direct"
+    assert vgg.default_conv("float32", "cpu", vgg.WINOGRAD_MIN_PIXELS) == "winograd"
+    assert vgg.default_conv("float32", "gpu", 64 * 64) == "xla"
 
 
 def test_winograd_needs_float32(params):
