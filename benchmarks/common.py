@@ -31,13 +31,18 @@ CONVS = conv_table()
 # --------------------------------------------------------------------------- objectives
 
 def gatys_setup():
-    """(a): relu1_1…relu5_1 style, relu4_2 content (the network runs to relu5_1), Caffe preprocessing,
+    """Each setup: the objective's spec, preprocessing, pooling and numbers for the PyTorch side, and
+    the same as config overrides for nstjax's (``overrides``).
+
+    (a): relu1_1…relu5_1 style, relu4_2 content (the network runs to relu5_1), Caffe preprocessing,
     max pooling; the seed's normalisations (Gram unnormalised, Σ/(4N²M²), ½Σ)."""
     from nstjax.losses import HParams, LossSpec
     from nstjax.vgg import CAFFE
 
     spec = LossSpec()
     return dict(spec=spec, prep=CAFFE, pooling="max",
+                overrides=["model.pooling=max", "loss.beta=1e3", "loss.content_layer_weights=[1.0]",
+                           "loss.style_layer_weights=[0.2,0.2,0.2,0.2,0.2]"],
                 hp=dict(alpha=1.0, beta=1e3, content_layer_weights=[1.0], style_layer_weights=[0.2] * 5),
                 make_hp=lambda: HParams.create(spec, alpha=1.0, beta=1e3, content_layer_weights=[1.0],
                                                style_layer_weights=[0.2] * 5))
@@ -53,6 +58,11 @@ def tutorial_setup():
                     style_layers=("conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1"),
                     gram_norm="NM", style_reduction="mean", content_reduction="mean")
     return dict(spec=spec, prep=TORCHVISION, pooling="max",
+                overrides=["model.pooling=max", "model.preprocessing={channel_order:RGB,scale:1.0,"
+                           "mean:[0.485,0.456,0.406],std:[0.229,0.224,0.225]}", "loss.content_layers=[conv2_2]",
+                           "loss.style_layers=[conv1_1,conv1_2,conv2_1,conv2_2,conv3_1]", "loss.gram_norm=NM",
+                           "loss.style_reduction=mean", "loss.content_reduction=mean", "loss.beta=1e6",
+                           "loss.content_layer_weights=[1.0]", "loss.style_layer_weights=[1.0,1.0,1.0,1.0,1.0]"],
                 hp=dict(alpha=1.0, beta=1e6, content_layer_weights=[1.0], style_layer_weights=[1.0] * 5),
                 make_hp=lambda: HParams.create(spec, alpha=1.0, beta=1e6, content_layer_weights=[1.0],
                                                style_layer_weights=[1.0] * 5))
@@ -82,6 +92,43 @@ def synthetic_weights_file(path: Path, seed: int = 0, arch: str = "vgg19") -> Pa
 
     save_canonical(path, VGGWeights(random_params(seed, arch), CAFFE, "synthetic", "", arch))
     return path
+
+
+def product_problem(overrides: list[str], weights, content, style, conv="auto", precision: str = "float32",
+                    remat: bool = False):
+    """(model, objective, params, targets, hp) of one problem as the CLI builds it (config.compose +
+    build.build_group) from config ``overrides``, the weights file ``weights`` and the square images
+    ``content`` and ``style`` (written as PNG files: their 8-bit values read back exactly); ``conv``
+    a model.conv choice, or a convolution given to the model (``VGG(conv=fn)``)."""
+    import atexit
+    import dataclasses
+    import shutil
+    import tempfile
+
+    import jax
+
+    from nstjax import build, config
+    from nstjax.images import save_image
+    from nstjax.spec import parse
+
+    work = Path(tempfile.mkdtemp(prefix="nstjax-bench-"))
+    atexit.register(shutil.rmtree, work, True)
+    files = []
+    for what, img in (("content", content), ("style", style)):
+        save_image(work / f"{what}.png", img)
+        files.append(work / f"{what}.png")
+    cfg = config.compose([f"model.weights={weights}", f"content={files[0]}", f"style={files[1]}",
+                          f"image.size={max(content.shape[:2])}", f"model.precision={precision}",
+                          f"model.conv={conv if isinstance(conv, str) else 'direct'}",
+                          f"model.remat={'on' if remat else 'off'}", "progress=false", *overrides])
+    group = build.build_group([parse(cfg)])
+    if not isinstance(conv, str):
+        group = dataclasses.replace(group, model=group.model.clone(conv=conv))
+
+    def first(tree):  # the one member's
+        return jax.tree.map(lambda leaf: leaf[0], tree)
+
+    return group.model, group.loop.objective, group.params, first(group.problems.targets), first(group.problems.hp)
 
 
 def load_params(weights: str | None, seed: int = 0) -> tuple[dict, str]:

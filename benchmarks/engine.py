@@ -34,7 +34,7 @@ from pathlib import Path
 from benchmarks.common import RESULTS, ROOT, write_json
 
 PHASES = (  # (label, the function whose cumulative time it is: file suffix, function name)
-    ("imports (nstjax.run and what it imports)", "nstjax/run.py", "<module>"),
+    ("the whole run (nstjax.run as __main__, under the profiler)", "nstjax/run.py", "<module>"),
     ("compose the config (Hydra)", "hydra/_internal/config_loader_impl.py", "load_configuration"),
     ("validate: images, layers, numbers", "nstjax/build.py", "validate"),
     ("read and hash the weights", "nstjax/weights/__init__.py", "load_weights"),

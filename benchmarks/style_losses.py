@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import RESULTS, bench_images, cpu_info, random_params, write_json
+from benchmarks.common import RESULTS, bench_images, cpu_info, product_problem, synthetic_weights_file, write_json
 
 MRF_LAYERS = ("relu3_1", "relu4_1")
 CASES = {  # name: (LossSpec options, the gram case it is compared with)
@@ -44,23 +45,16 @@ CASES = {  # name: (LossSpec options, the gram case it is compared with)
 }
 
 
-def measure(options: dict, size: int, reps: int, params_np) -> dict:
-    """Compile and time one loss + gradient of the objective with these LossSpec options."""
+def measure(options: dict, size: int, reps: int, weights: Path) -> dict:
+    """Compile and time one loss + gradient of the objective with these loss options, built as the
+    CLI builds it (benchmarks.common.product_problem)."""
     import jax
     import jax.numpy as jnp
 
-    from nstjax.losses import HParams, LossSpec, compute_targets, make_objective
-    from nstjax.vgg import CAFFE, VGG, default_conv, prepare_params
-
-    spec = LossSpec(**options)
-    conv = default_conv("float32")
-    model = VGG(CAFFE, "avg", conv=conv)
-    params = prepare_params(jax.tree.map(jnp.asarray, params_np), conv, spec.layers)
-    content, style, x = (jnp.asarray(a) for a in bench_images(size))
-    targets = jax.block_until_ready(jax.jit(lambda p, c, s: compute_targets(model, p, c, s, spec))(
-        params, content, style))
-    hp = HParams.create(spec)
-    objective = make_objective(model, spec)
+    content, style, x = bench_images(size)
+    overrides = [f"loss.{k}=[{','.join(v)}]" if isinstance(v, tuple) else f"loss.{k}={v}" for k, v in options.items()]
+    _, objective, params, targets, hp = product_problem(overrides, weights, content, style)
+    x = jnp.asarray(x)
     step = jax.jit(jax.value_and_grad(lambda px, p, t, h, k: objective(px, p, t, h, k).total))
     key = jax.random.key(0)
     t0 = time.perf_counter()
@@ -101,12 +95,12 @@ def main(argv=None) -> int:
     sizes = [int(s) for s in args.sizes.split(",")]
     names = args.losses.split(",")
     wanted = list(dict.fromkeys(n2 for n in names for n2 in (CASES[n][1], n)))  # each reference first
-    params = random_params(0)
+    weights = synthetic_weights_file(Path(tempfile.mkdtemp(prefix="nstjax-bench-")) / "synthetic.safetensors")
     load_before = os.getloadavg()
     results = {name: {"name": name, "options": CASES[name][0], "sizes": {}} for name in wanted}
     for size in sizes:
         for name in wanted:
-            m = results[name]["sizes"][str(size)] = measure(CASES[name][0], size, args.reps, params)
+            m = results[name]["sizes"][str(size)] = measure(CASES[name][0], size, args.reps, weights)
             m["relative"] = m["eval_s"] / results[CASES[name][1]]["sizes"][str(size)]["eval_s"]
             print(f"{size} px {name}: {m['eval_s']:.3f} s ({m['relative']:.2f}× gram), compile "
                   f"{m['compile_s']:.1f} s", flush=True)

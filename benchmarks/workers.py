@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import (SETUPS, bench_images, cpu_info, load_params, max_rss_bytes,
+from benchmarks.common import (SETUPS, bench_images, cpu_info, load_params, max_rss_bytes, product_problem,
+                               synthetic_weights_file,
                                write_json)
 
 AGREEMENT_RTOL = 1e-4
@@ -53,30 +54,30 @@ def _rel(a, b):
 
 # --------------------------------------------------------------------------- JAX helpers
 
-def _jax_problem(setup, params_np, content, style, precision="float32", remat=False, variant="nstjax"):
-    """(model, objective, params, targets, hp) for nstjax as its CLI sets it up (model.conv=auto:
-    Winograd on CPUs), or with ``variant`` 'direct' (model.conv=direct) or a convolution of
-    benchmarks.conv_variants given to the model as its convolution; '+memsched' (XLA's
-    memory-optimised CPU scheduler) is applied by :func:`main` through XLA_FLAGS before jax starts."""
-    import jax
-    import jax.numpy as jnp
-
-    from nstjax.losses import compute_targets, make_objective
-    from nstjax.vgg import VGG, default_conv, prepare_params
-
+def _jax_problem(setup, weights, content, style, precision="float32", remat=False, variant="nstjax"):
+    """:func:`benchmarks.common.product_problem` of the objective ``setup``: with ``variant`` 'nstjax'
+    the default convolution (model.conv=auto), 'direct' (model.conv=direct) or a convolution of
+    benchmarks.conv_variants given to the model; '+memsched' (XLA's memory-optimised CPU scheduler)
+    is applied by :func:`main` through XLA_FLAGS before jax starts."""
     name = (variant or "nstjax").split("+")[0]
-    if name in ("nstjax", ""):
-        conv = default_conv(precision)
-    elif name == "direct":
-        conv = "direct"
-    else:
+    conv = "auto" if name in ("nstjax", "") else "direct"
+    if name not in ("nstjax", "", "direct"):
         from benchmarks.conv_variants import VARIANTS
         conv = VARIANTS[name]
-    model = VGG(setup["prep"], setup["pooling"], precision=precision, remat=remat, conv=conv)
-    params = prepare_params(jax.tree.map(jnp.asarray, params_np), conv, setup["spec"].layers)
-    targets = compute_targets(model, params, jnp.asarray(content), jnp.asarray(style), setup["spec"])
-    targets = jax.block_until_ready(targets)
-    return model, make_objective(model, setup["spec"]), params, targets, setup["make_hp"]()
+    return product_problem(setup["overrides"], weights, content, style, conv, precision, remat)
+
+
+def _weights_file(args) -> str:
+    """The weights file of ``args`` ('weights'), or the synthetic one :func:`load_params` stands for."""
+    import atexit
+    import shutil
+    import tempfile
+
+    if args.get("weights"):
+        return args["weights"]
+    work = Path(tempfile.mkdtemp(prefix="nstjax-bench-"))
+    atexit.register(shutil.rmtree, work, True)
+    return str(synthetic_weights_file(work / "synthetic.safetensors"))
 
 
 MEMSCHED = "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"
@@ -103,7 +104,7 @@ def agree(args):
     params, _ = load_params(args.get("weights"))
     content, style, x = bench_images(args["size"])
     variant = args.get("variant", "nstjax")
-    _, obj, jp, targets, hp = _jax_problem(setup, params, content, style, variant=variant)
+    _, obj, jp, targets, hp = _jax_problem(setup, _weights_file(args), content, style, variant=variant)
     h = setup["hp"]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tg.set_precision("float32")
@@ -127,8 +128,7 @@ def agree(args):
 
 
 def _problems(x, targets, hp, lr):
-    """A batch of one problem for nstjax's Loop (a leading member axis of 1; without nstjax.build, so
-    that the measurements need none of the CLI's dependencies)."""
+    """A batch of one problem for nstjax's Loop (a leading member axis of 1) starting at ``x``."""
     import jax
     import jax.numpy as jnp
 
@@ -148,10 +148,10 @@ def eval_jax(args):
 
     size, reps = args["size"], args.get("reps", 3)
     setup = SETUPS[args["objective"]]()
-    params, _ = load_params(args.get("weights"))
     content, style, x = bench_images(size)
     variant = args.get("variant", "nstjax")
-    model, obj, jp, targets, hp = _jax_problem(setup, params, content, style, args.get("precision", "float32"),
+    model, obj, jp, targets, hp = _jax_problem(setup, _weights_file(args), content, style,
+                                               args.get("precision", "float32"),
                                                args.get("remat", False), variant)
     xs = jnp.asarray(x)
     out = {"size": size, "variant": variant, "precision": args.get("precision", "float32"),
