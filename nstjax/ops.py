@@ -176,31 +176,9 @@ def gram_matrix(features: jax.Array, guide: jax.Array | None = None) -> jax.Arra
     n, h, w, c = features.shape
     f = features.reshape(n, h * w, c).astype(jnp.float32)
     if guide is None:
-        return _gram(f)
+        return jnp.einsum("nmi,nmj->nij", f, f, precision=jax.lax.Precision.HIGHEST)
     t2 = jnp.square(guide.reshape(guide.shape[0], h * w).astype(jnp.float32))
     return jnp.einsum("nmi,rm,nmj->nrij", f, t2, f, precision=jax.lax.Precision.HIGHEST)
-
-
-@jax.custom_vjp
-def _gram(f: jax.Array) -> jax.Array:
-    """Fᵀ F per image of f (n, M, N).
-
-    Its gradient F (dG + dGᵀ) is one matrix product in f's own (M, N) layout; autodiff's two
-    products of the einsum came out as (N, M) and were transposed inside the next fusion (strided
-    reads of the whole feature map: on a CPU the costliest elementwise pass of an evaluation).
-    """
-    return jnp.einsum("nmi,nmj->nij", f, f, precision=jax.lax.Precision.HIGHEST)
-
-
-def _gram_fwd(f):
-    return _gram(f), f
-
-
-def _gram_bwd(f, dg):
-    return (jnp.einsum("nmj,nji->nmi", f, dg + jnp.swapaxes(dg, 1, 2), precision=jax.lax.Precision.HIGHEST),)
-
-
-_gram.defvjp(_gram_fwd, _gram_bwd)
 
 
 def channel_sums(features: jax.Array) -> jax.Array:

@@ -214,8 +214,8 @@ def test_features_grams_are_gram_matrices_of_the_activations(params):
     np.testing.assert_array_equal(out.acts["relu2_1"], acts["relu2_1"])
 
 
-def test_gram_matrix_gradient_is_autodiffs_of_the_einsum():
-    """gram_matrix's own gradient F (dG + dGᵀ) against autodiff of Fᵀ F in float64 numpy terms."""
+def test_gram_matrix_gradient_is_f_times_dg_plus_its_transpose():
+    """gram_matrix's gradient against the formula F (dG + dGᵀ) in float64 numpy."""
     rng = np.random.default_rng(4)
     f = jnp.asarray(rng.standard_normal((2, 5, 7, 6)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((2, 6, 6)), jnp.float32)  # not symmetric

@@ -153,14 +153,15 @@ def test_hash_pins_are_whole_or_long_enough_prefixes():
 
 
 def test_every_model_config_names_a_registry_source():
-    from omegaconf import OmegaConf
+    from nstjax import config
 
-    names = {p.stem: OmegaConf.load(p).weights for p in (ROOT / "configs" / "model").glob("*.yaml")}
+    models = {p.stem: config.compose([f"model={p.stem}"]).model for p in (ROOT / "configs" / "model").glob("*.yaml")}
+    names = {name: m.weights for name, m in models.items()}
     assert names == {"vgg19": "vgg19", "vgg19_torchvision": "vgg19-torchvision",
                      "vgg19_torchvision_pth": "vgg19-torchvision-pth", "vgg16": "vgg16",
                      "vgg16_torchvision_pth": "vgg16-torchvision-pth"}
-    for p in (ROOT / "configs" / "model").glob("*.yaml"):  # each names the network of its weights
-        assert OmegaConf.load(p).get("arch", "vgg19") == SOURCES[names[p.stem]].arch, p.name
+    for name, m in models.items():  # each names the network of its weights
+        assert m.arch.value == SOURCES[names[name]].arch, name
 
 
 # --- reading each format ------------------------------------------------------------------------
