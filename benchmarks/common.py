@@ -94,16 +94,24 @@ def synthetic_weights_file(path: Path, seed: int = 0, arch: str = "vgg19") -> Pa
     return path
 
 
+def scratch_dir() -> Path:
+    """A temporary folder of this process, removed when it exits."""
+    import atexit
+    import shutil
+    import tempfile
+
+    work = Path(tempfile.mkdtemp(prefix="nstjax-bench-"))
+    atexit.register(shutil.rmtree, work, True)
+    return work
+
+
 def product_problem(overrides: list[str], weights, content, style, conv="auto", precision: str = "float32",
                     remat: bool = False):
     """(model, objective, params, targets, hp) of one problem as the CLI builds it (config.compose +
     build.build_group) from config ``overrides``, the weights file ``weights`` and the square images
     ``content`` and ``style`` (written as PNG files: their 8-bit values read back exactly); ``conv``
     a model.conv choice, or a convolution given to the model (``VGG(conv=fn)``)."""
-    import atexit
     import dataclasses
-    import shutil
-    import tempfile
 
     import jax
 
@@ -111,8 +119,7 @@ def product_problem(overrides: list[str], weights, content, style, conv="auto", 
     from nstjax.images import save_image
     from nstjax.spec import parse
 
-    work = Path(tempfile.mkdtemp(prefix="nstjax-bench-"))
-    atexit.register(shutil.rmtree, work, True)
+    work = scratch_dir()
     files = []
     for what, img in (("content", content), ("style", style)):
         save_image(work / f"{what}.png", img)

@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import RESULTS, bench_images, cpu_info, product_problem, synthetic_weights_file, write_json
+from benchmarks.common import (RESULTS, bench_images, cpu_info, product_problem, scratch_dir,
+                               synthetic_weights_file, write_json)
 
 MRF_LAYERS = ("relu3_1", "relu4_1")
 CASES = {  # name: (LossSpec options, the gram case it is compared with)
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     sizes = [int(s) for s in args.sizes.split(",")]
     names = args.losses.split(",")
     wanted = list(dict.fromkeys(n2 for n in names for n2 in (CASES[n][1], n)))  # each reference first
-    weights = synthetic_weights_file(Path(tempfile.mkdtemp(prefix="nstjax-bench-")) / "synthetic.safetensors")
+    weights = synthetic_weights_file(scratch_dir() / "synthetic.safetensors")
     load_before = os.getloadavg()
     results = {name: {"name": name, "options": CASES[name][0], "sizes": {}} for name in wanted}
     for size in sizes:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import (SETUPS, bench_images, cpu_info, load_params, max_rss_bytes, product_problem,
-                               synthetic_weights_file,
+                               scratch_dir, synthetic_weights_file,
                                write_json)
 
 AGREEMENT_RTOL = 1e-4
@@ -69,15 +69,9 @@ def _jax_problem(setup, weights, content, style, precision="float32", remat=Fals
 
 def _weights_file(args) -> str:
     """The weights file of ``args`` ('weights'), or the synthetic one :func:`load_params` stands for."""
-    import atexit
-    import shutil
-    import tempfile
-
     if args.get("weights"):
         return args["weights"]
-    work = Path(tempfile.mkdtemp(prefix="nstjax-bench-"))
-    atexit.register(shutil.rmtree, work, True)
-    return str(synthetic_weights_file(work / "synthetic.safetensors"))
+    return str(synthetic_weights_file(scratch_dir() / "synthetic.safetensors"))
 
 
 MEMSCHED = "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"
