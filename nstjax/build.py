@@ -151,7 +151,8 @@ class Inputs:
 def validate(point: Point) -> Inputs:
     """Every check that needs no weights and no compiling beyond the parse's: the weights' name
     (or file), the folder of images model.normalize averages over, the images, the regions, the
-    loss's shapes, the pyramid's smaller levels. Raises UserError."""
+    loss's shapes, the pyramid's smaller levels; a video's frames (:func:`nstjax.video.validate`).
+    Raises UserError."""
     s = point.structure
     if s.model.normalize:
         normalize.image_files(normalize_folder(s.model))
@@ -159,6 +160,10 @@ def validate(point: Point) -> Inputs:
         resolve(s.model.weights)  # a file path, or an unknown name: refused, listing the names
     else:
         check_arch(s.model, SOURCES[s.model.weights].arch)
+    if s.video.enabled:
+        from nstjax import video
+
+        return video.validate(point)
     content_path, style_paths = input_paths(point)
     content = load_resized(s, content_path, "content")
     styles = [load_resized(s, p, "style") for p in style_paths]

@@ -19,7 +19,8 @@ from nstjax.colors import COLOR_CONTROLS
 from nstjax.regions import PROPAGATIONS
 from nstjax.losses import ALPHA, BETA, TV_NORMS, LossSpec
 from nstjax.optimize import LINESEARCHES, MEMBER_BATCHING, OptimSpec
-from nstjax.spec import REMATS, ImageSpec, ModelSpec, PyramidSpec, RegionSpec, RunSpec
+from nstjax.spec import (FLOW_PRESETS, FLOWS, REMATS, SCHEDULES, VIDEO_INITS, ImageSpec, ModelSpec,
+                         PyramidSpec, RegionSpec, RunSpec, VideoSpec)
 from nstjax.vgg import ARCHITECTURES, CHANNEL_ORDERS, CONV_ALGORITHMS, POOLINGS, PRECISIONS
 from nstjax.style_losses import (CONTENT_LOSSES, CONTENT_REDUCTIONS, GRAM_NORMS, MMD_KERNELS,
                                  STYLE_LOSSES, STYLE_REDUCTIONS, StyleHParams)
@@ -59,6 +60,11 @@ MaskPropagation = _choices("MaskPropagation", PROPAGATIONS,
 MemberBatching = _choices("MemberBatching", MEMBER_BATCHING,
                           "How the members of a group share one program: batched (vmap) or one after another "
                           "inside it (map); see nstjax.optimize.Loop.")
+
+Schedule = _choices("Schedule", SCHEDULES, "How a video's frames are optimised (nstjax.spec.SCHEDULES).")
+Flow = _choices("Flow", FLOWS, "The optical flow method (nstjax.flow).")
+FlowPreset = _choices("FlowPreset", FLOW_PRESETS, "DIS optical flow's preset.")
+VideoInit = _choices("VideoInit", VIDEO_INITS, "Where a video frame after the first starts (nstjax.video).")
 
 
 @dataclass
@@ -188,6 +194,26 @@ class RegionConfig:
 
 
 @dataclass
+class VideoConfig:
+    """Video (nstjax.video, Ruder et al. 2016). Defaults: :class:`nstjax.spec.VideoSpec`'s and
+    :class:`nstjax.spec.MemberSpec`'s."""
+
+    input: Optional[str] = VideoSpec.input  # a video file (anything ffmpeg reads), a folder or a glob of frames
+    frames: Optional[List[Optional[int]]] = None  # [start, stop, step] of the source's frames; null: all
+    schedule: Schedule = Schedule[VideoSpec.schedule]  # sequential | parallel
+    temporal_weight: float = 0.0  # γ of the temporal term (member key)
+    blend: float = 1.0  # parallel: δ of a frame's start (x + δ c ω) / (1 + δ c) (member key)
+    long_term: List[int] = field(default_factory=lambda: list(VideoSpec.long_term))  # J: earlier frames i − j compared with
+    first_frame_steps: Optional[int] = VideoSpec.first_frame_steps  # sequential: the first frame's steps; null: optim.steps
+    init: VideoInit = VideoInit[VideoSpec.init]  # sequential: prev_warped | prev | init (the top-level init)
+    passes: int = VideoSpec.passes  # parallel: passes of optim.steps steps
+    temporal_from_pass: int = VideoSpec.temporal_from_pass  # parallel: the temporal term from this pass on
+    flow: Flow = Flow[VideoSpec.flow]  # dis | farneback (OpenCV)
+    flow_preset: FlowPreset = FlowPreset[VideoSpec.flow_preset]  # DIS: ultrafast | fast | medium
+    fps: Optional[float] = VideoSpec.fps  # video.mp4's frame rate; null: the source's
+
+
+@dataclass
 class Config:
     content: Optional[str] = None  # content image; None: the bundled example
     style: Any = None  # a style image or a list of them (nstjax.blend); None: the bundled example
@@ -209,6 +235,7 @@ class Config:
     sweep_group: Optional[int] = None  # set by the nstjax sweeper: the group a sweep job runs
     image: ImageConfig = field(default_factory=ImageConfig)
     pyramid: PyramidConfig = field(default_factory=PyramidConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = MISSING  # the optim group: optim=lbfgs or optim=adam

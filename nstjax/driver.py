@@ -53,6 +53,7 @@ class MemberResult:
     run_seconds: float
     compile_seconds: float
     levels: list[LevelResult] = dataclasses.field(default_factory=list)  # with a pyramid: each level's facts
+    pixels: np.ndarray | None = None  # the optimised pixels the image is made of (colour control's space)
 
     @property
     def exit_code(self) -> int:
@@ -170,6 +171,13 @@ class Driver:
         """The last level's group: the run's members, their outputs."""
         return self.levels[-1]
 
+    def use(self, group: Group, group_dir: Path | None) -> None:
+        """Run ``group`` next, checkpointing into ``group_dir``: a group of the same structure (but its
+        step counts) and shapes as this driver's, whose compiled programs serve it (a video's frames,
+        :mod:`nstjax.video`)."""
+        self.levels[-1] = group
+        self.group_dir = Path(group_dir) if group_dir is not None else None
+
     # --- programs and waves ------------------------------------------------------------
     def _wave_problems(self, level: int, index: Sequence[int], size: int):
         padded = jnp.asarray(list(index) + [index[-1]] * (size - len(index)))
@@ -266,12 +274,13 @@ class Driver:
     def _result(self, n: int, run: "LevelRun", i: int, earlier: Earlier) -> MemberResult:
         """Member ``n`` (row ``i`` of the wave) over its levels."""
         levels, level = earlier.levels[i], earlier.levels[i][-1]
+        pixels = np.asarray(average(run.host)[i])
         return MemberResult(
-            self.levels[run.level].output_image(n, average(run.host)[i]), list(earlier.histories[i]),
+            self.levels[run.level].output_image(n, pixels), list(earlier.histories[i]),
             level.status, level.reason, sum(x.steps for x in levels), sum(x.loss_evaluations for x in levels),
             {"initial": earlier.initial[i], "final": as_metrics(_member(run.final, i))},
             sum(x.run_seconds for x in levels), sum(x.compile_seconds for x in levels),
-            levels if len(self.levels) > 1 else [])
+            levels if len(self.levels) > 1 else [], pixels)
 
     def _run_level(self, index: list[int], size: int, wave: int, meta: CheckpointMeta | None,
                    previous: LoopState | None, level: int, earlier: Earlier) -> "LevelRun":
@@ -397,15 +406,11 @@ class LevelRun:
 
 def _history_row(records, i: int, j: int, level: int) -> HistoryRow:
     """Member ``i``'s record ``j`` of a chunk as a history row."""
-    t = records.terms
-    return HistoryRow(int(records.step[i, j]), float(t.total[i, j]), float(t.content[i, j]), float(t.style[i, j]),
-                      float(t.tv[i, j]), level)
+    return HistoryRow.of(records.step[i, j], jax.tree.map(lambda a: a[i, j], records.terms), level)
 
 
 def _row(state: LoopState, i: int, level: int) -> HistoryRow:
-    t = state.terms
-    return HistoryRow(int(state.step[i]), float(t.total[i]), float(t.content[i]), float(t.style[i]),
-                      float(t.tv[i]), level)
+    return HistoryRow.of(state.step[i], jax.tree.map(lambda a: a[i], state.terms), level)
 
 
 def _member(tree, i: int):

@@ -7,7 +7,10 @@ of the paper's N×M) holds the features of the image x, P those of the content.
     style    L_style = Σ_l w_l E_l                     E_l: loss.style_loss (gram: reduce_s((G − A)²));
                                                        with regions Σ_r λ_r of guided Grams (nstjax.regions)
     TV       L_tv = Σ |∂x x|ᵖ + Σ |∂y x|ᵖ               p = 2 ('squared') or 1 ('abs'); or neural-style's
-    total    L = α L_content + β L_style + λ_tv L_tv
+    temporal L_temporal = Σ_j (1/D) Σ_k c_jk (x_k − ω_jk)²   video (Ruder et al. 2016): ω_j an earlier
+                                                       stylised frame warped into this one, c_j its
+                                                       consistency weights, D = H·W·C (nstjax.video)
+    total    L = α L_content + β L_style + λ_tv L_tv + γ L_temporal
 
 The per-layer losses E_l and C_l, each with its formula, are in
 :mod:`nstjax.style_losses`: Gatys et al.'s Gram loss (G = Fᵀ F / g, E_l =
@@ -35,8 +38,8 @@ from nstjax.style_losses import (CONTENT_REDUCTIONS, GRAM_NORMS, STYLE_REDUCTION
 from nstjax.vgg import VGG, Features, check_layers, layer_stride
 
 __all__ = ["CONTENT_REDUCTIONS", "GRAM_NORMS", "STYLE_REDUCTIONS", "TV_NORMS", "HParams", "LossSpec",
-           "StyleHParams", "Targets", "Terms", "compute_targets", "content_loss", "gram_divisor",
-           "make_objective", "style_layer_loss", "total_variation"]
+           "StyleHParams", "Targets", "Temporal", "Terms", "compute_targets", "content_loss", "gram_divisor",
+           "make_objective", "style_layer_loss", "temporal_loss", "total_variation"]
 
 TV_NORMS = ("squared", "abs", "neural_style")
 
@@ -55,6 +58,7 @@ class LossSpec(LayerLossOptions):
     tv_norm: str = "squared"
     normalize_gradients: bool = False  # each term's gradient ÷ its L1 norm (nstjax.gradnorm)
     regions: int = 0  # spatial control: the number of regions (the top-level ``regions``, nstjax.regions)
+    temporal_frames: int = 0  # video: the earlier frames the temporal term compares with (len(video.long_term))
 
     def __post_init__(self):
         super().__post_init__()
@@ -68,15 +72,15 @@ class LossSpec(LayerLossOptions):
             raise ValueError(f"loss.tv_norm must be one of {', '.join(TV_NORMS)}, not {self.tv_norm!r}")
 
     @classmethod
-    def from_config(cls, loss, regions: int = 0) -> "LossSpec":
+    def from_config(cls, loss, regions: int = 0, temporal_frames: int = 0) -> "LossSpec":
         """The spec from a ``loss`` config node (or any mapping with its keys), field by field;
         Enum values become their names, lists of layers tuples. Other keys are not read."""
         def plain(name):
             value = getattr(loss[name], "value", loss[name])
             return tuple(value) if name.endswith("_layers") else value
 
-        return cls(**{f.name: plain(f.name) for f in dataclasses.fields(cls) if f.name != "regions"},
-                   regions=regions)
+        return cls(**{f.name: plain(f.name) for f in dataclasses.fields(cls)
+                      if f.name not in ("regions", "temporal_frames")}, regions=regions, temporal_frames=temporal_frames)
 
     @property
     def layers(self) -> tuple[str, ...]:
@@ -117,10 +121,12 @@ class HParams(NamedTuple):
     tv_weight: jax.Array
     style: StyleHParams  # the per-layer losses' numbers: mmd_c, mmd_bandwidth, remd_moment_weight
     region_weights: jax.Array  # (spec.regions,): λ_r of each region (nstjax.regions)
+    temporal_weight: jax.Array  # γ of the temporal term (video)
 
     @classmethod
     def create(cls, spec: LossSpec, alpha=ALPHA, beta=BETA, content_layer_weights=None,
-               style_layer_weights=None, tv_weight=0.0, region_weights=None, **style) -> "HParams":
+               style_layer_weights=None, tv_weight=0.0, region_weights=None, temporal_weight=0.0,
+               **style) -> "HParams":
         """Defaults: equal layer weights summing to 1 (w_l = 1/L, as Gatys et al.), region weights
         1; ``style``: the fields of :class:`StyleHParams` (their defaults where not given)."""
         def layer_weights(given, layers, key):
@@ -140,15 +146,26 @@ class HParams(NamedTuple):
             jnp.asarray(tv_weight, jnp.float32),
             StyleHParams.create(**style),
             jnp.asarray([1.0] * spec.regions if region_weights is None else region_weights, jnp.float32),
+            jnp.asarray(temporal_weight, jnp.float32),
         )
+
+
+class Temporal(NamedTuple):
+    """The temporal term's targets (video, :mod:`nstjax.video`): ω_j, the earlier stylised frames
+    warped into this one, and c_j, their consistency weights (0 where a pixel is not comparable)."""
+
+    warped: jax.Array  # (J, H, W, C) in the optimised pixels' space
+    weights: jax.Array  # (J, H, W, 1) in [0, 1]
 
 
 class Targets(NamedTuple):
     """Content features P per content layer; per style layer, the style loss's targets (for
-    ``gram`` the style's Gram matrix A, see :class:`nstjax.style_losses.StyleLoss`)."""
+    ``gram`` the style's Gram matrix A, see :class:`nstjax.style_losses.StyleLoss`); with video,
+    the temporal term's (:class:`Temporal`)."""
 
     content: dict[str, jax.Array]
     style: dict
+    temporal: Temporal | None = None
 
 
 class Terms(NamedTuple):
@@ -158,6 +175,13 @@ class Terms(NamedTuple):
     content: jax.Array
     style: jax.Array
     tv: jax.Array
+    temporal: jax.Array
+
+
+def temporal_loss(x: jax.Array, temporal: Temporal) -> jax.Array:
+    """Ruder, Dosovitskiy & Brox 2016: Σ_j (1/D) Σ_k c_jk (x_k − ω_jk)², D = H·W·C (the weights
+    apply to every channel of a pixel), as artistic-videos' WeightedContentLoss (an MSE mean)."""
+    return jnp.sum(jnp.mean(temporal.weights * jnp.square(x[None] - temporal.warped), axis=(1, 2, 3)))
 
 
 def total_variation(x: jax.Array, norm: str = "squared") -> jax.Array:
@@ -246,6 +270,8 @@ def make_objective(model: VGG, spec: LossSpec) -> Callable[..., Terms]:
         content = hp.alpha * l_content
         style = hp.beta * l_style
         tv = hp.tv_weight * total_variation(pixels, spec.tv_norm)
-        return Terms(content + style + tv, content, style, tv)
+        temporal = (hp.temporal_weight * temporal_loss(pixels, targets.temporal) if spec.temporal_frames
+                    else jnp.zeros_like(tv))
+        return Terms(content + style + tv + temporal, content, style, tv, temporal)
 
     return objective

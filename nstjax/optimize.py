@@ -183,7 +183,8 @@ class StepRecord(NamedTuple):
 
 
 class HistoryRow(NamedTuple):
-    """One row of history.csv: the weighted terms after ``step`` steps of pyramid level ``level``."""
+    """One row of history.csv: the weighted terms after ``step`` steps of pyramid level ``level``
+    (with video, of frame ``frame`` in pass ``pass_``, the column ``pass``)."""
 
     step: int
     total: float
@@ -191,6 +192,15 @@ class HistoryRow(NamedTuple):
     style: float
     tv: float
     level: int = 0
+    temporal: float = 0.0
+    frame: int = 0
+    pass_: int = 0
+
+    @classmethod
+    def of(cls, step, terms: Terms, level: int) -> "HistoryRow":
+        """A row from a step count and the (host) terms after it."""
+        return cls(int(step), float(terms.total), float(terms.content), float(terms.style), float(terms.tv),
+                   level, float(terms.temporal))
 
 
 Objective = Callable[[jax.Array, dict, Targets, HParams, jax.Array], Terms]

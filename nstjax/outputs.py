@@ -17,7 +17,9 @@ from typing import Sequence
 from nstjax.atomic import atomic_path, write_text
 from nstjax.optimize import HistoryRow
 
-HISTORY_COLUMNS = HistoryRow._fields
+HISTORY_COLUMNS = tuple(name.rstrip("_") for name in HistoryRow._fields)
+"""history.csv's columns: step, total, content, style, tv, level, temporal, frame, pass."""
+_INTS = ("step", "level", "frame", "pass")
 
 
 def write_history(path: Path, rows: Sequence[HistoryRow]) -> None:
@@ -27,7 +29,7 @@ def write_history(path: Path, rows: Sequence[HistoryRow]) -> None:
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(HISTORY_COLUMNS)
     for row in rows:
-        writer.writerow([int(row.step)] + [repr(float(v)) for v in row[1:5]] + [int(row.level)])
+        writer.writerow([int(v) if name in _INTS else repr(float(v)) for name, v in zip(HISTORY_COLUMNS, row)])
     write_text(path, buf.getvalue())
 
 
@@ -37,7 +39,8 @@ def read_history(path: Path) -> list[HistoryRow]:
         header = next(reader)
         if tuple(header) != HISTORY_COLUMNS:
             raise ValueError(f"{path}: unexpected columns {header}")
-        return [HistoryRow(int(r[0]), *(float(v) for v in r[1:5]), int(r[5])) for r in reader]
+        return [HistoryRow(*(int(v) if name in _INTS else float(v) for name, v in zip(HISTORY_COLUMNS, r)))
+                for r in reader]
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -78,7 +81,7 @@ def plot_history(path: Path, rows: Sequence[HistoryRow], title: str = "") -> Non
 
     steps = [r.step for r in rows]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    for name in HISTORY_COLUMNS[1:]:
+    for name in ("total", "content", "style", "tv", "temporal"):
         values = [getattr(r, name) for r in rows]
         if any(v > 0 for v in values):
             ax.plot(steps, values, label=name)

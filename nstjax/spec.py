@@ -119,6 +119,39 @@ class RunSpec:
     member_batching: str = "vmap"
 
 
+SCHEDULES = ("sequential", "parallel")
+"""video.schedule: frame after frame (Ruder et al.'s single pass), or every frame of a pass as a
+member of one program (multi-pass)."""
+FLOWS = ("dis", "farneback")
+"""video.flow: OpenCV's optical flow methods (nstjax.flow)."""
+FLOW_PRESETS = ("ultrafast", "fast", "medium")
+"""video.flow_preset: DIS's presets."""
+VIDEO_INITS = ("prev_warped", "prev", "init")
+"""video.init: frame i starts from frame i − 1's result warped, or as it is, or from ``init``."""
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoSpec:
+    """``video.*`` (nstjax.video) but its member keys: where the frames come from, the schedule, the
+    temporal term's earlier frames J, the steps and passes, the flow."""
+
+    input: Optional[str] = None  # a video file, a folder or a glob of frames; None: not a video run
+    frames: tuple = (None, None, 1)  # start, stop, step of the source's frames
+    schedule: str = "sequential"
+    long_term: tuple[int, ...] = (1,)
+    first_frame_steps: Optional[int] = None  # None: optim.steps
+    init: str = "prev_warped"
+    passes: int = 15
+    temporal_from_pass: int = 8
+    flow: str = "dis"
+    flow_preset: str = "medium"
+    fps: Optional[float] = None  # video.mp4's frame rate; None: the source's (a folder's: 25)
+
+    @property
+    def enabled(self) -> bool:
+        return self.input is not None
+
+
 @dataclasses.dataclass(frozen=True)
 class Structure:
     """Everything that makes a separate program, or belongs to a group: see the module."""
@@ -134,6 +167,7 @@ class Structure:
     color: str = "none"
     mask_propagation: str = "simple"
     run: RunSpec = RunSpec()
+    video: VideoSpec = VideoSpec()
 
     @property
     def evaluation_limit(self) -> int:
@@ -173,6 +207,8 @@ class MemberSpec:
     remd_moment_weight: float = _key("loss.remd_moment_weight")
     lr: float = _key("optim.lr")
     ema_decay: Optional[float] = _key("optim.ema_decay")
+    temporal_weight: float = _key("video.temporal_weight")
+    blend: float = _key("video.blend")
 
     def hparams(self, spec: LossSpec) -> HParams:
         """α, β, the layer weights, the TV weight, the region weights and the style losses'
@@ -180,7 +216,7 @@ class MemberSpec:
         style = {name: getattr(self, name) for name in StyleHParams._fields}
         try:
             return HParams.create(spec, self.alpha, self.beta, self.content_layer_weights, self.style_layer_weights,
-                                  self.tv_weight, [r.weight for r in self.regions], **style)
+                                  self.tv_weight, [r.weight for r in self.regions], self.temporal_weight, **style)
         except ValueError as e:
             raise UserError(str(e)) from e
 
@@ -220,10 +256,11 @@ def _check_numbers(cfg) -> None:
         raise UserError(f"optim.max_increase = {increase} must be a number ≥ 1, or null to take every step")
 
 
-def _loss_spec(cfg) -> LossSpec:
+def _loss_spec(cfg, video: VideoSpec) -> LossSpec:
     """The loss structure; its layers must be layers of model.arch."""
     try:
-        spec = LossSpec.from_config(cfg.loss, regions=len(cfg.regions or []))
+        spec = LossSpec.from_config(cfg.loss, regions=len(cfg.regions or []),
+                                    temporal_frames=len(video.long_term) if video.enabled else 0)
         architecture(_plain(cfg.model.arch)).check_layers(spec.layers)
         return spec
     except UnknownLayerError as e:
@@ -282,7 +319,43 @@ def _member(cfg) -> MemberSpec:
         int(cfg.seed), float(loss.alpha), float(loss.beta), float(loss.tv_weight), _plain(loss.content_layer_weights),
         _plain(loss.style_layer_weights), float(loss.mmd_c),
         None if loss.mmd_bandwidth is None else float(loss.mmd_bandwidth), float(loss.remd_moment_weight),
-        float(cfg.optim.lr), None if cfg.optim.ema_decay is None else float(cfg.optim.ema_decay))
+        float(cfg.optim.lr), None if cfg.optim.ema_decay is None else float(cfg.optim.ema_decay),
+        float(cfg.video.temporal_weight), float(cfg.video.blend))
+
+
+def _video_spec(cfg) -> VideoSpec:
+    """video.*, checked: the numbers, the choices, and that a video run has no content image,
+    regions or pyramid (each frame is the content)."""
+    v = cfg.video
+    spec = VideoSpec(None if v.input is None else str(v.input), _plain(v.frames) if v.frames else (None, None, 1),
+                     _plain(v.schedule), _plain(v.long_term), v.first_frame_steps, _plain(v.init), int(v.passes),
+                     int(v.temporal_from_pass), _plain(v.flow), _plain(v.flow_preset),
+                     None if v.fps is None else float(v.fps))
+    for key in ("temporal_weight", "blend"):
+        if not (math.isfinite(v[key]) and v[key] >= 0):
+            raise UserError(f"video.{key} = {v[key]} must be a finite number ≥ 0")
+    if not spec.enabled:
+        return spec
+    if cfg.content is not None:
+        raise UserError(f"video.input={spec.input} and content={cfg.content}: a video run's content is its frames; "
+                        "give one of them")
+    if cfg.regions:
+        raise UserError("regions are not available for video runs (video.input): leave regions unset")
+    if cfg.pyramid.min_size is not None:
+        raise UserError("a video run has one level: set pyramid.min_size=null with video.input")
+    if len(spec.frames) != 3 or (spec.frames[2] is not None and spec.frames[2] < 1):
+        raise UserError(f"video.frames = {list(spec.frames)} must be [start, stop, step] with step ≥ 1 "
+                        "(null: the first, the last, 1)")
+    if not spec.long_term or any(j < 1 for j in spec.long_term) or len(set(spec.long_term)) != len(spec.long_term):
+        raise UserError(f"video.long_term = {list(spec.long_term)}: the earlier frames j of the temporal "
+                        "term must be distinct integers ≥ 1")
+    for key, value, least in (("video.passes", spec.passes, 1), ("video.temporal_from_pass", spec.temporal_from_pass, 1),
+                              ("video.first_frame_steps", spec.first_frame_steps or 0, 0)):
+        if value < least:
+            raise UserError(f"{key} = {value} must be ≥ {least}")
+    if spec.fps is not None and not (math.isfinite(spec.fps) and spec.fps > 0):
+        raise UserError(f"video.fps = {spec.fps} must be a positive number (null: the source's)")
+    return spec
 
 
 def parse(cfg) -> Point:
@@ -291,7 +364,8 @@ def parse(cfg) -> Point:
     image = ImageSpec(int(cfg.image.size), float(cfg.image.style_scale), cfg.image.max_pixels)
     pyramid_spec = PyramidSpec(cfg.pyramid.min_size, float(cfg.pyramid.factor), int(cfg.pyramid.steps))
     pyramid.check(pyramid_spec, image.size)
-    spec = _loss_spec(cfg)
+    video = _video_spec(cfg)
+    spec = _loss_spec(cfg, video)
     _loss_weights_finite(cfg)
     member = _member(cfg)
     member.hparams(spec)
@@ -300,7 +374,7 @@ def parse(cfg) -> Point:
     run = RunSpec(int(cfg.save_every), int(cfg.checkpoint_every), int(cfg.chunk_steps), bool(cfg.progress),
                   bool(cfg.memory_check), cfg.max_members, _plain(cfg.member_batching))
     structure = Structure(model, spec, optim, str(cfg.optim.name), int(cfg.optim.steps), cfg.optim.max_evaluations,
-                          image, pyramid_spec, _plain(cfg.color_control), _plain(cfg.mask_propagation), run)
+                          image, pyramid_spec, _plain(cfg.color_control), _plain(cfg.mask_propagation), run, video)
     inits.check(member.init, image.max_pixels)
     blend.check_style_loss(spec.style_loss, len(member.style or (None,)))
     blend.blend_weights(member.style_blend_weights, len(member.style or (None,)))

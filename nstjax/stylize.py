@@ -60,6 +60,12 @@ def optimize(configs: Sequence, inputs: Sequence[Inputs] | None = None,
     arrays (:class:`~nstjax.build.Inputs`) instead of its files."""
     points = points_of(configs)
     inputs = list(inputs) if inputs is not None else [validate(p) for p in points]
+    if points[0].structure.video.enabled:
+        from nstjax import video
+
+        done = video.run_group(points, inputs, [None] * len(points), None, False, [{} for _ in points], None, log,
+                               lambda *_: None)
+        return [done.get(i) for i in range(len(points))]
     groups: dict[tuple, list[int]] = {}
     for i, (point, inp) in enumerate(zip(points, inputs)):
         groups.setdefault(group_key(point, inp), []).append(i)
@@ -82,15 +88,17 @@ def run_group(configs: Sequence, member_dirs: Sequence[Path], group_dir: Path, *
     (inputs, weights, memory; on resume the checkpoint): then ``start()`` is called. Returns the
     results of the members run."""
     member_dirs = [Path(d) for d in member_dirs]
+    points = points_of(configs)
+    extra = list(extra_metrics) if extra_metrics is not None else [{} for _ in points]
+    if points[0].structure.video.enabled:
+        return _run_video(points, member_dirs, Path(group_dir), resume, inputs, extra, start, log)
     if not resume:
         for d in member_dirs:
             if (d / "result.png").exists():
                 raise UserError(f"{d / 'result.png'} exists: every run needs its own directory")
-    points = points_of(configs)
     outputs.preload_plotting()
     levels = level_groups(points, inputs)
     group = levels[-1]
-    extra = list(extra_metrics) if extra_metrics is not None else [{} for _ in points]
 
     def write(index: list[int], results: list[MemberResult]) -> None:
         for i, r in zip(index, results):
@@ -99,6 +107,25 @@ def run_group(configs: Sequence, member_dirs: Sequence[Path], group_dir: Path, *
                 log(f"warning: {member_dirs[i]}: {why}")
 
     return _driver(levels, group_dir, member_dirs, log).run(write, resume, start)
+
+
+def _run_video(points: Sequence[Point], member_dirs: list[Path], group_dir: Path, resume: bool,
+               inputs: Sequence[Inputs] | None, extra: list[dict], start, log) -> dict[int, MemberResult]:
+    """A group of video points (:mod:`nstjax.video`): resumed when the group directory holds a video's state."""
+    from nstjax import video
+
+    resume = resume or video.has_state(group_dir)
+    if not resume:
+        for d in member_dirs:
+            if (d / "result.png").exists():
+                raise UserError(f"{d / 'result.png'} exists: every run needs its own directory")
+    inputs = list(inputs) if inputs is not None else [validate(p) for p in points]
+    outputs.preload_plotting()
+
+    def write(m: int, group: Group, r: MemberResult, facts: dict) -> None:
+        write_outputs(member_dirs[m], group, group.members[m], r, facts)
+
+    return video.run_group(points, inputs, member_dirs, group_dir, resume, extra, start, log, write)
 
 
 UNCHANGED = 0.5 / 255
@@ -133,7 +160,7 @@ def metrics(group: Group, member: Member, r: MemberResult) -> dict:
     """metrics.json of one member."""
     s, last = group.structure, r.history[-1]
     out = {
-        **{name: getattr(last, name) for name in ("total", "content", "style", "tv")},
+        **{name: getattr(last, name) for name in ("total", "content", "style", "tv", "temporal")},
         "status": r.status.value,
         "reason": r.reason,
         "steps": r.steps,

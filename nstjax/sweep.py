@@ -34,6 +34,8 @@ MULTIRUN = "multirun.yaml"
 SUMMARY_COLUMNS = ("total", "content", "style", "tv", "yardstick_content", "yardstick_style", "status",
                    "steps", "loss_evaluations", "group", "run_seconds")
 """sweep.csv's columns after ``n`` and the swept keys."""
+VIDEO_COLUMNS = ("temporal", "temporal_error")
+"""sweep.csv's further columns in a sweep of videos (nstjax.video)."""
 
 
 @dataclasses.dataclass
@@ -160,7 +162,7 @@ def summarize(sweep_dir: Path) -> list[dict]:
     """sweep.csv, sheet.png and tradeoff.png from the points' directories; returns the rows."""
     sweep_dir = Path(sweep_dir)
     plan_ = read_plan(sweep_dir)
-    rows = []
+    rows, video = [], False
     for g, members in enumerate(plan_.groups):
         for m in members:
             d = member_dir(sweep_dir, m.n)
@@ -171,10 +173,13 @@ def summarize(sweep_dir: Path) -> list[dict]:
             row.update({k: metrics.get(k, "") for k in SUMMARY_COLUMNS},
                        yardstick_content=final.get("content", ""), yardstick_style=final.get("style_mean", ""),
                        status=metrics.get("status", RunStatus.PENDING.value), group=g)
+            row.update({k: metrics.get(k, "") for k in VIDEO_COLUMNS})
+            video = video or "temporal_error" in metrics
             rows.append(row)
     rows.sort(key=lambda r: r["n"])
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, ["n", *plan_.swept, *SUMMARY_COLUMNS], lineterminator="\n")
+    columns = ["n", *plan_.swept, *SUMMARY_COLUMNS, *(VIDEO_COLUMNS if video else ())]
+    writer = csv.DictWriter(buf, columns, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     write_text(sweep_dir / "sweep.csv", buf.getvalue())

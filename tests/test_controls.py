@@ -325,7 +325,7 @@ def test_optim_clip_false_leaves_the_pixels_unclamped(clip):
 
     def objective(pixels, params, targets, hp, key=None):
         total = jnp.sum(jnp.square(pixels - 2.0))
-        return Terms(total, total, jnp.float32(0), jnp.float32(0))
+        return Terms(total, total, jnp.float32(0), jnp.float32(0), jnp.float32(0))
 
     loop = Loop(objective, OptimSpec("adam", clip=clip), chunk_steps=20)
     problems = build.stack([Problem(jnp.full((4, 4, 3), 0.5), {}, jnp.float32(0), jnp.float32(0.1),

