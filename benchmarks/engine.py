@@ -41,7 +41,7 @@ PHASES = (  # (label, the function whose cumulative time it is: file suffix, fun
     ("build the group: targets, Winograd kernels", "nstjax/build.py", "build_group"),
     ("compile or load the programs", "nstjax/driver.py", "programs"),
     ("the steps (first evaluation, chunks)", "nstjax/driver.py", "_drive"),
-    ("write result.png, history.csv, metrics.json", "nstjax/stylize.py", "write_outputs"),
+    ("write result.png, history.csv, metrics.json", "nstjax/transfer.py", "write_outputs"),
     ("of which the loss curve (matplotlib)", "nstjax/outputs.py", "plot_history"),
 )
 

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from nstjax.sweep import SUMMARY_COLUMNS
+from nstjax.sweeps import SUMMARY_COLUMNS
 
 TABLE_COLUMNS = (("yardstick_content", "content yardstick"), ("yardstick_style", "style yardstick"),
                  ("status", "status"), ("steps", "steps"), ("loss_evaluations", "evaluations"),

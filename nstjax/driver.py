@@ -162,7 +162,7 @@ class Driver:
         self.mesh = member_mesh()
         self.devices = self.mesh.size
         self.members = NamedSharding(self.mesh, P(MEMBERS))
-        # the weights are one file for every level (nstjax.stylize.level_groups): one copy on the devices
+        # the weights are one file for every level (nstjax.transfer.level_groups): one copy on the devices
         self.params = jax.device_put(group.params, NamedSharding(self.mesh, P()))
         self._programs: dict[tuple[int, int], Programs] = {}
 
@@ -418,7 +418,7 @@ def _member(tree, i: int):
 
 
 def _progress(total: int, initial: int, enabled: bool):
-    from tqdm import tqdm
+    from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
 

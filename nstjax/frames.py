@@ -106,8 +106,8 @@ def _read_video(source: str, frames: Sequence, max_pixels: int | None) -> tuple[
             meta = iio.immeta(path, plugin="FFMPEG")
             every = [np.asarray(f) for f in iio.imiter(path, plugin="FFMPEG")]
     except Exception as e:  # imageio raises OSError, RuntimeError or its own for what ffmpeg cannot decode
-        raise UserError(f"video.input={source} is not a video ffmpeg can read ({images._one_line(e)[:200]})") \
-            from None
+        why = " ".join(str(e).split())[:200] or type(e).__name__
+        raise UserError(f"video.input={source} is not a video ffmpeg can read ({why})") from None
     if not every:
         raise UserError(f"video.input={source} has no frames")
     h, w = every[0].shape[:2]

@@ -69,7 +69,7 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIX
                         f"image file {path} has {width}×{height} = {width * height} pixels, over the limit "
                         f"of {max_pixels} (image.max_pixels); raise image.max_pixels if you trust this file")
                 src.load()
-                return _to_rgb(ImageOps.exif_transpose(src))
+                return pil_to_rgb(ImageOps.exif_transpose(src))
         except UnidentifiedImageError:
             raise ImageError(f"{path} is not an image file Pillow can read (PNG, JPEG, WebP, TIFF, BMP, "
                              "...): check the path, or convert the file to PNG") from None
@@ -80,7 +80,7 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIX
                              "export or download it again") from e
 
 
-def _to_rgb(im: Image.Image) -> np.ndarray:
+def pil_to_rgb(im: Image.Image) -> np.ndarray:
     """Pixels of any Pillow mode as float32 RGB in [0, 1]; 16-bit grey keeps its precision."""
     if im.mode in _WIDE_GREY_MODES or im.mode == "F":
         grey = np.asarray(im, np.float32)

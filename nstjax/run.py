@@ -1,7 +1,7 @@
 """Hydra entry point: ``python -m nstjax.run [+experiment=NAME] [key=value ...]``.
 
 Composes configs/ (schema: nstjax/config.py), runs a group of one
-(:func:`nstjax.stylize.run_group`) in Hydra's run directory and exits with its
+(:func:`nstjax.transfer.run_group`) in Hydra's run directory and exits with its
 code: 0 finished, 2 a user error (one line, no traceback), 3 diverged, 74 a
 file could not be written (a full disk, an I/O error: one line; the file keeps
 its previous content and the last checkpoint is intact), 130/143 interrupted by
@@ -63,10 +63,10 @@ def _fail(message: str, code: int = UserError.exit_code) -> None:
 
 
 def _cannot_write(e: WriteError, run_dir: Path | None) -> str:
-    from nstjax import checkpoint, sweep
+    from nstjax import checkpoint, sweeps
 
     hint = "free space there"
-    if run_dir is not None and (sweep.is_sweep(run_dir)
+    if run_dir is not None and (sweeps.is_sweep(run_dir)
                                 or (run_dir / checkpoint.CHECKPOINT_DIR / checkpoint.META).is_file()):
         hint += f", then continue with python -m nstjax.run resume={run_dir}"
     return f"cannot write {e.filename} ({e.strerror}); the file keeps its previous content, if any: {hint}"
@@ -88,14 +88,14 @@ def _check_resume_overrides(overrides) -> None:
 def _resumed_config(cfg: DictConfig) -> tuple[DictConfig | None, Path]:
     """The saved config of the run to resume (None if it has finished or diverged) and its
     directory; a directory it cannot continue is a UserError."""
-    from nstjax import checkpoint, sweep
+    from nstjax import checkpoint, sweeps
 
     run_dir = Path(cfg.resume)
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         raise UserError(f"cannot resume {run_dir}: no config.yaml there; "
                         "resume= takes the directory of an interrupted run or sweep")
-    if sweep.status(run_dir).final:
+    if sweeps.status(run_dir).final:
         return None, run_dir
     resumed = config.from_container(OmegaConf.load(saved))
     checkpoint.verify(run_dir)
@@ -154,7 +154,7 @@ def _reported(run_dir: Path, discard: Callable[[], None] = lambda: None) -> Iter
 @hydra.main(version_base=None, config_path="pkg://nstjax.configs", config_name="config")
 def main(cfg: DictConfig):
     """A single run (a group of one), a group of a batched sweep, or a resumed run or sweep."""
-    from nstjax import programs, sweep
+    from nstjax import programs, sweeps
     from nstjax.status import SIGNALS
 
     for noisy in ("jax", "matplotlib"):
@@ -167,7 +167,7 @@ def main(cfg: DictConfig):
             sweep_dir = Path(HydraConfig.get().sweep.dir)
             with _reported(sweep_dir, lambda: rundir.discard(hydra_dir, keep=sweep_dir)):
                 programs.enable_compilation_cache()
-                return sweep.run_group_job(sweep_dir, cfg.sweep_group, log.info,
+                return sweeps.run_group_job(sweep_dir, cfg.sweep_group, log.info,
                                            start=lambda: _record_job(hydra_dir, cfg))
         if cfg.resume is None:
             with _reported(hydra_dir, lambda: rundir.discard_hydra_run_dir(hydra_dir)):
@@ -177,8 +177,8 @@ def main(cfg: DictConfig):
         with _reported(Path(cfg.resume)):
             _check_resume_overrides(HydraConfig.get().overrides.task)
             programs.enable_compilation_cache()
-            if sweep.is_sweep(cfg.resume):
-                code = sweep.resume(Path(cfg.resume), log.info)
+            if sweeps.is_sweep(cfg.resume):
+                code = sweeps.resume(Path(cfg.resume), log.info)
                 if code:
                     sys.exit(code)
                 return None
@@ -186,13 +186,13 @@ def main(cfg: DictConfig):
 
 
 def _single_run(cfg: DictConfig, hydra_dir: Path) -> None:
-    from nstjax import sweep
-    from nstjax.stylize import run_group
+    from nstjax import sweeps
+    from nstjax.transfer import run_group
 
     if cfg.resume is not None:
         cfg, run_dir = _resumed_config(cfg)
         if cfg is None:
-            print(f"{run_dir} has {sweep.status(run_dir)}: nothing to resume", file=sys.stderr)
+            print(f"{run_dir} has {sweeps.status(run_dir)}: nothing to resume", file=sys.stderr)
             return
 
         def start() -> None:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nstjax import config, stylize
+from nstjax import config, transfer
 from nstjax.losses import HParams
 from nstjax.spec import parse
 from nstjax.optimize import Loop, OptimSpec
@@ -79,7 +79,7 @@ def test_snapshots_of_every_step_leave_the_run_as_it_is(optim, tmp_path, synthet
                               "chunk_steps=3", "checkpoint_every=5", "model.conv=direct", "progress=false",
                               "loss.style_layers=[relu1_1,relu2_1]", "loss.content_layers=[relu2_1]", *extra])
         d = tmp_path / name
-        stylize.run_group([cfg], [d], d, log=lambda *_: None)
+        transfer.run_group([cfg], [d], d, log=lambda *_: None)
         return d
 
     every, none = run("every", "save_every=1"), run("none", "save_every=0")
@@ -103,7 +103,7 @@ def test_a_run_that_does_not_improve_says_so(tmp_path, synthetic_weights_file):
                               "progress=false", "loss.style_layers=[relu1_1,relu2_1]",
                               "loss.content_layers=[relu2_1]", *extra])
         lines = []
-        stylize.run_group([cfg], [tmp_path / name], tmp_path / name, log=lines.append)
+        transfer.run_group([cfg], [tmp_path / name], tmp_path / name, log=lines.append)
         return json.loads((tmp_path / name / "metrics.json").read_text()), [ln for ln in lines if "warning" in ln]
 
     good, warned = run("good", "optim.steps=5", "init=noise", "optim.linesearch=none")

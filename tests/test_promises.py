@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from cli import EXAMPLES, ROOT, env, patched_cli_args, run_cli, small_run_args
-from nstjax import config, stylize
+from nstjax import config, transfer
 from nstjax.vgg import CAFFE, TORCHVISION
 
 NO_FREE_MEMORY = """
@@ -106,7 +106,7 @@ def test_precision_preprocessing_and_an_infinite_loss(synthetic_weights_file):
         "torchvision preprocessing": [_preprocessing(TORCHVISION)],
     }
     cfgs = [config.compose(_overrides(synthetic_weights_file, *extra)) for extra in variants.values()]
-    results = dict(zip(variants, stylize.optimize(cfgs)))
+    results = dict(zip(variants, transfer.optimize(cfgs)))
     f32 = results["float32"]
     assert f32.status == "finished" and f32.steps == 2
 

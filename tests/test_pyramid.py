@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cli import ROOT, env, patched_cli_args, run_cli, small_run_args
-from nstjax import config, pyramid, stylize
+from nstjax import config, pyramid, transfer
 from nstjax.build import validate
 from nstjax.errors import UserError
 from nstjax.spec import PyramidSpec, parse
@@ -69,7 +69,7 @@ def test_each_level_starts_from_the_level_below_upsampled_and_members_equal_solo
     base = [*plain, "optim=adam", "optim.lr=0.05", "image.size=64", *SHALLOW, "optim.steps=3",
             "pyramid.min_size=32", "pyramid.steps=3", "init=noise"]  # noise: no zero content loss at step 0
     cfgs = [config.compose([*base, f"loss.beta={b}"]) for b in (1e3, 1e5)]
-    both, (solo,) = stylize.optimize(cfgs), stylize.optimize(cfgs[:1])
+    both, (solo,) = transfer.optimize(cfgs), transfer.optimize(cfgs[:1])
     assert [r.level for r in solo.history] == [0] * 4 + [1] * 4
     assert [lv.size for lv in solo.levels] == [[24, 32], [48, 64]]
     assert solo.steps == 6 and solo.image.shape == (48, 64, 3)
@@ -79,9 +79,9 @@ def test_each_level_starts_from_the_level_below_upsampled_and_members_equal_solo
     point = parse(cfgs[0])
     low_level, _ = pyramid.levels(point.structure)
     low_point = dataclasses.replace(point, structure=low_level)
-    (low,) = stylize.optimize([low_point], [level_inputs(point, low_level, validate(point))])
+    (low,) = transfer.optimize([low_point], [level_inputs(point, low_level, validate(point))])
     np.testing.assert_allclose(np.array(low.history), np.array(solo.history[:4]), rtol=1e-5)
-    high = stylize.level_groups([point])[1]
+    high = transfer.level_groups([point])[1]
     problem = jax.tree.map(lambda a: a[0], high.problems)
     start = pyramid.upsample(low.image[None], (48, 64))[0]
     terms = high.loop.objective(start, high.params, problem.targets, problem.hp, problem.key)

@@ -94,12 +94,12 @@ PRESET_RUNS = {  # preset: (overrides for a short run at 128 px with its own opt
 
 @pytest.fixture(scope="module")
 def preset_results(real_weights):
-    """Each preset at 128 px on the real features, run by the product (stylize.optimize)."""
-    from nstjax import stylize
+    """Each preset at 128 px on the real features, run by the product (transfer.optimize)."""
+    from nstjax import transfer
 
     cfgs = {p: compose(real_weights, f"+experiment={p}", "image.size=128", "model.conv=direct", *extra)
             for p, (extra, _) in PRESET_RUNS.items()}
-    return {p: (cfg, stylize.optimize([cfg], log=lambda *_: None)[0]) for p, cfg in cfgs.items()}
+    return {p: (cfg, transfer.optimize([cfg], log=lambda *_: None)[0]) for p, cfg in cfgs.items()}
 
 
 @pytest.mark.parametrize("preset", list(PRESET_RUNS))
@@ -129,7 +129,7 @@ def control_results(real_weights, tmp_path_factory):
     from PIL import Image
 
     from cli import EXAMPLES
-    from nstjax import stylize
+    from nstjax import transfer
 
     folder = tmp_path_factory.mktemp("real-masks")
     left = np.zeros((96, 128), np.uint8)
@@ -141,7 +141,7 @@ def control_results(real_weights, tmp_path_factory):
     runs["regions"] = ["regions=[{mask:%s,style:%s},{mask:%s,style:%s}]" % (
         folder / "left.png", EXAMPLES / "starry_night.jpg", folder / "right.png", EXAMPLES / "the_scream.jpg")]
     cfgs = {name: compose(real_weights, *base, *extra) for name, extra in runs.items()}
-    return {name: (cfg, stylize.optimize([cfg], log=lambda *_: None)[0]) for name, cfg in cfgs.items()}
+    return {name: (cfg, transfer.optimize([cfg], log=lambda *_: None)[0]) for name, cfg in cfgs.items()}
 
 
 def test_colour_controls_keep_the_contents_chroma(control_results):

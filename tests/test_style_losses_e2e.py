@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from cli import EXAMPLES, run_cli, start_cli, wait_for_files
-from nstjax import config, images, stylize, sweep
+from nstjax import config, images, sweeps, transfer
 from nstjax.build import build_group, group_key, validate
 from nstjax.spec import parse
 from nstjax.style_losses import STYLE_LOSSES
@@ -105,12 +105,12 @@ def test_members_with_their_own_seeds_and_moment_weights_are_one_group_equal_to_
     points = [("0", 0), ("0", 0), ("0", 1), ("4", 1)]  # (remd_moment_weight, seed); w_m = 0: all sampled
     cfgs = [config.compose([*base, f"loss.remd_moment_weight={w}", f"seed={s}"]) for w, s in points]
     assert len({group_key(p, validate(p)) for p in map(parse, cfgs)}) == 1
-    batch = stylize.optimize(cfgs)
+    batch = transfer.optimize(cfgs)
     np.testing.assert_array_equal(batch[0].image, batch[1].image)  # the same seed: the same pixels
     assert batch[0].history == batch[1].history
     assert not np.array_equal(batch[1].image, batch[2].image)  # init=content: only the samples differ
     assert batch[2].history[-1].style != batch[3].history[-1].style
-    assert_history_close(batch[3].history, stylize.optimize([cfgs[3]])[0].history)  # the last member
+    assert_history_close(batch[3].history, transfer.optimize([cfgs[3]])[0].history)  # the last member
 
     # The loop's key chain: k₀ = key(seed); (k_{t+1}, e_t) = split(k_t); row t is evaluated with e_t.
     group = build_group([parse(cfgs[2])])
@@ -128,7 +128,7 @@ def test_members_with_their_own_seeds_and_moment_weights_are_one_group_equal_to_
 
 
 def _point(n, overrides):
-    return sweep.Point(n, overrides, {}, config.compose(overrides))
+    return sweeps.Point(n, overrides, {}, config.compose(overrides))
 
 
 def test_loss_options_split_groups_and_their_numbers_are_members(synthetic_weights_file):
@@ -147,5 +147,5 @@ def test_loss_options_split_groups_and_their_numbers_are_members(synthetic_weigh
         ["loss.style_loss=mrf"], ["loss.style_loss=mrf", "loss.mrf_stride=2"],  # 10, 11
         ["loss.content_loss=self_similarity"],  # 12
     ]
-    groups = sweep.plan([_point(n, base + p) for n, p in enumerate(points)])
+    groups = sweeps.plan([_point(n, base + p) for n, p in enumerate(points)])
     assert [[p.n for p in g] for g in groups] == [[0, 1], [2, 3], [4], [5, 6], [7], [8], [9], [10], [11], [12]]

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from cli import EXAMPLES, ROOT, env, quick_conv, run_cli, start_cli, tree_digest, wait_for_files
-from nstjax import config, stylize, sweep
+from nstjax import config, sweeps, transfer
 from nstjax.optimize import HistoryRow
 from nstjax.outputs import read_history
 from nstjax.spec import parse
@@ -74,14 +74,14 @@ def test_sweep_is_one_group_numbered_as_the_basic_sweeper(swept):
 def test_each_member_equals_its_solo_run(swept, n):
     sweep_dir, _ = swept
     cfg = config.from_container(OmegaConf.load(sweep_dir / str(n) / "config.yaml"))
-    solo = stylize.optimize([cfg])[0]
+    solo = transfer.optimize([cfg])[0]
     assert_history_close(read_history(sweep_dir / str(n) / "history.csv"), solo.history)
 
 
 def test_sweep_csv_sheet_and_tradeoff(swept):
     sweep_dir, _ = swept
     rows = read_csv(sweep_dir / "sweep.csv")
-    assert list(rows[0]) == ["n", "loss.beta", "optim.lr", *sweep.SUMMARY_COLUMNS]
+    assert list(rows[0]) == ["n", "loss.beta", "optim.lr", *sweeps.SUMMARY_COLUMNS]
     assert [int(r["n"]) for r in rows] == [0, 1, 2, 3]
     for r in rows:
         metrics = json.loads((sweep_dir / r["n"] / "metrics.json").read_text())
@@ -144,7 +144,7 @@ def test_a_group_refused_by_the_memory_check_leaves_no_sweep(tmp_path, synthetic
 
 def _point(n, overrides):
     cfg = config.compose(overrides)
-    return sweep.Point(n, overrides, {}, cfg)
+    return sweeps.Point(n, overrides, {}, cfg)
 
 
 def test_points_are_grouped_by_structure(synthetic_weights_file):
@@ -157,7 +157,7 @@ def test_points_are_grouped_by_structure(synthetic_weights_file):
                                   f"style={EXAMPLES / 'the_scream.jpg'}"])
     # A content image of another aspect ratio: another resized shape, another group.
     points.append(base + lbfgs + [f"content={EXAMPLES / 'the_scream.jpg'}"])
-    groups = sweep.plan([_point(n, p) for n, p in enumerate(points)])
+    groups = sweeps.plan([_point(n, p) for n, p in enumerate(points)])
     assert [[p.n for p in g] for g in groups] == [[0, 1], [2, 3, 8], [4, 5], [6, 7], [9]]
 
 
@@ -218,11 +218,11 @@ def test_waves_equal_one_program(synthetic_weights_file):
     cfgs = [config.compose(small(synthetic_weights_file, f"loss.beta={b}", "max_members=2"))
             for b in (1e2, 1e3, 1e4)]
     logged = []
-    waves = stylize.optimize(cfgs, log=logged.append)
+    waves = transfer.optimize(cfgs, log=logged.append)
     assert any("3 members in 2 waves of at most 2" in m for m in logged)
     for cfg in cfgs:
         cfg.max_members = None
-    together = stylize.optimize(cfgs, log=logged.append)
+    together = transfer.optimize(cfgs, log=logged.append)
     for a, b in zip(waves, together):
         assert_history_close(a.history, b.history)
 
@@ -234,22 +234,22 @@ def test_members_may_differ_in_their_images(synthetic_weights_file, tmp_path):
     cfgs = [config.compose(small(synthetic_weights_file, f"content={c}", f"style={s}"))
             for c, s in ((EXAMPLES / "tubingen.jpg", EXAMPLES / "starry_night.jpg"),
                          (flipped, EXAMPLES / "the_scream.jpg"))]
-    both = stylize.optimize(cfgs)
+    both = transfer.optimize(cfgs)
     for cfg, member in zip(cfgs, both):
-        assert_history_close(member.history, stylize.optimize([cfg])[0].history)
+        assert_history_close(member.history, transfer.optimize([cfg])[0].history)
     assert both[0].history[-1].total != both[1].history[-1].total
 
 
 SHARDED = textwrap.dedent("""
     import json, sys
     import jax
-    from nstjax import config, stylize
+    from nstjax import config, transfer
     assert jax.local_device_count() == 4
     out = {}
     for mode in ("vmap", "map"):
         cfgs = [config.compose(json.loads(sys.argv[1]) + [f"loss.beta={b}", f"member_batching={mode}"])
                 for b in (1e2, 1e3, 1e4)]
-        out[mode] = [[list(r) for r in m.history] for m in stylize.optimize(cfgs)]
+        out[mode] = [[list(r) for r in m.history] for m in transfer.optimize(cfgs)]
     print(json.dumps(out))
 """)
 
@@ -265,7 +265,7 @@ def test_members_sharded_over_four_devices_equal_unsharded(synthetic_weights_fil
     sharded = json.loads(proc.stdout.splitlines()[-1])
     cfgs = [config.compose(overrides + [f"loss.beta={b}"]) for b in (1e2, 1e3, 1e4)]
     for mode in ("vmap", "map"):  # shardings of the whole program; shard_map over lax.map
-        for got, want in zip(sharded[mode], stylize.optimize(cfgs)):
+        for got, want in zip(sharded[mode], transfer.optimize(cfgs)):
             assert_history_close([HistoryRow(*r) for r in got], want.history)
 
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 from cli import EXAMPLES, run_cli
 from consistency_reference import reference_consistency
-from nstjax import config, flow, frames, images, stylize, video
+from nstjax import config, flow, frames, images, transfer, video
 from nstjax.build import validate
 from nstjax.driver import Driver
 from nstjax.errors import UserError
@@ -186,7 +186,7 @@ def gamma_pair(synthetic_weights_file, clip_dir, tmp_path_factory):
     cfgs = [config.compose(overrides(synthetic_weights_file, clip_dir, f"video.temporal_weight={g}", "optim=adam",
                                      "optim.steps=6", "optim.lr=0.05")) for g in (0, 1e10)]
     dirs = [root / "0", root / "1"]
-    stylize.run_group(cfgs, dirs, root / "group")
+    transfer.run_group(cfgs, dirs, root / "group")
     return cfgs, dirs
 
 
@@ -203,7 +203,7 @@ def test_a_member_of_a_gamma_sweep_equals_its_solo_run(gamma_pair):
     cfgs, dirs = gamma_pair
     points = [parse(c) for c in cfgs]
     assert points[0].structure == points[1].structure  # γ is a member key: one group
-    solo = stylize.optimize([cfgs[1]])[0]
+    solo = transfer.optimize([cfgs[1]])[0]
     got = read_history(dirs[1] / "history.csv")
     assert [(r.frame, r.step) for r in got] == [(r.frame, r.step) for r in solo.history]
     first = [i for i, r in enumerate(got) if r.frame == 0]
@@ -228,11 +228,24 @@ def test_the_outputs_of_a_video_run(gamma_pair):
     assert metrics["temporal_error"] == pytest.approx(np.mean([float(r["temporal_error"]) for r in rows[1:]]))
 
 
+def test_a_diverging_member_stops_its_chain_and_the_others_go_on(synthetic_weights_file, clip_dir, tmp_path):
+    """Adam's lr 1e39 overflows float32 at the first step: that member keeps frame 0's initial image."""
+    cfgs = [config.compose(overrides(synthetic_weights_file, clip_dir, "optim=adam", "optim.steps=6",
+                                     f"optim.lr={lr}")) for lr in (0.05, 1e39)]
+    dirs = [tmp_path / "0", tmp_path / "1"]
+    results = transfer.run_group(cfgs, dirs, tmp_path / "group")
+    assert [r.status.value for r in results.values()] == ["finished", "diverged"]
+    assert len(list((dirs[0] / "frames").iterdir())) == 4 and [p.name for p in (dirs[1] / "frames").iterdir()] == [
+        "000000.png"]
+    metrics = json.loads((dirs[1] / "metrics.json").read_text())
+    assert metrics["status"] == "diverged" and metrics["frames"] == 1 and np.isfinite(results[1].image).all()
+
+
 def test_a_parallel_member_equals_its_frame_run_alone_with_the_same_targets(synthetic_weights_file, clip_dir,
                                                                               tmp_path):
     cfg = config.compose(overrides(synthetic_weights_file, clip_dir, "video.schedule=parallel", "video.passes=2",
                                    "video.temporal_from_pass=2", "video.temporal_weight=1e9", "video.blend=0.5"))
-    stylize.run_group([cfg], [tmp_path / "run"], tmp_path / "run")
+    transfer.run_group([cfg], [tmp_path / "run"], tmp_path / "run")
     passes = [np.load(tmp_path / "run" / "video" / f"pass_00{p}.npz") for p in (1, 2)]
     run = video.VideoRun([parse(cfg)], [validate(parse(cfg))], [None], None, [{}], print)
     for f in (1, 2):
@@ -248,7 +261,7 @@ def test_a_parallel_member_equals_its_frame_run_alone_with_the_same_targets(synt
 def test_interrupted_at_frame_2_of_4_resumes_bitwise(synthetic_weights_file, clip_dir, tmp_path, monkeypatch):
     cfg = config.compose(overrides(synthetic_weights_file, clip_dir, "video.temporal_weight=1e9", "optim.steps=4",
                                    "chunk_steps=2"))
-    stylize.run_group([cfg], [tmp_path / "whole"], tmp_path / "whole")
+    transfer.run_group([cfg], [tmp_path / "whole"], tmp_path / "whole")
     snapshots = Driver._snapshots
 
     def stop_in_frame_2(self, group, index, level, state, step, new):
@@ -258,14 +271,14 @@ def test_interrupted_at_frame_2_of_4_resumes_bitwise(synthetic_weights_file, cli
 
     monkeypatch.setattr(Driver, "_snapshots", stop_in_frame_2)
     try:
-        result = stylize.run_group([cfg], [tmp_path / "cut"], tmp_path / "cut")[0]
+        result = transfer.run_group([cfg], [tmp_path / "cut"], tmp_path / "cut")[0]
     finally:
         SIGNALS.received = None
     assert result.status.value == "interrupted"
     metrics = json.loads((tmp_path / "cut" / "metrics.json").read_text())
     assert metrics["status"] == "interrupted" and metrics["frames"] == 3  # frames 0, 1 and frame 2 so far
     monkeypatch.setattr(Driver, "_snapshots", snapshots)
-    stylize.run_group([cfg], [tmp_path / "cut"], tmp_path / "cut", resume=True)
+    transfer.run_group([cfg], [tmp_path / "cut"], tmp_path / "cut", resume=True)
     for name in ("history.csv", "frames.csv", "result.png", "frames/000003.png"):
         assert (tmp_path / "cut" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
     for k in range(4):
@@ -282,7 +295,7 @@ def test_ruder2016_temporal_term_at_step_0_equals_a_float64_port_of_artistic_vid
     cfg = config.compose(["+experiment=ruder2016", f"video.input={clip_dir}", f"model.weights={synthetic_weights_file}",
                           "image.size=32", "optim.steps=2", "video.first_frame_steps=2", "video.init=init",
                           "init=content", "progress=false", "model.conv=direct", "checkpoint_every=0"])
-    stylize.run_group([cfg], [tmp_path / "run"], tmp_path / "run")
+    transfer.run_group([cfg], [tmp_path / "run"], tmp_path / "run")
     got = next(r.temporal for r in read_history(tmp_path / "run" / "history.csv") if r.frame == 2 and r.step == 0)
     content = video.load_clip(parse(cfg).structure).frames[2].astype(np.float64)
     previous = np.clip(np.load(tmp_path / "run" / "video" / "frame_000001.npz")["0_1"].astype(np.float64), 0, 1)

@@ -1,6 +1,6 @@
 """``hydra/sweeper=nstjax``, the default of ``python -m nstjax.run -m``: Hydra's override
 grammar (comma lists, ``range()``, ``choice()``, group choices) expanded as the basic sweeper
-does, the points numbered as it numbers them, then grouped by structure (nstjax.sweep) and
+does, the points numbered as it numbers them, then grouped by structure (nstjax.sweeps) and
 launched one job per group through the configured launcher. ``hydra/sweeper=basic`` runs one
 job per point instead. A sweep directory that already holds anything is refused before anything
 is written, and nothing is written before every point is validated; a sweep whose first group is
@@ -44,7 +44,7 @@ class BatchedSweeper(Sweeper):
             hydra_context=hydra_context, task_function=task_function, config=config)
 
     def sweep(self, arguments: List[str]) -> Any:
-        from nstjax import sweep
+        from nstjax import sweeps
         from nstjax.atomic import write_text
         from nstjax.status import EXIT_SIGNAL
         from nstjax.errors import UserError
@@ -61,23 +61,23 @@ class BatchedSweeper(Sweeper):
             with open_dict(cfg):
                 del cfg["hydra"]
             values = {o.split("=", 1)[0]: o.split("=", 1)[1] for o in point}
-            points.append(sweep.Point(n, list(point), {k: values[k] for k in swept}, cfg))
-        groups = sweep.plan(points)
+            points.append(sweeps.Point(n, list(point), {k: values[k] for k in swept}, cfg))
+        groups = sweeps.plan(points)
         existed = first_existing(sweep_dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        write_text(sweep_dir / sweep.MULTIRUN, OmegaConf.to_yaml(self.config))
-        sweep.write_plan(sweep_dir, swept, groups)
+        write_text(sweep_dir / sweeps.MULTIRUN, OmegaConf.to_yaml(self.config))
+        sweeps.write_plan(sweep_dir, swept, groups)
         print(f"{len(points)} points in {len(groups)} group(s) of {', '.join(str(len(g)) for g in groups)} "
               f"member(s) -> {sweep_dir}", file=sys.stderr)
         try:
-            results = self.launcher.launch(sweep.job_overrides(groups), initial_job_idx=0)
+            results = self.launcher.launch(sweeps.job_overrides(groups), initial_job_idx=0)
         except SystemExit as e:
             if e.code == UserError.exit_code:  # a group refused before it started (the memory check)
-                sweep.discard_unstarted(sweep_dir, existed)
+                sweeps.discard_unstarted(sweep_dir, existed)
             raise
         for r in results:
             _ = r.return_value  # re-raises a job's exception
-        code = sweep.exit_code(sweep.summarize(sweep_dir))
+        code = sweeps.exit_code(sweeps.summarize(sweep_dir))
         if code in EXIT_SIGNAL.values():
             print(f"interrupted: resume with python -m nstjax.run resume={sweep_dir}", file=sys.stderr)
         if code:

@@ -25,7 +25,7 @@ from nstjax.atomic import atomic_path, write_text
 from nstjax.build import Inputs, check_arch, group_key, validate
 from nstjax.errors import UserError
 from nstjax.status import SIGNALS, RunStatus
-from nstjax.stylize import run_group
+from nstjax.transfer import run_group
 from nstjax.weights import load_weights
 
 PLAN = "groups.yaml"

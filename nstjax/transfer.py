@@ -1,8 +1,8 @@
 """Style transfer for a batch of points: parse ─► build ─► drive ─► the files of each point.
 
-    from nstjax import config, stylize
+    from nstjax import config, transfer
     cfgs = [config.compose(["+experiment=preview", f"loss.beta={b}"]) for b in (1e3, 1e4)]
-    results = stylize.optimize(cfgs)        # one MemberResult per config: image, history, ...
+    results = transfer.optimize(cfgs)        # one MemberResult per config: image, history, ...
 
 :func:`optimize` returns the results without writing files; :func:`run_group`
 writes into each member's directory what a run leaves there (result.png,
