@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from nstjax import build, config, images
 from nstjax.errors import UserError
@@ -104,7 +104,7 @@ def _compose(overrides: Sequence[str]):
     try:
         return config.compose(list(overrides))
     except (HydraException, OmegaConfBaseException) as e:
-        raise UserError(" ".join(str(e).split())) from None
+        raise UserError(config.one_line(e)) from None
 
 
 def as_rgb(img: ImageLike, what: str, max_pixels: int | None = images.DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -187,34 +187,9 @@ def sweep(content: ImageLike, style: ImageLike | Sequence[ImageLike], grid: Mapp
     return SweepResult(results, points, contact_sheet(results, points, keys))
 
 
-def contact_sheet(results: Sequence[Result], points: Sequence[dict], keys: Sequence[str],
-                  least: int = 160) -> Image.Image:
-    """The results in a grid, a column per value of the first key and a row per combination of the
-    others: the first key's name over the columns, each column headed by its value, each row by its
-    values; thumbnails at least ``least`` px wide (small results upscaled), cells never narrower
-    than their labels."""
-    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+def contact_sheet(results: Sequence[Result], points: Sequence[dict], keys: Sequence[str]) -> Image.Image:
+    """The results in a labelled grid (:func:`nstjax.sheet.grid_sheet`)."""
+    from nstjax.sheet import grid_sheet
 
-    def width(text: str) -> int:
-        left, _, right, _ = draw.textbbox((0, 0), text)
-        return right - left
-
-    columns = list(dict.fromkeys(_value(p[keys[0]]) for p in points))
-    rows = list(dict.fromkeys(", ".join(f"{k}={_value(p[k])}" for k in keys[1:]) for p in points))
-    cell_w = max([least, *(width(c) + 8 for c in columns)])
-    thumb_h = max(round(r.image.shape[0] * cell_w / r.image.shape[1]) for r in results)
-    row_label = max([0, *(width(r) + 10 for r in rows if r)])
-    top, line = 34, 14
-    sheet = Image.new("RGB", (row_label + len(columns) * (cell_w + 6) + 6, top + len(rows) * (thumb_h + 6)), "white")
-    pen = ImageDraw.Draw(sheet)
-    pen.text((row_label + 6, 2), keys[0], fill="black")
-    for j, c in enumerate(columns):
-        pen.text((row_label + 6 + j * (cell_w + 6), 2 + line), c, fill="black")
-    for i, row in enumerate(rows):
-        pen.text((4, top + i * (thumb_h + 6) + thumb_h // 2), row, fill="black")
-    for r, p in zip(results, points):
-        j = columns.index(_value(p[keys[0]]))
-        i = rows.index(", ".join(f"{k}={_value(p[k])}" for k in keys[1:]))
-        h = round(r.image.shape[0] * cell_w / r.image.shape[1])
-        sheet.paste(r.pil.resize((cell_w, h), Image.LANCZOS), (row_label + 6 + j * (cell_w + 6), top + i * (thumb_h + 6)))
-    return sheet
+    labels = [{k: _value(p[k]) for k in keys} for p in points]
+    return grid_sheet([r.pil for r in results], labels, keys).image

@@ -22,6 +22,7 @@ from nstjax.optimize import LINESEARCHES, MEMBER_BATCHING, OptimSpec
 from nstjax.spec import (FLOW_PRESETS, FLOWS, REMATS, SCHEDULES, VIDEO_INITS, ImageSpec, ModelSpec,
                          PyramidSpec, RegionSpec, RunSpec, VideoSpec)
 from nstjax.vgg import ARCHITECTURES, CHANNEL_ORDERS, CONV_ALGORITHMS, POOLINGS, PRECISIONS
+from nstjax.track import BACKENDS
 from nstjax.style_losses import (CONTENT_LOSSES, CONTENT_REDUCTIONS, GRAM_NORMS, MMD_KERNELS,
                                  STYLE_LOSSES, STYLE_REDUCTIONS, StyleHParams)
 
@@ -64,6 +65,7 @@ MemberBatching = _choices("MemberBatching", MEMBER_BATCHING,
 Schedule = _choices("Schedule", SCHEDULES, "How a video's frames are optimised (nstjax.spec.SCHEDULES).")
 Flow = _choices("Flow", FLOWS, "The optical flow method (nstjax.flow).")
 FlowPreset = _choices("FlowPreset", FLOW_PRESETS, "DIS optical flow's preset.")
+Tracking = _choices("Tracking", BACKENDS, "An experiment tracker (nstjax.track.BACKENDS).")
 VideoInit = _choices("VideoInit", VIDEO_INITS, "Where a video frame after the first starts (nstjax.video).")
 
 
@@ -232,6 +234,7 @@ class Config:
     memory_check: bool = RunSpec.memory_check  # refuse a run whose compiled programs need more memory than is free
     max_members: Optional[int] = RunSpec.max_members  # sweep members per compiled program (null: as many as fit)
     member_batching: MemberBatching = MemberBatching[RunSpec.member_batching]  # vmap | map: how a group's members share a program
+    tracking: List[Tracking] = field(default_factory=list)  # experiment trackers: [tensorboard] (nstjax.track)
     sweep_group: Optional[int] = None  # set by the nstjax sweeper: the group a sweep job runs
     image: ImageConfig = field(default_factory=ImageConfig)
     pyramid: PyramidConfig = field(default_factory=PyramidConfig)
@@ -259,6 +262,23 @@ def compose(overrides: Sequence[str] = ()) -> DictConfig:
     register()
     with initialize_config_module("nstjax.configs", version_base=None):
         return hydra_compose("config", overrides=list(overrides))
+
+
+_NOISE = ("Config search path", "provider=", "reference_type=", "object_type=", "See https://")
+
+
+def one_line(exc: BaseException) -> str:
+    """Hydra's and OmegaConf's multi-line messages (and their causes) as one line."""
+    from hydra.errors import OverrideParseException
+
+    parts = [f"malformed override {exc.override!r}"] if isinstance(exc, OverrideParseException) else []
+    while exc is not None:
+        lines = [ln.strip() for ln in str(exc).splitlines()]
+        text = " ".join(ln for ln in lines if ln and not ln.startswith(_NOISE))
+        if text and text != "None" and text not in parts:
+            parts.append(text)
+        exc = exc.__cause__
+    return " — ".join(parts)
 
 
 def register() -> None:

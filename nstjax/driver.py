@@ -146,18 +146,21 @@ class Driver:
     snapshots (None for both: no files). ``max_members`` caps the members per program; the memory check
     (``memory_check``) picks the largest batch that fits, a multiple of the device count.
     ``earlier_levels`` are the groups of a pyramid's levels below ``group`` (the last level).
+    ``observer`` gets each member's history rows after each chunk and its snapshots
+    (:class:`nstjax.track.Observer`).
     """
 
     def __init__(self, group: Group, group_dir: Path | None, member_dirs: Sequence[Path | None], *,
                  save_every: int = 0, checkpoint_every: int = 0, max_members: int | None = None,
                  memory_check: bool = True, progress: bool = False, earlier_levels: Sequence[Group] = (),
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, observer=None):
         self.levels = [*earlier_levels, group]  # the pyramid's levels (nstjax.pyramid), smallest first
         self.member_dirs = member_dirs
         self.group_dir = Path(group_dir) if group_dir is not None else None
         self.save_every, self.checkpoint_every = save_every, checkpoint_every
         self.max_members, self.memory_check, self.progress = max_members, memory_check, progress
         self.log = log
+        self.observer = observer  # rows(n, rows, first) and image(n, name, img) of each member as they come (nstjax.track)
         self._start: Callable[[], None] | None = None
         self.mesh = member_mesh()
         self.devices = self.mesh.size
@@ -311,11 +314,21 @@ class Driver:
         if start is not None:
             start()
 
+        def observe(new: list) -> None:  # the rows, each at its index in the member's run (levels continue it)
+            if self.observer is not None:
+                for i, n in enumerate(index):
+                    if new[i]:
+                        first = len(earlier.histories[i]) + len(histories[i]) - len(new[i])
+                        self.observer.rows(n, new[i], first)
+
+        if meta is None:
+            observe(histories)
+
         def save_checkpoint(state):
             checkpoint.save(self.group_dir, state, CheckpointMeta(
                 wave, size, level, histories, earlier, seconds_before + time.perf_counter() - t_run))
 
-        hooks = [functools.partial(self._snapshots, group, index, level)]
+        hooks = [lambda st, step, new: observe(new), functools.partial(self._snapshots, group, index, level)]
         if self.checkpoint_every:
             hooks.append(lambda st, step, new: (
                 save_checkpoint(st) if step % self.checkpoint_every == 0 and any(new) else None))
@@ -388,7 +401,10 @@ class Driver:
         pixels = np.asarray(average(state))
         for i, n in enumerate(index):
             if new[i]:
-                images.save_image(Path(self.member_dirs[n]) / "snapshots" / name, group.output_image(n, pixels[i]))
+                img = group.output_image(n, pixels[i])
+                images.save_image(Path(self.member_dirs[n]) / "snapshots" / name, img)
+                if self.observer is not None:
+                    self.observer.image(n, name[:-4], img)
 
 
 @dataclasses.dataclass

@@ -30,7 +30,7 @@ from typing import Callable, Iterator
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import HydraException, OverrideParseException
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -40,21 +40,6 @@ from nstjax.errors import UserError, WriteError
 from nstjax.status import RunStatus
 
 log = logging.getLogger("nstjax")
-
-
-_NOISE = ("Config search path", "provider=", "reference_type=", "object_type=", "See https://")
-
-
-def _one_line(exc: BaseException) -> str:
-    """Hydra's and OmegaConf's multi-line messages (and their causes) as one line."""
-    parts = [f"malformed override {exc.override!r}"] if isinstance(exc, OverrideParseException) else []
-    while exc is not None:
-        lines = [ln.strip() for ln in str(exc).splitlines()]
-        text = " ".join(ln for ln in lines if ln and not ln.startswith(_NOISE))
-        if text and text != "None" and text not in parts:
-            parts.append(text)
-        exc = exc.__cause__
-    return " — ".join(parts)
 
 
 def _fail(message: str, code: int = UserError.exit_code) -> None:
@@ -146,7 +131,7 @@ def _reported(run_dir: Path, discard: Callable[[], None] = lambda: None) -> Iter
         yield
     except (UserError, OmegaConfBaseException) as e:
         discard()
-        _fail(_one_line(e))
+        _fail(config.one_line(e))
     except WriteError as e:
         _fail(_cannot_write(e, run_dir), WriteError.exit_code)
 
@@ -232,7 +217,7 @@ def cli() -> None:
         with SIGNALS.installed():
             main()
     except (HydraException, OmegaConfBaseException, UserError) as e:
-        _fail(_one_line(e))
+        _fail(config.one_line(e))
     except WriteError as e:
         _fail(_cannot_write(e, None), WriteError.exit_code)
 

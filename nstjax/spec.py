@@ -23,7 +23,7 @@ import dataclasses
 import math
 from typing import Optional
 
-from nstjax import blend, inits, pyramid
+from nstjax import blend, inits, pyramid, track
 from nstjax.errors import UserError
 from nstjax.images import DEFAULT_MAX_PIXELS
 from nstjax.losses import HParams, LossSpec
@@ -117,6 +117,7 @@ class RunSpec:
     memory_check: bool = True
     max_members: Optional[int] = None
     member_batching: str = "vmap"
+    tracking: tuple[str, ...] = ()  # experiment trackers (nstjax.track): tensorboard
 
 
 SCHEDULES = ("sequential", "parallel")
@@ -372,7 +373,8 @@ def parse(cfg) -> Point:
     optim = _optim_spec(cfg)
     model = _model_spec(cfg)
     run = RunSpec(int(cfg.save_every), int(cfg.checkpoint_every), int(cfg.chunk_steps), bool(cfg.progress),
-                  bool(cfg.memory_check), cfg.max_members, _plain(cfg.member_batching))
+                  bool(cfg.memory_check), cfg.max_members, _plain(cfg.member_batching), _plain(cfg.tracking))
+    track.check(run.tracking)
     structure = Structure(model, spec, optim, str(cfg.optim.name), int(cfg.optim.steps), cfg.optim.max_evaluations,
                           image, pyramid_spec, _plain(cfg.color_control), _plain(cfg.mask_propagation), run, video)
     inits.check(member.init, image.max_pixels)

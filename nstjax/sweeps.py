@@ -135,7 +135,7 @@ def run_group_job(sweep_dir: Path, g: int, log: Callable[[str], None] = print,
             start()
 
         run_group(cfgs, dirs, gdir, resume=resume, log=log, start=started,
-                  extra_metrics=[{"n": int(m.n), "group": g} for m in members])
+                  extra_metrics=[{"n": int(m.n), "group": g, "swept": OmegaConf.to_container(m["values"])} for m in members])
     return [str(status(d)) for d in dirs]
 
 
@@ -186,7 +186,7 @@ def summarize(sweep_dir: Path) -> list[dict]:
     done = [r for r in rows if (member_dir(sweep_dir, r["n"]) / "result.png").is_file()]
     if done:
         contact_sheet(sweep_dir / "sheet.png", sweep_dir, done, list(plan_.swept))
-        tradeoff_plot(sweep_dir / "tradeoff.png", [r for r in done if r["yardstick_content"] != ""])
+        tradeoff_plot(sweep_dir / "tradeoff.png", [r for r in done if r["yardstick_content"] != ""], list(plan_.swept))
     return rows
 
 
@@ -199,54 +199,26 @@ def exit_code(rows: Sequence[dict]) -> int:
 
 
 def contact_sheet(path: Path, sweep_dir: Path, rows: Sequence[dict], swept: Sequence[str]) -> None:
-    """The results in a grid: a column per value of the first swept key, a row per value of the
-    second (and any further keys), each labelled."""
-    from PIL import Image, ImageDraw
+    """The results in a grid (:func:`nstjax.sheet.grid_sheet`): a column per value of the first
+    swept key, a row per value of the others, each labelled once."""
+    from PIL import Image
 
-    col_key, row_keys = (swept[0] if swept else None), list(swept[1:])
-    cols = list(dict.fromkeys(r[col_key] for r in rows)) if col_key else [""]
-    lines = list(dict.fromkeys(tuple(r[k] for k in row_keys) for r in rows))
-    tiles = {(r[col_key] if col_key else "", tuple(r[k] for k in row_keys)):
-             Image.open(member_dir(sweep_dir, r["n"]) / "result.png").convert("RGB") for r in rows}
-    tw = max(t.width for t in tiles.values())
-    th = max(t.height for t in tiles.values())
-    label_w = 8 + 7 * max([len(", ".join(f"{k}={v}" for k, v in zip(row_keys, line))) for line in lines] + [0])
-    top, pad = 18, 4
-    sheet = Image.new("RGB", (label_w + len(cols) * (tw + pad), top + len(lines) * (th + pad)), "white")
-    draw = ImageDraw.Draw(sheet)
-    for j, c in enumerate(cols):
-        draw.text((label_w + j * (tw + pad) + 2, 3), f"{col_key}={c}" if col_key else "", fill="black")
-    for i, line in enumerate(lines):
-        y = top + i * (th + pad)
-        draw.text((4, y + th // 2 - 6), ", ".join(f"{k}={v}" for k, v in zip(row_keys, line)), fill="black")
-        for j, c in enumerate(cols):
-            tile = tiles.get((c, line))
-            if tile is not None:
-                sheet.paste(tile, (label_w + j * (tw + pad), y))
+    from nstjax.sheet import grid_sheet
+
+    tiles = [Image.open(member_dir(sweep_dir, r["n"]) / "result.png") for r in rows]
     with atomic_path(path) as tmp:
-        sheet.save(tmp, format="PNG")
+        grid_sheet(tiles, rows, list(swept)).image.save(tmp, format="PNG")
 
 
-def tradeoff_plot(path: Path, rows: Sequence[dict]) -> None:
-    """Content yardstick against style yardstick (the mean over relu1_1 … relu5_1), a dot per point."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+def tradeoff_plot(path: Path, rows: Sequence[dict], swept: Sequence[str]) -> None:
+    """Content yardstick against style yardstick, a marker per point, the legend its swept values
+    (:func:`nstjax.sheet.tradeoff_figure`)."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=100)
-    xs = [float(r["yardstick_style"]) for r in rows]
-    ys = [float(r["yardstick_content"]) for r in rows]
-    ax.scatter(xs, ys)
-    for r, x, y in zip(rows, xs, ys):
-        ax.annotate(str(r["n"]), (x, y), textcoords="offset points", xytext=(4, 4))
-    if all(v > 0 for v in xs + ys):
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-    ax.set_xlabel("style yardstick (mean E_l, relu1_1…relu5_1)")
-    ax.set_ylabel("content yardstick (½Σ(F−P)², relu4_2)")
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
+    from nstjax.sheet import tradeoff_figure
+
+    fig = tradeoff_figure(rows, list(swept), [float(r["yardstick_style"]) for r in rows],
+                          [float(r["yardstick_content"]) for r in rows])
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)

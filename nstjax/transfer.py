@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-from nstjax import images, outputs, pyramid
+from nstjax import images, outputs, pyramid, track
 from nstjax.build import Group, Inputs, Member, build_group, group_key, level_inputs, validate
 from nstjax.driver import Driver, MemberResult
 from nstjax.errors import UserError
@@ -46,11 +46,13 @@ def level_groups(points: Sequence[Point], inputs: Sequence[Inputs] | None = None
     return groups
 
 
-def _driver(levels: Sequence[Group], group_dir: Path | None, member_dirs: Sequence[Path | None], log) -> Driver:
+def _driver(levels: Sequence[Group], group_dir: Path | None, member_dirs: Sequence[Path | None], log,
+            observer=None) -> Driver:
     run = levels[-1].structure.run
     return Driver(levels[-1], group_dir, member_dirs, save_every=run.save_every if group_dir else 0,
                   checkpoint_every=run.checkpoint_every if group_dir else 0, max_members=run.max_members,
-                  memory_check=run.memory_check, progress=run.progress, earlier_levels=levels[:-1], log=log)
+                  memory_check=run.memory_check, progress=run.progress, earlier_levels=levels[:-1], log=log,
+                  observer=observer)
 
 
 def optimize(configs: Sequence, inputs: Sequence[Inputs] | None = None,
@@ -99,14 +101,22 @@ def run_group(configs: Sequence, member_dirs: Sequence[Path], group_dir: Path, *
     outputs.preload_plotting()
     levels = level_groups(points, inputs)
     group = levels[-1]
+    observer = _observer(group.structure, member_dirs, log, ["level"] if len(levels) > 1 else [])
 
     def write(index: list[int], results: list[MemberResult]) -> None:
         for i, r in zip(index, results):
-            write_outputs(member_dirs[i], group, group.members[i], r, extra[i])
+            facts = write_outputs(member_dirs[i], group, group.members[i], r, extra[i])
             if r.status is RunStatus.FINISHED and (why := not_improved(improvement(group, i, r))):
                 log(f"warning: {member_dirs[i]}: {why}")
+            if observer is not None:
+                observer.finish(i, track.hparams_of(points[i].member, extra[i].get("swept")), facts, r.image)
 
-    return _driver(levels, group_dir, member_dirs, log).run(write, resume, start)
+    return _driver(levels, group_dir, member_dirs, log, observer).run(write, resume, start)
+
+
+def _observer(structure, member_dirs: Sequence[Path], log, extra: Sequence[str]):
+    """The members' trackers (tracking=[...], :mod:`nstjax.track`), or None."""
+    return track.Observer(structure.run.tracking, member_dirs, log, extra) if structure.run.tracking else None
 
 
 def _run_video(points: Sequence[Point], member_dirs: list[Path], group_dir: Path, resume: bool,
@@ -121,9 +131,13 @@ def _run_video(points: Sequence[Point], member_dirs: list[Path], group_dir: Path
                 raise UserError(f"{d / 'result.png'} exists: every run needs its own directory")
     inputs = list(inputs) if inputs is not None else [validate(p) for p in points]
     outputs.preload_plotting()
+    observer = _observer(points[0].structure, member_dirs, log, ["frame", "pass"])
 
     def write(m: int, group: Group, r: MemberResult, facts: dict) -> None:
-        write_outputs(member_dirs[m], group, group.members[m], r, facts)
+        metrics = write_outputs(member_dirs[m], group, group.members[m], r, facts)
+        if observer is not None:  # a video's rows are known once its frames are
+            observer.rows(m, r.history, 0)
+            observer.finish(m, track.hparams_of(points[m].member, facts.get("swept")), metrics, r.image)
 
     return video.run_group(points, inputs, member_dirs, group_dir, resume, extra, start, log, write)
 
@@ -199,9 +213,11 @@ def _one_or_all(values: list):
     return values[0] if len(values) == 1 else values
 
 
-def write_outputs(run_dir: Path, group: Group, member: Member, r: MemberResult, extra: dict) -> None:
-    """result.png, history.csv, metrics.json and loss_curve.png of one member."""
+def write_outputs(run_dir: Path, group: Group, member: Member, r: MemberResult, extra: dict) -> dict:
+    """result.png, history.csv, metrics.json and loss_curve.png of one member; returns metrics.json's facts."""
+    facts = {**metrics(group, member, r), **extra}
     images.save_image(run_dir / "result.png", r.image)
     outputs.write_history(run_dir / "history.csv", r.history)
-    outputs.write_json(run_dir / "metrics.json", {**metrics(group, member, r), **extra})
+    outputs.write_json(run_dir / "metrics.json", facts)
     outputs.plot_history(run_dir / "loss_curve.png", r.history, title=group.structure.model.weights)
+    return facts

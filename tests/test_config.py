@@ -183,7 +183,7 @@ def _readme_value(text: str):
     if text in ("true", "false"):
         return text == "true"
     if text.startswith("["):
-        return [_readme_value(v.strip()) for v in text.strip("[]").split(",")]
+        return [_readme_value(v.strip()) for v in text.strip("[]").split(",")] if text != "[]" else []
     try:
         return float(text.replace("10⁴", "1e4"))
     except ValueError:

@@ -110,7 +110,7 @@ def test_three_levels_interrupted_at_the_middle_level_resume_to_the_uninterrupte
     proc = run_cli([*args, f"hydra.run.dir={reference}"], nstjax_cache)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = (reference / "history.csv").read_text().splitlines()
-    assert rows[0] == "step,total,content,style,tv,level"
+    assert rows[0] == "step,total,content,style,tv,level,temporal,frame,pass"
     assert [r.split(",")[-1] for r in rows[1:]] == ["0"] * 5 + ["1"] * 5 + ["2"] * 5
     assert sorted(p.name for p in (reference / "levels").iterdir()) == [f"level_{k}.png" for k in range(3)]
     metrics = json.loads((reference / "metrics.json").read_text())

@@ -43,7 +43,8 @@ def test_run_finishes_lowers_the_loss_and_writes_its_outputs(finished_runs, opti
     run_dir = finished_runs[optim]
     with open(run_dir / "history.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["step", "total", "content", "style", "tv", "level"]
+    assert list(rows[0]) == ["step", "total", "content", "style", "tv", "level", "temporal", "frame", "pass"]
+    assert {r["temporal"] for r in rows} == {"0.0"} and {r["frame"] for r in rows} == {"0"} == {r["pass"] for r in rows}
     assert [int(r["step"]) for r in rows] == [0, 1, 2, 3, 4]
     assert float(rows[-1]["total"]) < float(rows[0]["total"])
     for r in rows:

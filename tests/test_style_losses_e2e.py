@@ -58,7 +58,7 @@ def test_every_style_loss_runs_through_the_cli_and_a_sampled_one_resumes_bitwise
         assert metrics["status"] == "finished" and metrics["steps"] == STEPS, r
         assert OmegaConf.load(d / "config.yaml").loss.style_loss == r["loss.style_loss"]
         history = np.loadtxt(d / "history.csv", delimiter=",", skiprows=1)
-        assert history.shape == (STEPS + 1, 6) and np.isfinite(history).all(), r
+        assert history.shape == (STEPS + 1, 9) and np.isfinite(history).all(), r
         assert 0 < history[-1, 3] < history[0, 3], r  # a style term, and the optimiser lowered it
         result = np.asarray(Image.open(d / "result.png"), np.float32) / 255
         assert result.shape == content.shape and np.abs(result - content).max() > 0.01, r  # > PNG rounding

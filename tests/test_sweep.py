@@ -18,6 +18,7 @@ from cli import EXAMPLES, ROOT, env, quick_conv, run_cli, start_cli, tree_digest
 from nstjax import config, sweeps, transfer
 from nstjax.optimize import HistoryRow
 from nstjax.outputs import read_history
+from nstjax.sheet import grid_sheet
 from nstjax.spec import parse
 from nstjax.vgg import CAFFE, VGG
 from nstjax.yardstick import CONTENT_LAYER, STYLE_LAYERS, yardstick, yardstick_targets
@@ -90,16 +91,15 @@ def test_sweep_csv_sheet_and_tradeoff(swept):
         assert float(r["yardstick_content"]) == pytest.approx(metrics["yardstick"]["final"]["content"])
         assert float(r["yardstick_style"]) == pytest.approx(metrics["yardstick"]["final"]["style_mean"])
         assert (r["status"], int(r["steps"]), int(r["loss_evaluations"]), r["group"]) == ("finished", 4, 5, "0")
-    # The sheet: a column per β, a row per learning rate, each tile the point's result.
-    sheet = np.asarray(Image.open(sweep_dir / "sheet.png").convert("RGB")).astype(int)
+    # The sheet: a column per β, a row per learning rate, each tile the point's result (upscaled).
+    tiles = [Image.open(sweep_dir / r["n"] / "result.png").convert("RGB") for r in rows]
+    made = grid_sheet(tiles, rows, ["loss.beta", "optim.lr"])
+    assert np.array_equal(np.asarray(Image.open(sweep_dir / "sheet.png").convert("RGB")), np.asarray(made.image))
     where = {}
-    for r in rows:
-        tile = np.asarray(Image.open(sweep_dir / r["n"] / "result.png").convert("RGB")).astype(int)
-        h, w = tile.shape[:2]
-        hits = [(y, x) for y in range(sheet.shape[0] - h + 1) for x in range(sheet.shape[1] - w + 1)
-                if sheet[y, x, 0] == tile[0, 0, 0] and np.array_equal(sheet[y:y + h, x:x + w], tile)]
-        assert len(hits) == 1, r["n"]
-        where[int(r["n"])] = hits[0]
+    for r, tile, box in zip(rows, tiles, made.tiles):
+        shown = made.image.crop(box).resize(tile.size, Image.LANCZOS)
+        assert np.abs(np.asarray(shown, int) - np.asarray(tile, int)).mean() < 6, r["n"]
+        where[int(r["n"])] = (box[1], box[0])
     assert where[0][0] == where[2][0] and where[1][0] == where[3][0]  # same lr, same row
     assert where[0][1] == where[1][1] and where[2][1] == where[3][1]  # same β, same column
     assert where[0][1] < where[2][1] and where[0][0] < where[1][0]
