@@ -18,8 +18,8 @@ A run's directory gets ``frames/NNNNNN.png`` (numbered by source frame), ``video
 ``frames.csv``, ``history.csv`` (with ``temporal``, ``frame``, ``pass``), ``metrics.json`` (with
 ``frames``, ``fps``, ``schedule``, ``temporal_error``) and ``result.png`` (the last frame). The group
 directory keeps ``flow/`` (flows and weights, reused on resume) and ``video/`` (each finished
-frame's or pass's pixels and the records so far, and the checkpoint of the one running): a run
-stopped at any frame or pass resumes from there bitwise.
+frame's pixels, or the last two passes', the records so far, and the checkpoint of the one
+running): a run stopped at any frame or pass resumes from there bitwise.
 """
 
 from __future__ import annotations
@@ -160,7 +160,7 @@ class VideoRun:
         self.styles = [inp.styles for inp in inputs]
         self.chains = [Chain() for _ in points]
         self.done: list[tuple[int, int]] = []  # (pass, frame) finished, in order
-        self.partial: dict[int, tuple[int, int, MemberResult]] = {}  # member: (frame, pass, result) interrupted
+        self.partial: dict[int, dict[int, tuple[int, MemberResult]]] = {}  # interrupted: member → frame → (pass, result)
         self.base: Group | None = None
         self.base = self.frame_group(0, range(len(self.points)))  # frame 0 of every point: the weights, metrics
         self.driver: Driver | None = None
@@ -237,6 +237,8 @@ class VideoRun:
              "compile_seconds": c.compile_seconds, "yardstick": c.yardstick} for c in self.chains]}
         outputs.write_json(self.state_dir / PROGRESS, data)
         shutil.rmtree(self.state_dir / key, ignore_errors=True)  # its checkpoint, now superseded
+        if self.v.schedule == "parallel" and len(self.done) > 2:  # a pass needs only the last; two are kept
+            (self.state_dir / f"{pass_key(self.done[-3][0])}.npz").unlink(missing_ok=True)
 
     def load(self) -> bool:
         """The records and pixels of an earlier, interrupted run of this group; False if none."""
@@ -385,8 +387,7 @@ class VideoRun:
             return False
         for j, r in results.items():
             m, f = members[j]
-            if f == max(f2 for m2, f2 in members if m2 == m):
-                self.partial[m] = (f, pass_, r)
+            self.partial.setdefault(m, {})[f] = (pass_, r)
         return True
 
     def pass_group(self, members: Sequence[tuple[int, int]]) -> Group:
@@ -412,8 +413,7 @@ class VideoRun:
         for m, chain in enumerate(self.chains):
             shown = {f: self.output(m, f, x) for f, x in sorted(chain.pixels.items())}
             history, rows = list(chain.history), list(chain.rows)
-            if m in self.partial:  # the frame (or the last frame of the pass) a signal stopped
-                f, p, r = self.partial[m]
+            for f, (p, r) in sorted(self.partial.get(m, {}).items()):  # the frame or pass a signal stopped
                 shown[f] = r.image
                 history += [row._replace(frame=self.clip.indices[f], pass_=p) for row in r.history]
             if not shown:

@@ -261,32 +261,40 @@ def test_a_parallel_member_equals_its_frame_run_alone_with_the_same_targets(synt
         assert np.abs(alone.pixels - passes[1][f"0_{f}"]).mean() < 1e-4
 
 
-def test_interrupted_at_frame_2_of_4_resumes_bitwise(synthetic_weights_file, clip_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("schedule, where, shown", [("sequential", "frame_000002", 3), ("parallel", "pass_002", 4)])
+def test_interrupted_at_a_frame_or_pass_resumes_bitwise(schedule, where, shown, synthetic_weights_file, clip_dir,
+                                                        tmp_path, monkeypatch):
+    """SIGINT at step 2 of frame 2 of 4 (sequential) or of pass 2 of 3 (parallel), then resume=True: the
+    files equal the uninterrupted run's byte for byte."""
     cfg = config.compose(overrides(synthetic_weights_file, clip_dir, "video.temporal_weight=1e9", "optim.steps=4",
-                                   "chunk_steps=2"))
+                                   "chunk_steps=2", f"video.schedule={schedule}", "video.passes=3",
+                                   "video.temporal_from_pass=2"))
     transfer.run_group([cfg], [tmp_path / "whole"], tmp_path / "whole")
     snapshots = Driver._snapshots
 
-    def stop_in_frame_2(self, group, index, level, state, step, new):
-        if self.group_dir is not None and self.group_dir.name == "frame_000002" and step == 2:
+    def stop_there(self, group, index, level, state, step, new):
+        if self.group_dir is not None and self.group_dir.name == where and step == 2:
             SIGNALS.received = signal.SIGINT
         return snapshots(self, group, index, level, state, step, new)
 
-    monkeypatch.setattr(Driver, "_snapshots", stop_in_frame_2)
+    monkeypatch.setattr(Driver, "_snapshots", stop_there)
     try:
         result = transfer.run_group([cfg], [tmp_path / "cut"], tmp_path / "cut")[0]
     finally:
         SIGNALS.received = None
     assert result.status.value == "interrupted"
     metrics = json.loads((tmp_path / "cut" / "metrics.json").read_text())
-    assert metrics["status"] == "interrupted" and metrics["frames"] == 3  # frames 0, 1 and frame 2 so far
+    assert metrics["status"] == "interrupted" and metrics["frames"] == shown  # what is done, and the frame(s) so far
     monkeypatch.setattr(Driver, "_snapshots", snapshots)
     transfer.run_group([cfg], [tmp_path / "cut"], tmp_path / "cut", resume=True)
     for name in ("history.csv", "frames.csv", "result.png", "frames/000003.png"):
         assert (tmp_path / "cut" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
-    for k in range(4):
-        a = np.load(tmp_path / "cut" / "video" / f"frame_{k:06d}.npz")["0_%d" % k]
-        np.testing.assert_array_equal(a, np.load(tmp_path / "whole" / "video" / f"frame_{k:06d}.npz")["0_%d" % k])
+    keys = [f"frame_{k:06d}" for k in range(4)] if schedule == "sequential" else ["pass_002", "pass_003"]
+    assert not (tmp_path / "cut" / "video" / "pass_001.npz").exists()  # the last two passes are kept
+    for key in keys:
+        with np.load(tmp_path / "cut" / "video" / f"{key}.npz") as a, np.load(tmp_path / "whole" / "video" /
+                                                                          f"{key}.npz") as b:
+            assert a.files == b.files and all(np.array_equal(a[k], b[k]) for k in a.files)
 
 
 def test_ruder2016_temporal_term_at_step_0_equals_a_float64_port_of_artistic_videos(synthetic_weights_file,
