@@ -281,7 +281,6 @@ class VideoRun:
                        "status": r.status.value})
         c.steps += r.steps
         c.evaluations += r.evaluations
-        c.run_seconds += r.run_seconds
         c.compile_seconds = max(c.compile_seconds, r.compile_seconds)  # one program serves every frame
         c.yardstick = r.yardstick
         if r.status is not RunStatus.FINISHED:
@@ -336,6 +335,7 @@ class VideoRun:
             for j, m in enumerate(members):
                 self.chains[m].pixels[f] = new[(m, f)] = results[j].pixels
                 self.record(m, f, 1, results[j], self.error(m, f))
+                self.chains[m].run_seconds += results[j].run_seconds
             self.done.append((1, f))
             self.save(key, new)
 
@@ -377,6 +377,8 @@ class VideoRun:
                 self.chains[m].pixels[f] = new[(m, f)] = results[j].pixels
             for j, (m, f) in enumerate(members):
                 self.record(m, f, p, results[j], self.error(m, f))
+            for m in {m for m, _ in members}:  # the frames of a pass ran as one program: its time once
+                self.chains[m].run_seconds += max(r.run_seconds for j, r in results.items() if members[j][0] == m)
             self.done.append((p, -1))
             self.save(key, new)
 

@@ -86,8 +86,8 @@ def main() -> None:
     (a.out / "table.md").write_text("\n".join(lines) + "\n")
     seq = {float(r["video.temporal_weight"]): run for r, run in found["sequential"]}
     par = {float(r["video.temporal_weight"]): run for r, run in found["parallel"]}
-    strip(a.out / "strip.png", [("per frame", found["baseline"][0][1]), ("sequential γ=0", seq[0.0]),
-                                ("sequential γ=1e12", seq[1e12]), ("parallel γ=1e12", par[1e12])])
+    strip(a.out / "strip.png", [("per frame", found["baseline"][0][1]), ("sequential gamma=0", seq[0.0]),
+                                ("sequential gamma=1e12", seq[1e12]), ("parallel gamma=1e12", par[1e12])])
     print((a.out / "table.md").read_text())
 
 
