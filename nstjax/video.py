@@ -172,10 +172,7 @@ class VideoRun:
         structure = self.s if steps is None else dataclasses.replace(self.s, steps=steps)
         inputs = [Inputs(np.asarray(self.clip.frames[frame]), self.styles[m]) for m in members]
         weights = self.base.weights if self.base is not None else None  # read once, for frame 0
-        group = build_group([self.points[m] for m in members], inputs, weights, structure)
-        if self.base is None:
-            self.base = group
-        return group
+        return build_group([self.points[m] for m in members], inputs, weights, structure)
 
     def fill(self) -> np.ndarray:
         """What a warped frame holds where the flow leaves it: the network's mean pixel."""
@@ -220,8 +217,7 @@ class VideoRun:
                                  if folder else 0, max_members=run.max_members, memory_check=run.memory_check,
                                  progress=run.progress, log=self.log)
         self.driver.use(group, folder)
-        results = self.driver.run(lambda *_: None, resume, start)
-        return results
+        return self.driver.run(lambda *_: None, resume, start)
 
     # --- state -------------------------------------------------------------------------
     def save(self, key: str, pixels: dict[tuple[int, int], np.ndarray]) -> None:
@@ -316,7 +312,7 @@ class VideoRun:
             group = self.frame_group(f, members, steps)
             pixels, temporal = [], []
             for m in members:
-                results = {k: x for k, x in self.chains[m].pixels.items()}
+                results = self.chains[m].pixels
                 previous = results.get(f - 1)
                 if f > 0 and v.init == "prev_warped":
                     pixels.append(self.warped(previous, f, f - 1))
