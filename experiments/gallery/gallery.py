@@ -138,19 +138,21 @@ def main() -> None:
                   "```", ""]
     if "style_losses" in chosen:
         size = a.style_losses_size or a.size
-        out = a.out / ("style_losses" if size == a.size else f"style_losses_{size}")
+        out = a.out / f"style_losses_{size}_zoom"
+        # the zoom line search for every loss: remd samples positions at each evaluation and mrf matches
+        # patches by argmax, and L-BFGS's steps without line search raise both losses on these features
         cmd = [sys.executable, str(HERE.parent / "style_losses" / "sweep.py"), "--out", str(out),
-               f"image.size={size}", *weights]
+               f"image.size={size}", "optim.linesearch=zoom", *weights]
         if not (out / "runs" / "sweep.csv").exists() and subprocess.run(cmd).returncode != 0:
             sys.exit("error: the style-losses study failed")
         with open(out / "runs" / "sweep.csv", newline="") as f:
             rows = list(csv.DictReader(f))
         tiles = [(r["+study_loss"], out / "runs" / r["n"] / "result.png") for r in rows]
-        title = (f"The style losses at {size} px (preview, β per loss so that every style term starts at the "
-                 "Gram loss's)")
+        title = (f"The style losses at {size} px (preview with the zoom line search, β per loss so that every "
+                 "style term starts at the Gram loss's)")
         sheet(HERE / "sheets" / "style_losses.jpg", title, tiles)
         lines += [f"## {title}", "", "![style_losses](sheets/style_losses.jpg)", "", "```bash",
-                  f"python experiments/style_losses/sweep.py image.size={size} model.weights=WEIGHTS "
+                  f"python experiments/style_losses/sweep.py image.size={size} optim.linesearch=zoom model.weights=WEIGHTS "
                   "model.arch=vgg16", "```", ""]
     (HERE / "sheets.md").write_text("\n".join(lines))
     print(HERE / "sheets.md")
