@@ -90,14 +90,8 @@ def filter_x(img, taps):
 
 
 def filter_y(img, taps):
-    """NFilter::filter(..., 1, aFilter[, 1]): correlation along y (axis 0)."""
-    h, w = img.shape[:2]
-    out = np.zeros_like(img)
-    for y in range(h):
-        for x in range(w):
-            for i, t in taps.items():
-                out[y, x] += t * img[mirror(y + i, h), x]
-    return out
+    """NFilter::filter(..., 1, aFilter[, 1]): correlation along y (axis 0), the same rule."""
+    return filter_x(img.swapaxes(0, 1), taps).swapaxes(0, 1)
 
 
 def reference_consistency(flow1, flow2, pgm=False):
