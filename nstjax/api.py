@@ -1,4 +1,4 @@
-"""Style transfer in one call, for notebooks and scripts: images as paths, PIL images or arrays.
+"""Style transfer in one call, for notebooks and scripts: images as paths, PIL images or arrays::
 
     import nstjax
     result = nstjax.stylize("photo.jpg", "painting.jpg", image={"size": 256})
@@ -31,15 +31,24 @@ from nstjax.optimize import HistoryRow
 from nstjax.spec import parse
 
 ImageLike = Any
-"""A path (str or os.PathLike), a PIL image, or an array (H, W), (H, W, 3) or (H, W, 4): uint8, or
-floats in [0, 1]."""
+"""A path (str or os.PathLike), a PIL image, or an array (H, W), (H, W, 3) or (H, W, 4) of uint8,
+or of floats in [0, 1]."""
 
 
 @dataclasses.dataclass
 class Result:
-    """One optimised image: ``image`` (H, W, 3) float32 in [0, 1], ``history`` (one
-    :class:`~nstjax.optimize.HistoryRow` per step), ``metrics`` (status, steps, evaluations, the final
-    terms, the yardsticks, seconds) and the ``overrides`` it was run with."""
+    """One optimised image, as :func:`stylize` returns it (and each point of a :class:`SweepResult`).
+
+    Attributes:
+        image: the result, (H, W, 3) float32 in [0, 1].
+        history: one :class:`~nstjax.optimize.HistoryRow` per step, row 0 the initial image: the
+            weighted terms as history.csv holds them.
+        metrics: what metrics.json holds of a run: ``status``, ``reason``, ``steps``,
+            ``loss_evaluations``, the final ``total``, ``content``, ``style``, ``tv``, ``temporal``,
+            ``yardstick`` (``initial`` and ``final``: ``content``, ``style``, ``style_mean``),
+            ``run_seconds``, ``compile_seconds``.
+        overrides: the config overrides it was run with (the preset's first).
+    """
 
     image: np.ndarray
     history: list[HistoryRow]
@@ -48,6 +57,7 @@ class Result:
 
     @property
     def pil(self) -> Image.Image:
+        """The image as an 8-bit RGB PIL image."""
         return Image.fromarray(images.to_uint8(self.image))
 
     def _repr_png_(self) -> bytes:  # Jupyter shows the image
@@ -60,15 +70,22 @@ class Result:
 
 @dataclasses.dataclass
 class SweepResult:
-    """The results of a grid, in the order of ``points`` (each point's swept values), and their
-    contact ``sheet``."""
+    """The results of a grid, as :func:`sweep` returns them.
+
+    Attributes:
+        results: one :class:`Result` per point, in the order of ``points``.
+        points: each point's swept values, ``{key: value}``, in the grid's product order (the last
+            key varying fastest).
+        sheet: the results side by side, labelled with their values (:func:`contact_sheet`).
+    """
 
     results: list[Result]
     points: list[dict]
     sheet: Image.Image
 
     def table(self) -> list[dict]:
-        """One row per point: its values, status, final total and yardsticks (``pandas.DataFrame(...)``-ready)."""
+        """One row per point (``pandas.DataFrame(...)``-ready): its swept values, ``status``, the final
+    ``total``, ``yardstick_content`` and ``yardstick_style`` (the final style mean)."""
         return [{**p, "status": r.metrics["status"], "total": r.metrics["total"],
                  "yardstick_content": r.metrics["yardstick"]["final"]["content"],
                  "yardstick_style": r.metrics["yardstick"]["final"]["style_mean"]}
@@ -108,7 +125,16 @@ def _compose(overrides: Sequence[str]):
 
 
 def as_rgb(img: ImageLike, what: str, max_pixels: int | None = images.DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """An image given as a path, PIL image or array as float32 RGB (H, W, 3) in [0, 1] (alpha over white)."""
+    """An image given as a path, PIL image or array as float32 RGB (H, W, 3) in [0, 1].
+
+    Args:
+        img: the image (:data:`ImageLike`); grey is repeated to RGB, alpha composited over white.
+        what: what the image is (``"content"``, ``"style"``), for the messages.
+        max_pixels: a file with more pixels is refused (None: no limit).
+
+    Raises:
+        UserError: a file that cannot be read, an array of another shape, dtype or range.
+    """
     if isinstance(img, (str, os.PathLike)):
         return images.load_image(Path(img), max_pixels)
     if isinstance(img, Image.Image):
@@ -169,15 +195,45 @@ def _run(content, style, runs: list[list[str]]) -> list[Result]:
 
 def stylize(content: ImageLike, style: ImageLike | Sequence[ImageLike], *overrides: str,
             preset: str | None = "preview", **options) -> Result:
-    """Optimise one image: ``content`` in the style of ``style`` (one image or a list, blended), with
-    the preset and options given (see the module). Returns a :class:`Result`."""
+    """Optimise one image: ``content`` in the style of ``style``, with the preset and options given.
+
+    Args:
+        content: the content image: a path, a PIL image or an array (:data:`ImageLike`).
+        style: the style image, or a list of them (blended, ``style_blend_weights``).
+        *overrides: config overrides as the command line takes them, e.g. ``"optim.steps=200"``.
+        preset: a preset of configs/experiment (``+experiment=NAME``); None: the bare defaults.
+        **options: config keys as keywords, ``seed=1``, or a dict per group, ``loss={"beta": 1e5}``;
+            they come after ``overrides``.
+
+    Returns:
+        The optimised image, its history and its metrics.
+
+    Raises:
+        UserError: a bad key, value or image, with the CLI's one-line message; also a video
+            config (``video.input``), which takes its frames from files: use the CLI.
+    """
     return _run(content, style, [_overrides(preset, overrides, options)])[0]
 
 
 def sweep(content: ImageLike, style: ImageLike | Sequence[ImageLike], grid: Mapping[str, Sequence], *overrides: str,
           preset: str | None = "preview", **options) -> SweepResult:
-    """Optimise every point of ``grid`` (config key → values; their product), the points of one
-    structure as one batched program. Returns a :class:`SweepResult` with their contact sheet."""
+    """Optimise every point of ``grid``, the points of one structure as one batched program.
+
+    Args:
+        content: the content image, as for :func:`stylize`.
+        style: the style image or images, as for :func:`stylize`.
+        grid: config key → its values, e.g. ``{"loss.beta": [1e3, 1e4], "seed": [0, 1]}``; the points
+            are the product of the values.
+        *overrides: config overrides every point shares, as for :func:`stylize`.
+        preset: as for :func:`stylize`.
+        **options: config keys every point shares, as for :func:`stylize`.
+
+    Returns:
+        Each point's result, its values and the contact sheet of them all.
+
+    Raises:
+        UserError: an empty grid, or a bad key, value or image in any point (before anything runs).
+    """
     if not grid or any(len(v) == 0 for v in grid.values()):
         raise UserError("grid needs at least one key with at least one value, e.g. grid={'loss.beta': [1e3, 1e4]}")
     keys = list(grid)
@@ -188,7 +244,8 @@ def sweep(content: ImageLike, style: ImageLike | Sequence[ImageLike], grid: Mapp
 
 
 def contact_sheet(results: Sequence[Result], points: Sequence[dict], keys: Sequence[str]) -> Image.Image:
-    """The results in a labelled grid (:func:`nstjax.sheet.grid_sheet`)."""
+    """The results in a labelled grid (:func:`nstjax.sheet.grid_sheet`): a column per value of the
+    first of ``keys`` (headed by its value), a row per combination of the others (headed by theirs)."""
     from nstjax.sheet import grid_sheet
 
     labels = [{k: _value(p[k]) for k in keys} for p in points]

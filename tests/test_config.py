@@ -1,11 +1,12 @@
 """Hydra composition: presets, typed keys, errors that name the key."""
 
 from importlib import resources
+from pathlib import Path
 
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_module
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ValidationError
 
 from nstjax import config
@@ -156,84 +157,48 @@ def test_unknown_arch_lists_the_choices():
     assert all(a in message for a in ("vgg11", "vgg13", "vgg16", "vgg19"))
 
 
-def _readme_config_table() -> dict[str, str]:
-    """README's config reference: each key with the default written beside it."""
-    from pathlib import Path
+def _config_reference():
+    """docs/_ext/config_reference.py, the generator of the docs' config reference (no Sphinx needed)."""
+    import importlib.util
 
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = text[text.index("## Config reference"):text.index("## Style losses")]
-    rows = {}
-    for line in section.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) != 3 or not cells[0].startswith("`"):
+    path = Path(__file__).resolve().parents[1] / "docs" / "_ext" / "config_reference.py"
+    spec = importlib.util.spec_from_file_location("config_reference", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_config_reference_documents_every_key_and_no_other():
+    """The docs' config reference is generated from the schema; config_meanings.yaml explains
+    every key of it and nothing else (a key added, removed or renamed fails here and the build)."""
+    ref = _config_reference()
+    keys, meanings = ref.check()
+    names = [k.name for k in keys]
+    assert len(names) == len(set(names)) and {"loss.beta", "optim.memory_size", "optim.b1",
+                                               "regions[i].weight", "model.preprocessing.scale"} <= set(names)
+    table = ref.table()
+    assert all(f"| `{n}` |" in table for n in names)
+    missing, stale = dict(meanings), {**meanings, "loss.bta": "a key that is not there"}
+    del missing["loss.beta"]
+    assert ref.problems(keys, missing) == ["loss.beta: a key of nstjax/config.py without a meaning in "
+                                           "config_meanings.yaml"]
+    assert ref.problems(keys, stale) == ["loss.bta: a meaning in config_meanings.yaml for a key "
+                                         "nstjax/config.py does not have"]
+    page = (Path(__file__).resolve().parents[1] / "docs" / "config.md").read_text()
+    assert "```{config-reference}\n```" in page  # the whole reference is on the page
+
+
+def test_config_reference_defaults_are_what_a_run_composes():
+    """Each default the reference shows is the composed config's (the schema's, the default group
+    files', configs/config.yaml's), with each optimiser; the choices shown are the Enum's."""
+    ref = _config_reference()
+    cfgs = {opt: composed(f"optim={opt}") for opt in config.OPTIM_SCHEMAS}
+    for key in ref.schema_keys():
+        if "[i]" in key.name:  # a list item's key: no item in the default config
             continue
-        keys = [k.strip("` ") for k in cells[0].split(",")]
-        defaults = [cells[1]] if len(keys) == 1 else [d.strip() for d in cells[1].split(", ")]
-        defaults = defaults * len(keys) if len(defaults) == 1 else defaults  # one default for all of them
-        assert len(defaults) == len(keys), line
-        rows.update(zip(keys, defaults))
-    return rows
-
-
-def _readme_value(text: str):
-    """A default as the README writes it: `x`, 10⁴, null (meaning), true, [a, …, b]."""
-    text = text.replace("`", "").split(" (")[0].strip()
-    if text in ("null", "unset", "bundled examples"):
-        return None
-    if text in ("true", "false"):
-        return text == "true"
-    if text.startswith("["):
-        return [_readme_value(v.strip()) for v in text.strip("[]").split(",")] if text != "[]" else []
-    try:
-        return float(text.replace("10⁴", "1e4"))
-    except ValueError:
-        return text
-
-
-def _same(readme, schema) -> bool:
-    schema = getattr(schema, "value", schema)
-    if isinstance(readme, list):  # [first, …, last] or the whole list
-        schema = list(schema)
-        return readme == schema or (readme[1] == "…" and [readme[0], readme[-1]] == [schema[0], schema[-1]])
-    if isinstance(readme, float) and not isinstance(schema, bool) and isinstance(schema, (int, float)):
-        return readme == schema
-    return readme == schema
-
-
-def test_readme_config_table_is_the_schema():
-    """Every key of the README's config reference exists with the default it shows (``A / B``:
-    L-BFGS's / Adam's), and every key of the schema is in the table."""
-    import dataclasses
-
-    rows = _readme_config_table()
-    schemas = {"lbfgs": config.Config(optim=config.LBFGSConfig()), "adam": config.Config(optim=config.AdamConfig())}
-
-    def default(schema, key):
-        node = schema
-        for part in ("optim.name" if key == "optim" else key).split("."):
-            node = getattr(node, part)
-        return node
-
-    for key, written in rows.items():
-        parts = written.split(" / ")
-        if len(parts) == 1:  # the default config's (optim=lbfgs), or Adam's for its own keys
-            has = hasattr(schemas["lbfgs"].optim, key.split(".")[-1]) or not key.startswith("optim.")
-            pairs = [("lbfgs" if has else "adam", written)]
-        else:
-            pairs = list(zip(("lbfgs", "adam"), parts))
-        for name, part in pairs:
-            if key == "model.preprocessing":
-                assert _readme_value(part) is None and not any(dataclasses.asdict(default(schemas[name], key)).values())
-                continue
-            assert _same(_readme_value(part), default(schemas[name], key)), (key, written)
-
-    def leaves(node, prefix=""):
-        for f in dataclasses.fields(node):
-            value = getattr(node, f.name)
-            if dataclasses.is_dataclass(value) and f.name != "preprocessing":
-                yield from leaves(value, f"{prefix}{f.name}.")
-            else:
-                yield f"{prefix}{f.name}"
-
-    keys = {"optim" if k == "optim.name" else k for name in schemas for k in leaves(schemas[name])}
-    assert keys - set(rows) == set()
+        for opt, default in key.defaults.items():
+            value = OmegaConf.select(cfgs[opt], key.name)
+            if isinstance(value, (DictConfig, ListConfig)):
+                value = OmegaConf.to_container(value)
+            assert ref.value_words(value) == ref.value_words(default), key
+    assert "one of `gram`, `mean_std`, `mmd`" in next(k.type for k in ref.schema_keys() if k.name == "loss.style_loss")
