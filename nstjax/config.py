@@ -234,7 +234,7 @@ class Config:
     memory_check: bool = RunSpec.memory_check  # refuse a run whose compiled programs need more memory than is free
     max_members: Optional[int] = RunSpec.max_members  # sweep members per compiled program (null: as many as fit)
     member_batching: MemberBatching = MemberBatching[RunSpec.member_batching]  # vmap | map: how a group's members share a program
-    tracking: List[Tracking] = field(default_factory=list)  # experiment trackers: [tensorboard] (nstjax.track)
+    tracking: List[Tracking] = field(default_factory=list)  # experiment trackers: [tensorboard], [mlflow], both (nstjax.track)
     sweep_group: Optional[int] = None  # set by the nstjax sweeper: the group a sweep job runs
     image: ImageConfig = field(default_factory=ImageConfig)
     pyramid: PyramidConfig = field(default_factory=PyramidConfig)

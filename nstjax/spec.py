@@ -117,7 +117,7 @@ class RunSpec:
     memory_check: bool = True
     max_members: Optional[int] = None
     member_batching: str = "vmap"
-    tracking: tuple[str, ...] = ()  # experiment trackers (nstjax.track): tensorboard
+    tracking: tuple[str, ...] = ()  # experiment trackers (nstjax.track): tensorboard, mlflow
 
 
 SCHEDULES = ("sequential", "parallel")
