@@ -25,6 +25,7 @@ def by_files(synthetic_weights_file):
     return transfer.optimize([cfg], log=lambda *_: None)[0]
 
 
+@pytest.mark.slow
 def test_paths_pil_images_and_arrays_give_the_result_of_the_files(synthetic_weights_file, by_files):
     pil = Image.open(CONTENT)
     array = np.asarray(Image.open(STYLE).convert("RGB"))  # uint8
@@ -39,6 +40,7 @@ def test_paths_pil_images_and_arrays_give_the_result_of_the_files(synthetic_weig
         assert r.overrides[-1] == "loss.beta=1000"
 
 
+@pytest.mark.slow
 def test_a_grid_is_its_points_run_alone_and_a_labelled_sheet(synthetic_weights_file):
     grid = nstjax.sweep(CONTENT, STYLE, {"loss.beta": [100.0, 1e4], "seed": [0]}, *small(synthetic_weights_file),
                         preset=None)

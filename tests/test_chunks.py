@@ -69,6 +69,7 @@ def test_chunk_sizes_do_not_change_the_result(name, problem):
 
 
 @pytest.mark.parametrize("optim", ["optim=adam", "optim.linesearch=none", "optim.linesearch=zoom"])
+@pytest.mark.slow
 def test_snapshots_of_every_step_leave_the_run_as_it_is(optim, tmp_path, synthetic_weights_file):
     """save_every=1 (a chunk per step) against save_every=0 (chunks of chunk_steps), with a
     checkpoint that does not fall on a chunk boundary: the same history, result and checkpoint."""
@@ -93,6 +94,7 @@ def test_snapshots_of_every_step_leave_the_run_as_it_is(optim, tmp_path, synthet
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
+@pytest.mark.slow
 def test_a_run_that_does_not_improve_says_so(tmp_path, synthetic_weights_file):
     """A run whose loss rises (a step far too long) or whose image does not change (no steps)
     warns in one line and records improved: false; a run that works records improved: true."""
@@ -116,6 +118,7 @@ def test_a_run_that_does_not_improve_says_so(tmp_path, synthetic_weights_file):
     assert len(warned) == 1 and "the loss did not fall" in warned[0]
 
 
+@pytest.mark.slow
 def test_ema_of_the_iterates_is_the_bias_corrected_recurrence(problem):
     """optim.ema_decay: a = v / (1 − dᵗ), v ← d·v + (1 − d)·x over x₀ and each step, against a numpy
     recurrence on the iterates; d = 0 is exactly the iterate; the loss history is the iterates'."""

@@ -386,6 +386,7 @@ def test_normalized_gradients_follow_neural_style(synthetic_params):
 # ---------------------------------------------------------------- the normalised VGG
 
 
+@pytest.mark.slow
 def test_normalized_vgg_has_mean_activation_one_and_caches_its_means(synthetic_params, tmp_path, monkeypatch):
     import jax.numpy as jnp
     from PIL import Image

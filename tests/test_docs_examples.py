@@ -97,6 +97,7 @@ def reader(monkeypatch, tmp_path, synthetic_weights_file):
 
 
 @pytest.mark.parametrize("page", PYTHON_PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.slow
 def test_python_blocks_run(page, reader):
     namespace = {"__name__": "__main__"}
     for line, code in blocks(page, ("python",)):
@@ -108,6 +109,7 @@ def test_python_blocks_run(page, reader):
 
 
 @pytest.mark.parametrize("where, arguments", COMMANDS, ids=[w for w, _ in COMMANDS])
+@pytest.mark.slow
 def test_commands_compose(where, arguments):
     """Each run of the command composes (the schema, the presets, Hydra's own keys) and parses
     (every value checked, as before a run)."""

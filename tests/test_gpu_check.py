@@ -153,6 +153,7 @@ def test_dry_run_reports_every_part_with_numbers_and_rewrites_the_json_after_eac
 
 
 @pytest.mark.torch
+@pytest.mark.slow
 def test_a_tiny_budget_cuts_a_part_short_and_skips_the_rest(tmp_path):
     proc = _check("--out", tmp_path, "--budget", "1")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -167,6 +168,7 @@ def test_a_tiny_budget_cuts_a_part_short_and_skips_the_rest(tmp_path):
 
 
 @pytest.mark.torch
+@pytest.mark.slow
 def test_stop_after_the_gate_leaves_a_valid_json_of_the_parts_run(tmp_path):
     proc = _check("--out", tmp_path, "--stop-after", "agreement")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

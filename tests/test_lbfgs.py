@@ -410,6 +410,7 @@ def _compare_with_torch(losses, pixels, value_and_grad, clamp):
 
 
 @pytest.mark.torch
+@pytest.mark.slow
 def test_neural_style_preset_follows_torch_lbfgs(synthetic_weights_file, one_thread):
     """The neural_style preset's objective and L-BFGS (lr 1, 100 pairs, no clamping) against
     torch.optim.LBFGS on tests/neural_style_reference.py's float64 feval (neural_style.lua's). The
@@ -482,6 +483,7 @@ def _tutorial_objective(content, style, dtype):
 
 
 @pytest.mark.torch
+@pytest.mark.slow
 def test_pytorch_tutorial_preset_follows_torch_lbfgs(synthetic_weights_file, one_thread):
     """The pytorch_tutorial preset's objective and L-BFGS (lr 1, 100 pairs; the image clipped to
     [0, 1] after each step) against torch.optim.LBFGS on the tutorial's loss in float64 whose closure

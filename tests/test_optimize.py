@@ -148,6 +148,7 @@ MAPPED = {name: Loop(OBJECTIVE, LOOPS[name].spec, chunk_steps=4, members="map") 
 
 
 @pytest.mark.parametrize("name,members", [(n, "vmap") for n in sorted(LOOPS)] + [(n, "map") for n in sorted(MAPPED)])
+@pytest.mark.slow
 def test_batched_members_equal_their_solo_runs(name, members, problem):
     """Members differing in β and learning rate: each one's rows are its solo run's (1e-5)."""
     x0, params, targets = problem

@@ -94,6 +94,7 @@ def test_preset_weights_carry_the_preprocessing_their_comments_name():
 
 @pytest.mark.parametrize("normalize_gradients", [False, True])
 @pytest.mark.torch
+@pytest.mark.slow
 def test_neural_style_step_0_equals_neural_style_lua(synthetic_weights_file, normalize_gradients):
     """The preset's loss terms and gradient at step 0 against a float64 port of neural_style.lua's
     feval (tests/neural_style_reference.py): ×256 Caffe input, ceil-mode max pooling at odd sizes

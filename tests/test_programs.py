@@ -41,6 +41,7 @@ def _run(cache, structure="tanh-step"):
     return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
 
 
+@pytest.mark.slow
 def test_a_second_process_loads_the_program_without_tracing(tmp_path):
     first, _ = _run(tmp_path)
     stored = list((tmp_path / "programs").glob("*.bin"))
@@ -111,6 +112,7 @@ def test_the_key_covers_source_shapes_and_structure(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("members", ["vmap", "map"])
+@pytest.mark.slow
 def test_a_loaded_loop_program_gives_the_compiled_ones_result(members, tmp_path, monkeypatch, synthetic_weights_file):
     """The optimisation's own programs (Loop.compile with a structure): compiled, then loaded in
     this process from the stored file, run to bitwise the same state."""

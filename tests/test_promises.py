@@ -1,4 +1,4 @@
-"""What the README promises about the keys of a run, each checked where it shows.
+"""What the documentation promises about the keys of a run, each checked where it shows.
 
 Through the CLI (few processes, several keys each): model.remat=on, model.conv=direct,
 optim.max_evaluations, image.max_pixels=null, image.style_scale, memory_check=false, the

@@ -115,6 +115,7 @@ def _loss_of(cfg, inputs=None):
 
 
 @pytest.mark.parametrize("gram_norm, reduction", [("none", "gatys"), ("NM", "mean")])
+@pytest.mark.slow
 def test_a_region_covering_everything_is_the_plain_gram_loss(synthetic_weights_file, masks, gram_norm, reduction):
     """One all-white region styled by the run's style: G_r = G and M_r = M, so the objective is
     the one without regions (an independent path: the unguided Gram loss)."""
@@ -125,6 +126,7 @@ def test_a_region_covering_everything_is_the_plain_gram_loss(synthetic_weights_f
     np.testing.assert_allclose(guided_grad, plain_grad, rtol=1e-4, atol=1e-5 * float(jnp.abs(plain_grad).max()))
 
 
+@pytest.mark.slow
 def test_two_regions_style_loss_matches_numpy(synthetic_weights_file, synthetic_params, masks):
     """E_l = Σ_r λ_r Σ(G_r/M_r − A_r/M'_r)²/(4N²M_r²) (gram_norm M, Gatys's reduction) in numpy
     from the network's activations, each region with its own style, the second under a style mask."""
@@ -154,6 +156,7 @@ def test_two_regions_style_loss_matches_numpy(synthetic_weights_file, synthetic_
     np.testing.assert_allclose(float(terms.style), beta * want, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_banded_remat_gives_the_regions_loss_and_gradient(synthetic_weights_file, masks):
     """The guides cut into bands as the features: the same loss and gradient as the whole pass."""
     region = _regions({"mask": masks["left"]}, {"mask": masks["right"], "style": EXAMPLES / "the_scream.jpg"})

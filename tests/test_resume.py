@@ -113,6 +113,7 @@ def assert_same_run(run_dir, reference):
     ("enospc", "checkpoint.json", 2, 2),  # the disk fills up writing the second checkpoint.json
     ("enospc", "result.png", 1, 8),  # ... writing result.png, after the last checkpoint
 ], ids=["midway-state", "enospc-checkpoint-json", "enospc-result"])
+@pytest.mark.slow
 def test_a_failed_write_keeps_what_was_written_and_exits_74(fault, name, nth, kept, tmp_path,
                                                               synthetic_weights_file, nstjax_cache):
     run_dir = tmp_path / "run"

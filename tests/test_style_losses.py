@@ -365,6 +365,7 @@ def test_finite_value_and_gradient_for_degenerate_features(config, case):
 
 
 @pytest.mark.parametrize("case", DEGENERATE)
+@pytest.mark.slow
 def test_self_similarity_has_finite_gradients_for_degenerate_features(case):
     f, _ = DEGENERATE[case]
     p = RNG.random(f.shape).astype(np.float32)
@@ -485,6 +486,7 @@ def test_config_defaults_are_the_specs_defaults():
 @pytest.mark.parametrize("style_loss,options", [(name, {}) for name in STYLE_LOSSES]
                          + [("mmd", {"mmd_kernel": "linear"}), ("gram", {"content_loss": "self_similarity"})],
                          ids=lambda v: v if isinstance(v, str) else "-".join(map(str, v.values())))
+@pytest.mark.slow
 def test_objective_with_each_loss_has_finite_value_and_gradient(synthetic_params, style_loss, options):
     spec = LossSpec(content_layers=("relu2_1",), style_layers=("relu1_1", "relu2_1"), style_loss=style_loss,
                     style_positions=16, **options)
@@ -522,6 +524,7 @@ BANDS = 64 * 36 * 8  # band_elements: relu1_1 of a 40×36 image in 5 bands, bloc
 
 
 @pytest.mark.parametrize("config", BANDED, ids=config_id)
+@pytest.mark.slow
 def test_sums_over_positions_losses_are_the_same_with_banded_remat(synthetic_params, config):
     """gram, mean_std, gaussian_w2 and exact mmd read Fᵀ F and Σᵢ fᵢ, which the model sums band by
     band under remat: value and gradient equal the plain pass's up to the summation order."""
@@ -549,6 +552,7 @@ def test_sums_over_positions_losses_are_the_same_with_banded_remat(synthetic_par
     np.testing.assert_allclose(banded_grad, plain_grad, rtol=1e-3, atol=1e-4 * scale)
 
 
+@pytest.mark.slow
 def test_gaussian_w2_with_fewer_positions_than_channels_is_the_same_with_banded_remat(synthetic_params):
     """relu3_1 of a 40×36 image has M < N (10×9 = 90 positions of 256 channels), summed in 5 bands:
     the banded value equals the plain one and both float64's of the plain features, the gradients

@@ -97,6 +97,7 @@ def assert_history_close(got, want, rtol=1e-5):
     assert (np.abs(got - want).max(axis=1) <= rtol * np.abs(want[:, 0])).all(), (got, want)
 
 
+@pytest.mark.slow
 def test_members_with_their_own_seeds_and_moment_weights_are_one_group_equal_to_solo_runs(synthetic_weights_file):
     """remd samples positions from each member's key: a batch over seeds and remd_moment_weight is one
     group; the same seed gives the same pixels, another seed others; a member equals its solo run;

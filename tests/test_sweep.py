@@ -227,6 +227,7 @@ def test_waves_equal_one_program(synthetic_weights_file):
         assert_history_close(a.history, b.history)
 
 
+@pytest.mark.slow
 def test_members_may_differ_in_their_images(synthetic_weights_file, tmp_path):
     """A folder of photos styled in one program: members equal their solo runs."""
     flipped = tmp_path / "flipped.png"
@@ -282,6 +283,7 @@ def test_submitit_local_launcher_runs_each_group_as_a_job(tmp_path, synthetic_we
     assert len(jobs) == 2  # one submitit job (a process of its own) per group
 
 
+@pytest.mark.slow
 def test_yardsticks_follow_the_formulas(synthetic_params):
     rng = np.random.default_rng(5)
     model = VGG(CAFFE, "avg")
@@ -301,6 +303,7 @@ def test_yardsticks_follow_the_formulas(synthetic_params):
         np.testing.assert_allclose(float(got["style"][i]), np.sum((g - a) ** 2) / (4 * n**2 * m**2), rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_a_group_larger_than_free_memory_runs_in_waves_that_fit(synthetic_weights_file, monkeypatch):
     from nstjax import driver
     from nstjax.build import build_group

@@ -69,6 +69,7 @@ def store(folder: Path) -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_a_sweep_is_a_run_with_a_nested_run_per_point_equal_to_its_files(sweep):
     runs = store(sweep)
     parent = "/".join(sweep.parts[-2:])
@@ -95,6 +96,7 @@ def test_a_sweep_is_a_run_with_a_nested_run_per_point_equal_to_its_files(sweep):
             assert run["artifacts"][name] == (d / name).read_bytes()
 
 
+@pytest.mark.slow
 def test_the_export_from_the_files_gives_the_same_records(sweep, tmp_path):
     copy = tmp_path.joinpath(*sweep.parts[-2:])  # the sweep's run is named by its directory's last two parts
     shutil.copytree(sweep, copy, ignore=shutil.ignore_patterns("mlflow.*", "mlartifacts", "events.out.tfevents*"))
@@ -123,6 +125,7 @@ def test_a_pyramid_run_exports_its_levels_and_their_snapshots(sweep, tmp_path):
     assert {"image/level_0_step_000001", "image/level_1_step_000001"} <= records(run)[1]
 
 
+@pytest.mark.slow
 def test_a_backend_failing_mid_run_warns_once_and_the_runs_go_on(synthetic_weights_file, tmp_path, monkeypatch):
     real = track.MLflow.rows
 

@@ -169,6 +169,7 @@ def test_nothing_computed_past_the_deepest_layer(params, remat):
 @pytest.mark.parametrize("pooling, ceil, shape", [
     ("max", False, (1, 24, 40, 3)), ("avg", False, (1, 24, 40, 3)), ("max", False, (2, 37, 29, 3)),
     ("avg", False, (2, 37, 29, 3)), ("max", True, (2, 37, 29, 3)), ("avg", True, (1, 37, 29, 3))])
+@pytest.mark.slow
 def test_banded_remat_gives_the_same_activations_grams_and_gradients(params, pooling, ceil, shape):
     """Remat in bands of a few rows (several bands per block, odd sizes, floor and ceil mode)
     changes nothing but the summation order: activations, Gram matrices and the input gradient
@@ -233,6 +234,7 @@ def test_synthetic_params_have_the_module_structure(params):
     assert got == want
 
 
+@pytest.mark.slow
 def test_gradients_match_plain_autodiff(params):
     """The convolutions' custom backward (conv='direct') gives autodiff's gradients (conv='xla'),
     for pixels and kernels."""

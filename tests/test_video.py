@@ -190,6 +190,7 @@ def gamma_pair(synthetic_weights_file, clip_dir, tmp_path_factory):
     return cfgs, dirs
 
 
+@pytest.mark.slow
 def test_the_temporal_term_lowers_the_temporal_error(gamma_pair):
     _, dirs = gamma_pair
     errors = [json.loads((d / "metrics.json").read_text())["temporal_error"] for d in dirs]
@@ -199,6 +200,7 @@ def test_the_temporal_term_lowers_the_temporal_error(gamma_pair):
     assert all(r.temporal == 0 for r in rows if r.frame == 0) and any(r.temporal > 0 for r in rows if r.frame == 2)
 
 
+@pytest.mark.slow
 def test_a_member_of_a_gamma_sweep_equals_its_solo_run(gamma_pair):
     cfgs, dirs = gamma_pair
     points = [parse(c) for c in cfgs]
@@ -228,6 +230,7 @@ def test_the_outputs_of_a_video_run(gamma_pair):
     assert metrics["temporal_error"] == pytest.approx(np.mean([float(r["temporal_error"]) for r in rows[1:]]))
 
 
+@pytest.mark.slow
 def test_a_diverging_member_stops_its_chain_and_the_others_go_on(synthetic_weights_file, clip_dir, tmp_path):
     """Adam's lr 1e39 overflows float32 at the first step: that member keeps frame 0's initial image."""
     cfgs = [config.compose(overrides(synthetic_weights_file, clip_dir, "optim=adam", "optim.steps=6",
@@ -241,6 +244,7 @@ def test_a_diverging_member_stops_its_chain_and_the_others_go_on(synthetic_weigh
     assert metrics["status"] == "diverged" and metrics["frames"] == 1 and np.isfinite(results[1].image).all()
 
 
+@pytest.mark.slow
 def test_a_parallel_member_equals_its_frame_run_alone_with_the_same_targets(synthetic_weights_file, clip_dir,
                                                                               tmp_path):
     cfg = config.compose(overrides(synthetic_weights_file, clip_dir, "video.schedule=parallel", "video.passes=2",
@@ -262,6 +266,7 @@ def test_a_parallel_member_equals_its_frame_run_alone_with_the_same_targets(synt
 
 
 @pytest.mark.parametrize("schedule, where, shown", [("sequential", "frame_000002", 3), ("parallel", "pass_002", 4)])
+@pytest.mark.slow
 def test_interrupted_at_a_frame_or_pass_resumes_bitwise(schedule, where, shown, synthetic_weights_file, clip_dir,
                                                         tmp_path, monkeypatch):
     """SIGINT at step 2 of frame 2 of 4 (sequential) or of pass 2 of 3 (parallel), then resume=True: the
@@ -297,6 +302,7 @@ def test_interrupted_at_a_frame_or_pass_resumes_bitwise(schedule, where, shown, 
             assert a.files == b.files and all(np.array_equal(a[k], b[k]) for k in a.files)
 
 
+@pytest.mark.slow
 def test_ruder2016_temporal_term_at_step_0_equals_a_float64_port_of_artistic_videos(synthetic_weights_file,
                                                                                      clip_dir, tmp_path):
     """artistic-videos' WeightedContentLoss on the ×256 BGR Caffe image: temporal_weight · mean((√c x − √c ω)²),

@@ -671,6 +671,7 @@ def served_vgg19(server, keras_file, cache, monkeypatch):
     return seen
 
 
+@pytest.mark.slow
 def test_corrupt_canonical_file_is_refused_and_the_message_rebuilds_it(served_vgg19, params, cache,
                                                                         capsys):
     path = fetch_source(SOURCES["vgg19"])
@@ -774,6 +775,7 @@ def test_cli_fetch_offline_is_one_line(cache):
 
 
 @pytest.mark.torch
+@pytest.mark.slow
 def test_cli_convert_and_info(pth_file, params, tmp_path, cache, capsys):
     dst = tmp_path / "out.safetensors"
     result = cli("convert", pth_file, dst, cache=cache)

@@ -64,6 +64,7 @@ def params():
 
 
 @pytest.mark.parametrize("remat, prepared", [(False, False), (True, True)])
+@pytest.mark.slow
 def test_vgg_with_winograd_matches_direct_layer_by_layer(params, remat, prepared):
     """conv='winograd' (kernels transformed in the model or beforehand; banded remat or not)
     gives every activation of the direct model to float32 Winograd's accuracy."""
