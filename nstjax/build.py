@@ -268,7 +268,7 @@ def build_group(points: Sequence[Point], inputs: Sequence[Inputs] | None = None,
     shape = inputs[0].content.shape
     model = VGG(weights.preprocessing, s.model.pooling, s.model.precision, s.model.uses_remat(shape),
                 conv=s.model.conv_for(shape), ceil_mode=s.model.ceil_mode, arch=weights.arch)
-    params = prepare_params(jax.tree.map(jnp.asarray, weights.params), model.conv, spec.layers + YARDSTICK_LAYERS)
+    params = prepare_params(jax.device_put(weights.params), model.conv, spec.layers + YARDSTICK_LAYERS)
     targets_fn = programs.cached_jit("targets", functools.partial(compute_targets, model, spec=spec), (model, spec))
     guided_fn = programs.cached_jit("guided_grams", functools.partial(guided_grams, model, layers=spec.style_layers),
                                     (model, spec))
@@ -280,16 +280,16 @@ def build_group(points: Sequence[Point], inputs: Sequence[Inputs] | None = None,
         mix = blend.blend_weights(m.style_blend_weights, len(inp.styles))
         shown, styles = colors.prepare(s.color, inp.content, inp.styles)  # what the targets are of
         x0 = colors.optimized(s.color, initial_image(point, shown, styles, weights.preprocessing, key))
-        targets = blended_targets(targets_fn, params, jnp.asarray(shown), styles, mix)
+        targets = blended_targets(targets_fn, params, jax.device_put(shown), styles, mix)
         if inp.regions:
             region_styles = colors.prepare(s.color, inp.content, [r.style for r in inp.regions])[1]
-            grams = [guided_fn(params, jnp.asarray(style), r.style_guides)
+            grams = [guided_fn(params, jax.device_put(style), r.style_guides)
                      for style, r in zip(region_styles, inp.regions)]
             targets = targets._replace(style=regions.style_targets(grams, inp.regions, spec))
-        content = jnp.asarray(inp.content)
-        problems.append(Problem(jnp.asarray(x0), targets, m.hparams(spec), jnp.float32(m.lr), key,
+        content = jax.device_put(inp.content)
+        problems.append(Problem(jax.device_put(x0), targets, m.hparams(spec), jnp.float32(m.lr), key,
                                 jnp.float32(m.ema_decay or 0.0)))
-        yard = [yard_fn(params, content, jnp.asarray(st)) for st in inp.styles]
+        yard = [yard_fn(params, content, jax.device_put(st)) for st in inp.styles]
         yards.append(yard[0]._replace(grams=blend.blend([y.grams for y in yard], mix)))
         members.append(Member(m, inp.content, inp.styles, input_paths(point), mix))
     return Group(s, model, members, weights, params, stack(problems), stack(yards))
@@ -300,7 +300,7 @@ def blended_targets(targets_fn, params, content: jax.Array, styles: Sequence[np.
     """The content's targets and the style targets of each layer blended over the style images,
     A = Σ_k w_k A_k (:mod:`nstjax.blend`); ``targets_fn(params, content, style)`` computes them
     for one style image."""
-    each = [targets_fn(params, content, jnp.asarray(s)) for s in styles]
+    each = [targets_fn(params, content, jax.device_put(s)) for s in styles]
     return each[0]._replace(style=blend.blend([t.style for t in each], weights))
 
 
@@ -312,5 +312,11 @@ def guided_grams(model: VGG, params, style: jax.Array, guides: dict, layers: Seq
 
 
 def stack(trees: Sequence) -> object:
-    """Stack pytrees of equal structure along a new leading (member) axis."""
-    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
+    """Stack pytrees of equal structure along a new leading (member) axis: on the host and copied
+    to the device (``jnp.stack`` would compile a program per leaf shape in every process); PRNG
+    keys with ``jnp.stack``."""
+    def leaf(*leaves):
+        if jax.dtypes.issubdtype(leaves[0].dtype, jax.dtypes.prng_key):
+            return jnp.stack(leaves)
+        return jax.device_put(np.stack([np.asarray(x) for x in leaves]))
+    return jax.tree.map(leaf, *trees)
