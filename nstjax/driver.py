@@ -31,7 +31,7 @@ import numpy as np
 import psutil
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from nstjax import checkpoint, images, programs, pyramid
+from nstjax import checkpoint, images, outputs, programs, pyramid
 from nstjax.build import Group
 from nstjax.checkpoint import CheckpointMeta, Earlier, LevelResult
 from nstjax.errors import UserError
@@ -397,7 +397,7 @@ class Driver:
     def _snapshots(self, group: Group, index: list[int], level: int, state: LoopState, step: int, new: list) -> None:
         if not (self.save_every and step % self.save_every == 0):
             return
-        name = (f"level_{level}_" if len(self.levels) > 1 else "") + f"step_{step:06d}.png"
+        name = outputs.snapshot_name(step, level if len(self.levels) > 1 else None)
         pixels = np.asarray(average(state))
         for i, n in enumerate(index):
             if new[i]:

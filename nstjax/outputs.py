@@ -43,6 +43,12 @@ def read_history(path: Path) -> list[HistoryRow]:
                 for r in reader]
 
 
+def snapshot_name(step: int, level: int | None = None) -> str:
+    """A snapshot's file name in ``snapshots/``: ``step_NNNNNN.png``, with a pyramid
+    ``level_L_step_NNNNNN.png``."""
+    return (f"level_{level}_" if level is not None else "") + f"step_{step:06d}.png"
+
+
 def write_json(path: Path, data: dict) -> None:
     write_text(path, json.dumps(data, indent=2, sort_keys=True, allow_nan=True) + "\n")
 

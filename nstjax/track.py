@@ -287,7 +287,7 @@ def export_run(run_dir: Path, backends: Sequence[str], swept: dict | None = None
     from omegaconf import OmegaConf
 
     from nstjax import images
-    from nstjax.outputs import read_history
+    from nstjax.outputs import read_history, snapshot_name
 
     from nstjax import config
     from nstjax.spec import parse
@@ -297,8 +297,8 @@ def export_run(run_dir: Path, backends: Sequence[str], swept: dict | None = None
     tracker = Tracker(backends, run_dir, log, extra_columns(history))
     pyramid, start = "level" in tracker.extra, 0
     for k, row in enumerate(history):  # the rows up to each snapshot in one call, the snapshot after them
-        snapshot = run_dir / "snapshots" / ((f"level_{row.level}_" if pyramid else "") + f"step_{row.step:06d}.png")
-        if row.step > 0 and snapshot.is_file():  # as the driver names them
+        snapshot = run_dir / "snapshots" / snapshot_name(row.step, row.level if pyramid else None)
+        if row.step > 0 and snapshot.is_file():
             tracker.rows(history[start:k + 1], start)
             tracker.image(snapshot.stem, images.load_image(snapshot))
             start = k + 1
