@@ -14,13 +14,17 @@ starts in seconds. One command, a table and benchmarks/results/engine-cpu.json.
 
 With ``--before CHECKOUT`` (another checkout of nstjax, e.g. ``git worktree add /tmp/old REV``)
 both are run the same way in this one command, that checkout's CLI first, side by side in the
-table. Synthetic weights (benchmarks.common.synthetic_weights_file): the speed does not depend on
+table; ``--before-path DIR`` puts packages in DIR first on that checkout's path (the versions its
+pins resolved to, e.g. ``pip install --target DIR ml_dtypes==0.7.0``). Each ``--also KEY=VALUE``
+measures this checkout once more with that environment variable set (e.g.
+``NSTJAX_CPU_XLA_CACHE=1``), as its own column. Synthetic weights (benchmarks.common.synthetic_weights_file): the speed does not depend on
 them.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import pstats
@@ -46,15 +50,19 @@ PHASES = (  # (label, the function whose cumulative time it is: file suffix, fun
 )
 
 
-def cli(args: list[str], cache: Path, profile: Path | None = None, root: Path = ROOT) -> tuple[float, dict]:
+def cli(args: list[str], cache: Path, profile: Path | None = None, root: Path = ROOT,
+        env: dict | None = None) -> tuple[float, dict]:
     """Wall seconds of ``python -m nstjax.run ARGS`` run in the checkout ``root`` (under cProfile
-    into ``profile`` if given) and the run's metrics.json."""
+    into ``profile`` if given; ``env``: variables set on top, PYTHONPATH's entries before
+    ``root``) and the run's metrics.json."""
     run_dir = Path(tempfile.mkdtemp(prefix="engine-")) / "run"
-    env = dict(os.environ, NSTJAX_CACHE=str(cache), JAX_PLATFORMS="cpu")
+    extra = dict(env or {})
+    path = os.pathsep.join([*filter(None, [extra.pop("PYTHONPATH", None)]), str(root)])
+    env = dict(os.environ, **extra, NSTJAX_CACHE=str(cache), JAX_PLATFORMS="cpu", PYTHONPATH=path)
     prefix = [sys.executable] + (["-m", "cProfile", "-o", str(profile)] if profile else [])
     t0 = time.perf_counter()
     proc = subprocess.run([*prefix, "-m", "nstjax.run", *args, f"hydra.run.dir={run_dir}", "progress=false"],
-                          cwd=root, env=dict(env, PYTHONPATH=str(root)), capture_output=True, text=True)
+                          cwd=root, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode:
         sys.exit(f"error: {' '.join(args)} failed: {proc.stderr[-2000:]}")
@@ -72,8 +80,9 @@ def phases(profile: Path) -> dict[str, float]:
     return out
 
 
-def measure(root: Path, base: list[str], work: Path, quick: bool) -> dict:
-    """(1) and (2) of the module for the CLI of the checkout ``root``."""
+def measure(root: Path, base: list[str], work: Path, quick: bool, env: dict | None = None) -> dict:
+    """(1) and (2) of the module for the CLI of the checkout ``root`` (``env``: see :func:`cli`)."""
+    cli = functools.partial(globals()["cli"], env=env)
     size, steps = (64, 6) if quick else (256, 20)
     work.mkdir(parents=True, exist_ok=True)
     cache = work / "cache"
@@ -116,21 +125,29 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="64 px and fewer steps: checks that it works")
     p.add_argument("--before", type=Path, help="another checkout of nstjax, measured the same way first")
+    p.add_argument("--before-path", type=Path, help="packages put first on the --before checkout's path")
+    p.add_argument("--also", action="append", default=[], metavar="KEY=VALUE",
+                   help="measure this checkout again with this environment variable (repeatable)")
     a = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="nstjax-engine-"))
     weights = synthetic_weights_file(work / "weights.safetensors")
     base = [f"model.weights={weights}"]
-    roots = {"before": a.before.resolve()} if a.before else {}
-    roots["now"] = ROOT
-    report: dict = {"machine": os.uname().machine, "cpus": os.cpu_count(),
-                    **{name: measure(root, base, work / name, a.quick) for name, root in roots.items()}}
-    columns = [f"{name} {state}" for name in roots for state in ("cold", "warm")]
-    print(f"\n{'where the seconds go (cProfile, cumulative)':48s} " + " ".join(f"{c:>11s}" for c in columns))
+    roots = {"before": (a.before.resolve(), {"PYTHONPATH": str(a.before_path.resolve())} if a.before_path else {})
+             } if a.before else {}
+    roots["now"] = (ROOT, {})
+    for also in a.also:
+        key, _, value = also.partition("=")
+        roots[f"now, {also}"] = (ROOT, {key: value})
+    report: dict = {"machine": os.uname().machine, "cpus": os.cpu_count(), "before_path": str(a.before_path or ""),
+                    **{name: measure(root, base, work / name.replace(", ", "-"), a.quick, env)
+                       for name, (root, env) in roots.items()}}
+    columns = [(name, state, max(11, len(f"{name} {state}"))) for name in roots for state in ("cold", "warm")]
+    print(f"\n{'where the seconds go (cProfile, cumulative)':48s} " + " ".join(f"{n + ' ' + s:>{w}s}"
+                                                                          for n, s, w in columns))
     for label, *_ in PHASES:
-        print(f"{label:48s} " + " ".join(f"{report[n]['startup'][s]['phases'][label]:11.2f}"
-                                          for n in roots for s in ("cold", "warm")))
-    print(f"{'wall time without the profiler':48s} " + " ".join(f"{report[n]['startup'][s]['wall_s']:11.2f}"
-                                                             for n in roots for s in ("cold", "warm")))
+        print(f"{label:48s} " + " ".join(f"{report[n]['startup'][s]['phases'][label]:{w}.2f}" for n, s, w in columns))
+    print(f"{'wall time without the profiler':48s} " + " ".join(f"{report[n]['startup'][s]['wall_s']:{w}.2f}"
+                                                             for n, s, w in columns))
     write_json(RESULTS / ("engine-quick.json" if a.quick else "engine-cpu.json"), report)
     shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -194,15 +194,17 @@ def compile_many(specs: Sequence[tuple[str, Callable, Callable[[], Sequence], Se
 def enable_compilation_cache() -> None:
     """JAX's persistent compilation cache in ``$NSTJAX_CACHE/xla`` with XLA's own caches (on GPUs
     the autotuning results and kernels, so that a sweep's later groups and later runs do not
-    autotune again). Not on XLA:CPU, whose executables loaded from that cache beside live ones of
-    the same program lose functions ("Function ... not found" at dispatch): there the stored
-    programs spare the tracing and XLA compiles once per process."""
-    if jax.default_backend() == "cpu":
+    autotune again). On XLA:CPU only with ``NSTJAX_CPU_XLA_CACHE=1`` (every program kept, however
+    short its compile): executables loaded from that cache once lost functions at dispatch
+    ("Function ... not found", not reproduced since); by default the stored programs spare the
+    tracing and XLA compiles once per process."""
+    cpu = jax.default_backend() == "cpu"
+    if cpu and os.environ.get("NSTJAX_CPU_XLA_CACHE") != "1":
         return
     from nstjax.weights import cache_dir
 
     jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0 if cpu else 1.0)
     if hasattr(jax.config, "jax_persistent_cache_enable_xla_caches"):
         jax.config.update("jax_persistent_cache_enable_xla_caches", "all")
 

@@ -18,7 +18,10 @@ SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from nstjax import programs
 
-    traced = []
+    traced, hits = [], []
+    jax.monitoring.register_event_listener(
+        lambda event, **_: hits.append(1) if event == "/jax/compilation_cache/cache_hits" else None)
+    programs.enable_compilation_cache()  # as the CLI does: on a CPU only with NSTJAX_CPU_XLA_CACHE=1
 
     def step(x, w):
         traced.append(1)  # runs only while tracing
@@ -27,15 +30,17 @@ SCRIPT = textwrap.dedent("""
     x = jnp.asarray(np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4))
     w = jnp.asarray(np.linspace(0, 2, 20, dtype=np.float32).reshape(4, 5))
     out = programs.compile("step", step, (x, w), structure=sys.argv[1])(x, w)
-    print(json.dumps({"traced": len(traced), "y": np.asarray(out["y"]).tolist(), "n": int(out["n"])}))
+    print(json.dumps({"traced": len(traced), "y": np.asarray(out["y"]).tolist(), "n": int(out["n"]),
+                      "xla_cache_hits": len(hits)}))
 """)
 
 
-def _run(cache, structure="tanh-step"):
-    env_vars = {"NSTJAX_CACHE": str(cache), "JAX_PLATFORMS": "cpu"}
+def _run(cache, structure="tanh-step", **env):
+    env_vars = {"NSTJAX_CACHE": str(cache), "JAX_PLATFORMS": "cpu", **env}
     import os
 
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, structure], env={**os.environ, **env_vars},
+    base = {k: v for k, v in os.environ.items() if k != "NSTJAX_CPU_XLA_CACHE"}
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, structure], env={**base, **env_vars},
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
@@ -50,6 +55,16 @@ def test_a_second_process_loads_the_program_without_tracing(tmp_path):
     assert second["traced"] == 0 and second["y"] == first["y"] and second["n"] == 3  # bitwise
     other, _ = _run(tmp_path, "another structure")
     assert other["traced"] == 1 and len(list((tmp_path / "programs").glob("*.bin"))) == 2
+    assert not (tmp_path / "xla").exists() and first["xla_cache_hits"] == second["xla_cache_hits"] == 0
+
+
+def test_on_a_cpu_xla_keeps_the_compiled_programs_only_when_asked(tmp_path):
+    """NSTJAX_CPU_XLA_CACHE=1: the first process writes XLA's executables to $NSTJAX_CACHE/xla, the
+    second loads them (JAX's cache-hit event) without tracing, bitwise the same result."""
+    first, _ = _run(tmp_path, NSTJAX_CPU_XLA_CACHE="1")
+    assert first["xla_cache_hits"] == 0 and any((tmp_path / "xla").iterdir())
+    second, _ = _run(tmp_path, NSTJAX_CPU_XLA_CACHE="1")
+    assert second["xla_cache_hits"] >= 1 and second["traced"] == 0 and second["y"] == first["y"]
 
 
 def _store_one(tmp_path, monkeypatch):
