@@ -17,8 +17,8 @@ both are run the same way in this one command, that checkout's CLI first, side b
 table; ``--before-path DIR`` puts packages in DIR first on that checkout's path (the versions its
 pins resolved to, e.g. ``pip install --target DIR ml_dtypes==0.7.0``). Each ``--also KEY=VALUE``
 measures this checkout once more with that environment variable set (e.g.
-``NSTJAX_CPU_XLA_CACHE=1``), as its own column. Synthetic weights (benchmarks.common.synthetic_weights_file): the speed does not depend on
-them.
+``NSTJAX_CPU_XLA_CACHE=1``), as its own column. Synthetic weights
+(benchmarks.common.synthetic_weights_file): the speed does not depend on them.
 """
 
 from __future__ import annotations
@@ -82,19 +82,18 @@ def phases(profile: Path) -> dict[str, float]:
 
 def measure(root: Path, base: list[str], work: Path, quick: bool, env: dict | None = None) -> dict:
     """(1) and (2) of the module for the CLI of the checkout ``root`` (``env``: see :func:`cli`)."""
-    cli = functools.partial(globals()["cli"], env=env)
+    run = functools.partial(cli, root=root, env=env)
     size, steps = (64, 6) if quick else (256, 20)
     work.mkdir(parents=True, exist_ok=True)
     cache = work / "cache"
     chunks = {}
     for every in (0, 1):
-        cli([*base, "optim=adam", f"image.size={size}", "optim.steps=2", f"save_every={every}"], cache, root=root)
-        _, m = cli([*base, "optim=adam", f"image.size={size}", f"optim.steps={steps}", f"save_every={every}"], cache,
-                   root=root)
+        run([*base, "optim=adam", f"image.size={size}", "optim.steps=2", f"save_every={every}"], cache)
+        _, m = run([*base, "optim=adam", f"image.size={size}", f"optim.steps={steps}", f"save_every={every}"], cache)
         chunks[every] = m["run_seconds"] / m["steps"]
     per_eval = {}
     for n in (7, 70) if not quick else (3, 9):
-        _, m = cli([*base, "optim=adam", f"image.size={size}", f"optim.steps={n}"], cache, root=root)
+        _, m = run([*base, "optim=adam", f"image.size={size}", f"optim.steps={n}"], cache)
         per_eval[n] = m["run_seconds"] / m["loss_evaluations"]
     report = {"chunks": {"size": size, "steps": steps, "s_per_step_save_every_0": chunks[0],
                          "s_per_step_save_every_1": chunks[1], "ratio": chunks[1] / chunks[0],
@@ -111,8 +110,8 @@ def measure(root: Path, base: list[str], work: Path, quick: bool, env: dict | No
         for what, profile in (("wall", None), ("profile", work / f"{state}.prof")):
             shutil.rmtree(cache, ignore_errors=True)
             if state == "warm":
-                cli(args, cache, root=root)  # an earlier run of the same structure fills the cache
-            runs[what], _ = cli(args, cache, profile, root=root)
+                run(args, cache)  # an earlier run of the same structure fills the cache
+            runs[what], _ = run(args, cache, profile)
         startup[state] = {"wall_s": runs["wall"], "phases": phases(work / f"{state}.prof")}
         print(f"(2) {root}: 1-step 64 px run, {state} caches: {runs['wall']:.1f} s wall", flush=True)
     report["startup"] = startup
